@@ -1,0 +1,1086 @@
+"""YAML file (+ ``--set key=value`` overrides) -> validated, typed settings.
+
+Every configuration error is found here, before any data is read or any network is built:
+
+* unknown keys at any level (with the closest valid name: ``did you mean 'n_epochs'?``),
+* wrong types (``true`` is not an integer, ``2.5`` is not an integer, a scalar is not a list, ...),
+* values out of range and unknown enum values,
+* list lengths that do not match ``spatial_dims`` / the number of levels,
+* a ``data.voxel_size`` the autoencoder cannot divide (with the nearest valid sizes),
+* missing or conflicting data sources and (with ``check_paths``) folders/files that do not exist.
+
+Every error is a :class:`ConfigError` naming the dotted key path (``autoencoder.training.n_epochs``), what was given
+and what was expected. All problems found in one phase are reported together.
+
+Notes on values:
+
+* Floats: YAML 1.1 (PyYAML) reads ``1e-4`` (no dot in the mantissa) as the *string* ``"1e-4"``. Float fields accept
+  such strings when they parse as a number, so ``learning_rate: 1e-4`` and ``learning_rate: 1.0e-4`` mean the same.
+  Integer fields never accept strings, floats or booleans.
+* Enum values (``crop_mode``, ``schedule``, ...) are matched case-insensitively and stored in their canonical
+  lower-case spelling.
+* A section written with nothing under it (``training:``) means "all defaults".
+* Relative paths are kept as written; they are relative to the working directory of the process, not to the YAML.
+
+Public API: :class:`Settings` (and its section dataclasses), :class:`ConfigError`, :func:`load_settings`,
+:func:`settings_from_dict`, :func:`add_config_args`, :func:`settings_from_args`, :func:`total_downsample_factor`,
+:func:`latent_spatial_size`, :func:`resolve_mixed_precision`, :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "DataSettings",
+    "SyntheticDataSettings",
+    "IntensitySettings",
+    "AugmentationSettings",
+    "AutoencoderSettings",
+    "AutoencoderTrainingSettings",
+    "DiscriminatorSettings",
+    "CheckpointSettings",
+    "DiffusionCheckpointSettings",
+    "LoggingSettings",
+    "DiffusionSettings",
+    "SchedulerSettings",
+    "DiffusionTrainingSettings",
+    "SamplingSettings",
+    "DeviceSettings",
+    "load_settings",
+    "settings_from_dict",
+    "apply_overrides",
+    "add_config_args",
+    "settings_from_args",
+    "total_downsample_factor",
+    "latent_spatial_size",
+    "resolve_mixed_precision",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str(err)`` names every offending key path, what was given and what was expected.
+
+    Attributes:
+        problems: list of ``(key_path, message)`` pairs, one per problem found.
+        key: key path of the first problem (``""`` for problems with the file as a whole).
+        source: the YAML file the settings came from, if any.
+    """
+
+    def __init__(
+        self, message: str | None = None, key: str = "", problems: Sequence[tuple[str, str]] | None = None,
+        source: str | None = None,
+    ) -> None:
+        if problems is None:
+            problems = [(key, message or "invalid value")]
+        self.problems: list[tuple[str, str]] = list(problems)
+        self.key: str = self.problems[0][0] if self.problems else key
+        self.source = source
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        lines = [f"{k}: {m}" if k else m for k, m in self.problems]
+        if len(lines) == 1:
+            return f"Invalid configuration{where}: {lines[0]}"
+        body = "\n".join(f"  - {line}" for line in lines)
+        return f"Invalid configuration{where} ({len(lines)} problems):\n{body}"
+
+    def with_source(self, source: str | Path) -> ConfigError:
+        """Same problems, with the config file named in the message."""
+        return ConfigError(problems=self.problems, source=str(source))
+
+
+class _Problem(Exception):
+    """Internal: one problem at one key path, raised while converting a value."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# field helper
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _f(
+    default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None
+) -> Any:
+    """A settings field: default, one-line doc, numeric bounds applied to the value (or every number in a list)."""
+    return field(default=default, metadata={"doc": doc, "ge": ge, "gt": gt, "le": le})
+
+
+def _section(cls: type, doc: str) -> Any:
+    """A nested settings section with all its defaults."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+IntList = Tuple[int, ...]
+Factor = Union[int, Tuple[int, ...]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticDataSettings:
+    """Built-in synthetic dataset (random smooth blobs generated in memory; nothing is downloaded)."""
+
+    enabled: bool = _f(False, "use the built-in synthetic dataset instead of folders or a datalist")
+    num_train: int = _f(16, "number of synthetic training volumes", ge=1)
+    num_val: int = _f(4, "number of synthetic validation volumes", ge=1)
+    seed: int = _f(0, "seed of the synthetic generator (same seed -> same volumes)", ge=0)
+
+
+@dataclass(frozen=True)
+class IntensitySettings:
+    """Per-volume intensity scaling to [0, 1] between two percentiles (MONAI ScaleIntensityRangePercentiles)."""
+
+    lower_percentile: float = _f(0.5, "percentile mapped to 0", ge=0, le=100)
+    upper_percentile: float = _f(99.5, "percentile mapped to 1", ge=0, le=100)
+    clip: bool = _f(True, "clip values outside [0, 1] after scaling")
+
+
+@dataclass(frozen=True)
+class AugmentationSettings:
+    """Training-time augmentation (validation data is never augmented)."""
+
+    enabled: bool = _f(False, "apply augmentation to training volumes")
+    random_flip_prob: float = _f(0.5, "probability of flipping along each spatial axis", ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the volumes come from and how they are turned into network inputs."""
+
+    train_data_dir: Optional[str] = _f(None, "folder of training .nii/.nii.gz volumes")
+    val_data_dir: Optional[str] = _f(None, "optional folder of validation volumes (only with train_data_dir)")
+    datalist: Optional[str] = _f(
+        None, 'decathlon-style JSON with "training"/"validation" lists of {"image": path, ...}'
+    )
+    synthetic: SyntheticDataSettings = _section(SyntheticDataSettings, "built-in synthetic dataset")
+    voxel_size: IntList = _f((64, 64, 64), "spatial size fed to the network, one int per spatial axis", ge=1)
+    spacing: Optional[Tuple[float, ...]] = _f(None, "target voxel spacing in mm per axis; null = keep spacing", gt=0)
+    orientation: Optional[str] = _f("RAS", "axis codes to reorient to (e.g. RAS, LPS); null = keep orientation")
+    intensity: IntensitySettings = _section(IntensitySettings, "intensity scaling")
+    crop_mode: Literal["resize", "pad_crop", "random_patch"] = _f(
+        "resize", "how volumes reach voxel_size: resize | pad_crop (centre) | random_patch (random crop)"
+    )
+    cache_rate: float = _f(1.0, "fraction of the dataset cached in memory (MONAI CacheDataset)", ge=0, le=1)
+    cache_dir: Optional[str] = _f(None, "if set, cache preprocessed volumes on disk there (MONAI PersistentDataset)")
+    num_workers: int = _f(0, "DataLoader worker processes", ge=0)
+    pin_memory: bool = _f(False, "DataLoader pin_memory")
+    on_read_error: Literal["fail", "skip"] = _f(
+        "fail", "what to do with a volume that cannot be read: fail (stop) | skip (warn and leave it out)"
+    )
+    augmentation: AugmentationSettings = _section(AugmentationSettings, "training-time augmentation")
+
+
+@dataclass(frozen=True)
+class DiscriminatorSettings:
+    """Patch discriminator of the adversarial loss (MONAI PatchDiscriminator)."""
+
+    num_layers_d: int = _f(3, "number of strided convolution layers", ge=1)
+    num_channels: int = _f(32, "channels of the first layer", ge=1)
+    learning_rate: Optional[float] = _f(None, "discriminator learning rate; null = autoencoder learning_rate", gt=0)
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainingSettings:
+    """Stage 1 (autoencoder) training."""
+
+    n_epochs: int = _f(100, "number of epochs", ge=1)
+    batch_size: int = _f(1, "volumes per batch", ge=1)
+    learning_rate: float = _f(1.0e-4, "generator learning rate", gt=0)
+    adv_weight: float = _f(0.01, "weight of the adversarial loss", ge=0)
+    perceptual_weight: float = _f(0.001, "weight of the perceptual loss", ge=0)
+    kl_weight: float = _f(1.0e-6, "weight of the KL loss", ge=0)
+    use_perceptual_loss: bool = _f(False, "add a perceptual loss (needs perceptual_weights_path)")
+    perceptual_weights_path: Optional[str] = _f(None, "local weights file of perceptual_network (no downloads)")
+    perceptual_network: Literal[
+        "squeeze", "alex", "vgg", "medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets",
+        "radimagenet_resnet50", "resnet50",
+    ] = _f("squeeze", "MONAI PerceptualLoss network_type; 2D nets run fake-3D, medicalnet_* run true 3D")
+    perceptual_fake_3d_ratio: float = _f(0.2, "fraction of slices per axis used by fake-3D perceptual loss", ge=0, le=1)
+    use_gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (slower)")
+    gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
+    grad_clip_norm: Optional[float] = _f(None, "clip gradient norm to this value; null = no clipping", gt=0)
+    autoencoder_warm_up_n_epochs: int = _f(5, "epochs before the adversarial loss is switched on", ge=0)
+    discriminator: DiscriminatorSettings = _section(DiscriminatorSettings, "patch discriminator")
+    val_interval: int = _f(1, "validate every N epochs", ge=1)
+    save_interval: int = _f(1, "save a checkpoint every N epochs", ge=1)
+    fast_dev_run: bool = _f(False, "run a few batches of every step, then stop; writes no checkpoints or logs")
+    fast_dev_run_batches: int = _f(2, "batches per step in fast_dev_run", ge=1)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Where a stage writes checkpoints and what it resumes from."""
+
+    output_dir: str = _f("runs/autoencoder", "folder of this stage's checkpoints")
+    save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
+    resume_from: Optional[str] = _f(None, "checkpoint to resume training from; null = start fresh")
+
+
+@dataclass(frozen=True)
+class DiffusionCheckpointSettings:
+    """Stage 2 checkpoints; the autoencoder is rebuilt from its own checkpoint."""
+
+    autoencoder_path: Optional[str] = _f(None, "stage 1 checkpoint (e.g. runs/autoencoder/best_model.pt)")
+    output_dir: str = _f("runs/diffusion", "folder of this stage's checkpoints")
+    save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
+    resume_from: Optional[str] = _f(None, "checkpoint to resume training from; null = start fresh")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """TensorBoard logging of a stage."""
+
+    log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
+    log_interval: int = _f(10, "log training losses every N steps", ge=1)
+    visualize_interval: int = _f(1, "log image slices every N epochs", ge=1)
+    num_visualize_samples: int = _f(1, "volumes shown per visualization", ge=0)
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    """Stage 1: KL autoencoder (generative.networks.nets.AutoencoderKL) and its training."""
+
+    spatial_dims: int = _f(3, "number of spatial axes (2 or 3)")
+    in_channels: int = _f(1, "image channels", ge=1)
+    out_channels: int = _f(1, "reconstructed channels", ge=1)
+    num_channels: IntList = _f((32, 64, 64), "channels of each level (levels = len(num_channels))", ge=1)
+    downsample_factors: Optional[Tuple[Factor, ...]] = _f(
+        None, "one per downsampling level (len(num_channels)-1): int or one int per axis; null = 2 per level", ge=1
+    )
+    upsample_factors: Optional[Tuple[Factor, ...]] = _f(
+        None, "decoder factors, latent first; null = downsample_factors reversed", ge=1
+    )
+    latent_channels: int = _f(3, "channels of the latent", ge=1)
+    num_res_blocks: Union[int, IntList] = _f(1, "residual blocks per level: int or one per level", ge=1)
+    norm_num_groups: int = _f(32, "GroupNorm groups; every num_channels entry must be divisible by it", ge=1)
+    attention_levels: Tuple[bool, ...] = _f((False, False, False), "attention at each level (one per level)")
+    with_encoder_nonlocal_attn: bool = _f(True, "attention block at the end of the encoder")
+    with_decoder_nonlocal_attn: bool = _f(True, "attention block at the start of the decoder")
+    use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
+    use_convtranspose: bool = _f(False, "decoder upsamples with transposed convolutions instead of interpolation")
+    training: AutoencoderTrainingSettings = _section(AutoencoderTrainingSettings, "stage 1 training")
+    checkpoints: CheckpointSettings = _section(CheckpointSettings, "stage 1 checkpoints")
+    logging: LoggingSettings = _section(LoggingSettings, "stage 1 logging")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """DDPM noise scheduler (MONAI DDPMScheduler; DDIM reuses it for sampling)."""
+
+    num_train_timesteps: int = _f(1000, "diffusion timesteps during training", ge=1)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = _f(
+        "scaled_linear_beta", "beta schedule"
+    )
+    beta_start: float = _f(0.0015, "first beta", gt=0, le=1)
+    beta_end: float = _f(0.0195, "last beta", gt=0, le=1)
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _f("epsilon", "what the UNet predicts")
+
+
+@dataclass(frozen=True)
+class DiffusionTrainingSettings:
+    """Stage 2 (latent diffusion) training."""
+
+    n_epochs: int = _f(100, "number of epochs", ge=1)
+    batch_size: int = _f(1, "volumes per batch", ge=1)
+    learning_rate: float = _f(1.0e-4, "UNet learning rate", gt=0)
+    val_interval: int = _f(1, "validate every N epochs", ge=1)
+    save_interval: int = _f(1, "save a checkpoint every N epochs", ge=1)
+    generate_samples_interval: int = _f(10, "generate and log samples every N epochs", ge=1)
+    num_samples_to_generate: int = _f(1, "samples generated each time", ge=0)
+    fast_dev_run: bool = _f(False, "run a few batches of every step, then stop; writes no checkpoints or logs")
+    fast_dev_run_batches: int = _f(2, "batches per step in fast_dev_run", ge=1)
+    gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
+    grad_clip_norm: Optional[float] = _f(None, "clip gradient norm to this value; null = no clipping", gt=0)
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """Stage 2: diffusion UNet on the autoencoder's latents (MONAI DiffusionModelUNet) and its training."""
+
+    spatial_dims: int = _f(3, "number of spatial axes; must equal autoencoder.spatial_dims")
+    in_channels: int = _f(3, "must equal autoencoder.latent_channels", ge=1)
+    out_channels: int = _f(3, "must equal autoencoder.latent_channels", ge=1)
+    num_channels: IntList = _f((64, 128, 128), "channels of each level", ge=1)
+    attention_levels: Tuple[bool, ...] = _f((False, True, True), "attention at each level (one per level)")
+    num_head_channels: Union[int, IntList] = _f(
+        (0, 32, 32), "channels per attention head: int or one per level (ignored where attention is off)", ge=0
+    )
+    num_res_blocks: Union[int, IntList] = _f(1, "residual blocks per level: int or one per level", ge=1)
+    norm_num_groups: int = _f(32, "GroupNorm groups; every num_channels entry must be divisible by it", ge=1)
+    use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
+    scheduler: SchedulerSettings = _section(SchedulerSettings, "noise scheduler")
+    training: DiffusionTrainingSettings = _section(DiffusionTrainingSettings, "stage 2 training")
+    checkpoints: DiffusionCheckpointSettings = _section(DiffusionCheckpointSettings, "stage 2 checkpoints")
+    logging: LoggingSettings = _section(LoggingSettings, "stage 2 logging")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Generating new volumes from a trained diffusion model."""
+
+    num_inference_steps: int = _f(50, "denoising steps (<= diffusion.scheduler.num_train_timesteps)", ge=1)
+    num_samples: int = _f(4, "volumes to generate", ge=1)
+    batch_size: int = _f(1, "volumes generated at once", ge=1)
+    output_dir: str = _f("samples", "folder the samples are written to")
+    save_format: Literal["nifti", "npy"] = _f("nifti", "nifti (.nii.gz) | npy")
+    seed: Optional[int] = _f(None, "sampling seed; null = use the top-level seed", ge=0)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where and in which precision to run."""
+
+    use_cuda: bool = _f(True, "use a CUDA GPU when one is available (falls back to CPU)")
+    gpu_id: int = _f(0, "CUDA device index", ge=0)
+    mixed_precision: Union[bool, Literal["fp16", "bf16"]] = _f(
+        False, "true | false | fp16 | bf16; true = fp16 on CUDA, bf16 on CPU (see resolve_mixed_precision)"
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of the application; build with :func:`load_settings` or :func:`settings_from_dict`."""
+
+    data: DataSettings = _section(DataSettings, "data sources and preprocessing")
+    autoencoder: AutoencoderSettings = _section(AutoencoderSettings, "stage 1: autoencoder")
+    diffusion: DiffusionSettings = _section(DiffusionSettings, "stage 2: latent diffusion")
+    sampling: SamplingSettings = _section(SamplingSettings, "sample generation")
+    device: DeviceSettings = _section(DeviceSettings, "device and precision")
+    seed: Optional[int] = _f(42, "global random seed; null = not seeded", ge=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (lists, not tuples), safe for ``yaml.safe_dump``; inverse of settings_from_dict."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        """The settings as YAML text (loads back to equal settings)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# conversion of plain values to typed settings
+# --------------------------------------------------------------------------------------------------------------------
+
+_NONE = type(None)
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, with its YAML type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (boolean)"
+    kind = {int: "integer", float: "float", str: "string", list: "list", tuple: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
+    shown = repr(value) if not isinstance(value, (list, tuple, dict)) else _short(value)
+    return f"{shown} ({kind})"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = yaml.safe_dump(_to_plain(value), default_flow_style=True).strip()
+    if text.endswith("\n..."):
+        text = text[:-4].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(tp: Any, plural: bool = False) -> str:
+    """Human description of an expected type."""
+    origin = get_origin(tp)
+    if tp is bool:
+        return "true/false values" if plural else "true or false"
+    if tp is int:
+        return "integers" if plural else "an integer"
+    if tp is float:
+        return "numbers" if plural else "a number"
+    if tp is str:
+        return "strings" if plural else "a string"
+    if dataclasses.is_dataclass(tp):
+        return "sections" if plural else "a section (a mapping of keys)"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (tuple, Tuple):
+        inner = get_args(tp)[0]
+        if get_origin(inner) is Union:
+            return f"a list whose entries are each {_describe(inner)}"
+        return f"a list of {_describe(inner, plural=True)}"
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not _NONE]
+        text = " or ".join(_describe(a, plural) for a in args)
+        return text + (" or null" if _NONE in get_args(tp) else "")
+    return str(tp)
+
+
+def _path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else str(key)
+
+
+def _suggest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "valid keys: " + ", ".join(choices)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a plain YAML value to ``tp`` or raise _Problem naming ``key``."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Union:
+        args = get_args(tp)
+        if value is None:
+            if _NONE in args:
+                return None
+            raise _Problem(key, f"expected {_describe(tp)}, got null")
+        options = [a for a in args if a is not _NONE]
+        # pick the branch that has the value's shape so that errors point inside it
+        if isinstance(value, (list, tuple)):
+            shaped = [a for a in options if get_origin(a) in (tuple, Tuple)]
+        elif isinstance(value, Mapping):
+            shaped = [a for a in options if dataclasses.is_dataclass(a)]
+        else:
+            shaped = [a for a in options if get_origin(a) not in (tuple, Tuple) and not dataclasses.is_dataclass(a)]
+        if len(shaped) == 1:
+            try:
+                return _convert(value, shaped[0], key)
+            except _Problem as p:
+                if p.key != key or len(options) == 1:
+                    raise
+                raise _Problem(key, f"expected {_describe(tp)}, got {_show(value)}") from None
+        for option in shaped:
+            try:
+                return _convert(value, option, key)
+            except _Problem:
+                continue
+        raise _Problem(key, f"expected {_describe(tp)}, got {_show(value)}")
+    if value is None:
+        raise _Problem(key, f"expected {_describe(tp)}, got null")
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Problem(key, f"expected {_describe(tp)}, got {_show(value)}")
+        inner = get_args(tp)[0]
+        return tuple(_convert(v, inner, _path(key, i)) for i, v in enumerate(value))
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, str):
+            for choice in choices:
+                if isinstance(choice, str) and value.lower() == choice:
+                    return choice
+        hint = difflib.get_close_matches(str(value).lower(), [c for c in choices if isinstance(c, str)], n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise _Problem(key, f"expected {_describe(tp)}, got {_show(value)}{extra}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Problem(key, f"expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        extra = ""
+        if isinstance(value, float) and value.is_integer():
+            extra = f"; write {int(value)}"
+        elif isinstance(value, bool):
+            extra = " (YAML true/false are booleans, not numbers)"
+        raise _Problem(key, f"expected an integer, got {_show(value)}{extra}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Problem(key, f"expected a number, got {_show(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            # YAML 1.1 reads 1e-4 (no dot) as a string: accept it as the number it obviously is
+            return float(value)
+        raise _Problem(key, f"expected a number (e.g. 1.0e-4), got {_show(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Problem(key, f"expected a string, got {_show(value)} (quote it in YAML if it should be text)")
+    raise TypeError(f"unsupported settings type {tp!r} at {key}")  # pragma: no cover - schema bug
+
+
+def _check_bounds(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    """Apply ge/gt/le bounds to a number, or to every number inside nested lists."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, tuple):
+        for i, v in enumerate(value):
+            _check_bounds(v, meta, _path(key, i))
+        return
+    if not isinstance(value, (int, float)):
+        return
+    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
+    if ge is not None and value < ge:
+        raise _Problem(key, f"must be >= {_num(ge)}, got {_num(value)}")
+    if gt is not None and not value > gt:
+        raise _Problem(key, f"must be > {_num(gt)}, got {_num(value)}")
+    if le is not None and value > le:
+        span = f" (between {_num(ge if ge is not None else gt)} and {_num(le)})" if (ge, gt) != (None, None) else ""
+        raise _Problem(key, f"must be <= {_num(le)}{span}, got {_num(value)}")
+
+
+def _num(x: Any) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def _build(cls: type, raw: Any, key: str, problems: list[tuple[str, str]] | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping; problems of fields are appended to ``problems`` (or raised)."""
+    own = problems is None
+    problems = [] if own else problems
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        p = _Problem(key or "<top level>", f"expected a section (a mapping of keys), got {_show(raw)}")
+        if own:
+            raise p
+        problems.append((p.key, p.message))
+        return cls()
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in raw:
+        if name not in names:
+            problems.append((_path(key, name), f"unknown key; {_suggest(name, names)}"))
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        sub = _path(key, f.name)
+        tp = hints[f.name]
+        try:
+            if dataclasses.is_dataclass(tp):
+                kwargs[f.name] = _build(tp, raw[f.name], sub, problems)
+            else:
+                value = _convert(raw[f.name], tp, sub)
+                _check_bounds(value, f.metadata, sub)
+                kwargs[f.name] = value
+        except _Problem as p:
+            problems.append((p.key, p.message))
+    if own and problems:
+        raise _Problem(*problems[0])
+    return cls(**kwargs)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cross-field checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _per_axis_factors(
+    factors: Optional[Tuple[Factor, ...]], levels: int, spatial_dims: int, key: str, problems: list[tuple[str, str]]
+) -> Optional[list[tuple[int, ...]]]:
+    """Expand factors to one tuple per level; report shape problems; None when they cannot be expanded."""
+    if factors is None:
+        return [(2,) * spatial_dims for _ in range(levels)]
+    ok = True
+    if len(factors) != levels:
+        problems.append(
+            (key, f"expected len(num_channels) - 1 = {levels} entries (one per resampling level), "
+                  f"got {len(factors)}: {_short(factors)}")
+        )
+        ok = False
+    out = []
+    for i, f in enumerate(factors):
+        if isinstance(f, int):
+            out.append((f,) * spatial_dims)
+        elif len(f) != spatial_dims:
+            problems.append(
+                (_path(key, i), f"expected an integer or a list of spatial_dims = {spatial_dims} integers "
+                                f"(one per axis), got {len(f)}: {_short(f)}")
+            )
+            ok = False
+        else:
+            out.append(tuple(f))
+    return out if ok else None
+
+
+def _prod(factors: Sequence[Sequence[int]], spatial_dims: int) -> tuple[int, ...]:
+    return tuple(math.prod(level[a] for level in factors) for a in range(spatial_dims))
+
+
+def _nearest_multiples(size: int, factor: int) -> str:
+    lo, hi = (size // factor) * factor, (size // factor + 1) * factor
+    return f"{hi}" if lo < 1 else f"{lo} and {hi}"
+
+
+def _check_unet_lists(
+    prefix: str, num_channels: Sequence[int], attention_levels: Sequence[bool], num_res_blocks: Any,
+    norm_num_groups: int, problems: list[tuple[str, str]],
+) -> None:
+    levels = len(num_channels)
+    if levels == 0:
+        problems.append((f"{prefix}.num_channels", "expected at least one level, got an empty list"))
+        return
+    if len(attention_levels) != levels:
+        problems.append(
+            (f"{prefix}.attention_levels", f"expected one entry per level of num_channels ({levels}), "
+                                           f"got {len(attention_levels)}: {_short(attention_levels)}")
+        )
+    if isinstance(num_res_blocks, tuple) and len(num_res_blocks) != levels:
+        problems.append(
+            (f"{prefix}.num_res_blocks", f"expected an integer or one entry per level of num_channels ({levels}), "
+                                         f"got {len(num_res_blocks)}: {_short(num_res_blocks)}")
+        )
+    bad = [c for c in num_channels if c % norm_num_groups]
+    if bad:
+        problems.append(
+            (f"{prefix}.num_channels", f"every entry must be divisible by {prefix}.norm_num_groups "
+                                       f"({norm_num_groups}); {_short(bad)} are not")
+        )
+
+
+def _check_autoencoder(s: Settings, problems: list[tuple[str, str]]) -> Optional[tuple[int, ...]]:
+    """Autoencoder checks; returns the total downsample factor per axis when it is well defined."""
+    ae = s.autoencoder
+    if ae.spatial_dims not in (2, 3):
+        problems.append(("autoencoder.spatial_dims", f"expected 2 or 3, got {ae.spatial_dims}"))
+        return None
+    _check_unet_lists("autoencoder", ae.num_channels, ae.attention_levels, ae.num_res_blocks, ae.norm_num_groups,
+                      problems)
+    levels = len(ae.num_channels) - 1
+    if levels < 0:
+        return None
+    down = _per_axis_factors(ae.downsample_factors, levels, ae.spatial_dims, "autoencoder.downsample_factors",
+                             problems)
+    if ae.upsample_factors is not None:
+        up = _per_axis_factors(ae.upsample_factors, levels, ae.spatial_dims, "autoencoder.upsample_factors",
+                               problems)
+        if up is not None and down is not None and _prod(up, ae.spatial_dims) != _prod(down, ae.spatial_dims):
+            problems.append(
+                ("autoencoder.upsample_factors",
+                 f"multiply to {list(_prod(up, ae.spatial_dims))} per axis but autoencoder.downsample_factors "
+                 f"multiply to {list(_prod(down, ae.spatial_dims))}; the decoder must restore the input size")
+            )
+    return None if down is None else _prod(down, ae.spatial_dims)
+
+
+def _check_data_shape(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
+    d, dims = s.data, s.autoencoder.spatial_dims
+    if len(d.voxel_size) != dims:
+        problems.append(
+            ("data.voxel_size", f"expected autoencoder.spatial_dims = {dims} entries (one per axis), "
+                                f"got {len(d.voxel_size)}: {_short(d.voxel_size)}")
+        )
+    elif total is not None:
+        for axis, (size, factor) in enumerate(zip(d.voxel_size, total)):
+            if size % factor:
+                problems.append(
+                    ("data.voxel_size",
+                     f"axis {axis}: {size} is not divisible by {factor} (the autoencoder's total downsample factor "
+                     f"on that axis); nearest valid sizes are {_nearest_multiples(size, factor)}")
+                )
+    if d.spacing is not None and len(d.spacing) != dims:
+        problems.append(
+            ("data.spacing", f"expected autoencoder.spatial_dims = {dims} entries (mm per axis) or null, "
+                             f"got {len(d.spacing)}: {_short(d.spacing)}")
+        )
+    if d.orientation is not None:
+        code = d.orientation.upper()
+        pairs = [set("LR"), set("AP"), set("SI")]
+        used = [next((i for i, p in enumerate(pairs) if c in p), None) for c in code]
+        if len(code) != dims or None in used or len(set(used)) != len(used):
+            problems.append(
+                ("data.orientation", f"expected {dims} axis codes, one from each of L/R, A/P, S/I "
+                                     f"(e.g. {'RAS'[:dims]!r}), got {d.orientation!r}")
+            )
+    if d.intensity.lower_percentile >= d.intensity.upper_percentile:
+        problems.append(
+            ("data.intensity.lower_percentile", f"must be below data.intensity.upper_percentile "
+                                                f"({_num(d.intensity.upper_percentile)}), "
+                                                f"got {_num(d.intensity.lower_percentile)}")
+        )
+
+
+def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
+    ae, df = s.autoencoder, s.diffusion
+    if df.spatial_dims != ae.spatial_dims:
+        problems.append(
+            ("diffusion.spatial_dims",
+             f"must equal autoencoder.spatial_dims ({ae.spatial_dims}), got {df.spatial_dims}")
+        )
+    for name in ("in_channels", "out_channels"):
+        if getattr(df, name) != ae.latent_channels:
+            problems.append(
+                (f"diffusion.{name}", f"must equal autoencoder.latent_channels ({ae.latent_channels}) because the "
+                                      f"UNet works on latents, got {getattr(df, name)}")
+            )
+    _check_unet_lists("diffusion", df.num_channels, df.attention_levels, df.num_res_blocks, df.norm_num_groups,
+                      problems)
+    levels = len(df.num_channels)
+    heads = df.num_head_channels
+    if isinstance(heads, tuple) and len(heads) != levels:
+        problems.append(
+            ("diffusion.num_head_channels", f"expected an integer or one entry per level of num_channels ({levels}), "
+                                            f"got {len(heads)}: {_short(heads)}")
+        )
+    elif levels and len(df.attention_levels) == levels:
+        per_level = heads if isinstance(heads, tuple) else (heads,) * levels
+        # the middle block always has attention with the last level's head size
+        needs = [i for i in range(levels) if df.attention_levels[i] or i == levels - 1]
+        for i in needs:
+            key = f"diffusion.num_head_channels[{i}]" if isinstance(heads, tuple) else "diffusion.num_head_channels"
+            h, c = per_level[i], df.num_channels[i]
+            why = "attention is on at this level" if df.attention_levels[i] else "the middle block always has attention"
+            if h < 1:
+                problems.append((key, f"must be >= 1 because {why}, got {h}"))
+            elif c % h:
+                problems.append((key, f"must divide diffusion.num_channels[{i}] ({c}) because {why}, got {h}"))
+    if (total is not None and len(s.data.voxel_size) == ae.spatial_dims and levels
+            and all(v % t == 0 for v, t in zip(s.data.voxel_size, total))):
+        latent = [v // t for v, t in zip(s.data.voxel_size, total)]
+        need = 2 ** (levels - 1)
+        bad = [(axis, size) for axis, size in enumerate(latent) if size % need]
+        for axis, size in bad:
+            problems.append(
+                ("diffusion.num_channels",
+                 f"{levels} levels halve the latent {levels - 1} times, so the latent size must be divisible by "
+                 f"{need}; latent axis {axis} is {size} (data.voxel_size {s.data.voxel_size[axis]} / total factor "
+                 f"{total[axis]}); use fewer levels or a different data.voxel_size")
+            )
+    sch = df.scheduler
+    if sch.beta_start >= sch.beta_end:
+        problems.append(
+            ("diffusion.scheduler.beta_start",
+             f"must be below diffusion.scheduler.beta_end ({sch.beta_end}), got {sch.beta_start}")
+        )
+    if s.sampling.num_inference_steps > sch.num_train_timesteps:
+        problems.append(
+            ("sampling.num_inference_steps",
+             f"must be <= diffusion.scheduler.num_train_timesteps ({sch.num_train_timesteps}), "
+             f"got {s.sampling.num_inference_steps}")
+        )
+
+
+def _check_perceptual(s: Settings, check_paths: bool, problems: list[tuple[str, str]]) -> None:
+    t = s.autoencoder.training
+    if t.perceptual_network.startswith("medicalnet_") and s.autoencoder.spatial_dims != 3:
+        problems.append(
+            ("autoencoder.training.perceptual_network",
+             f"{t.perceptual_network!r} needs autoencoder.spatial_dims 3; use 'squeeze', 'alex' or 'vgg' for 2D")
+        )
+    if not t.use_perceptual_loss:
+        return
+    key = "autoencoder.training.perceptual_weights_path"
+    if t.perceptual_weights_path is None:
+        problems.append(
+            (key, f"autoencoder.training.use_perceptual_loss is true but no weights file is given; pretrained "
+                  f"weights cannot be downloaded here: pass a local state-dict file of the "
+                  f"{t.perceptual_network!r} network, e.g. --set {key}=/path/to/weights.pth, or set "
+                  f"autoencoder.training.use_perceptual_loss false")
+        )
+    elif check_paths and not Path(t.perceptual_weights_path).expanduser().is_file():
+        problems.append(
+            (key, f"file not found: {t.perceptual_weights_path!r} (resolved to "
+                  f"{Path(t.perceptual_weights_path).expanduser().resolve()}); pretrained weights cannot be "
+                  f"downloaded here, pass an existing local weights file")
+        )
+
+
+_HOW_TO_GIVE_DATA = (
+    "set data.train_data_dir (a folder of .nii/.nii.gz volumes, optionally with data.val_data_dir), "
+    "or data.datalist (a decathlon-style JSON), or data.synthetic.enabled: true (built-in synthetic volumes, "
+    "e.g. --set data.synthetic.enabled=true)"
+)
+
+
+def _check_data_sources(s: Settings, check_paths: bool, require_data: bool, problems: list[tuple[str, str]]) -> None:
+    d = s.data
+    given = [name for name, on in (("data.train_data_dir", d.train_data_dir is not None),
+                                   ("data.datalist", d.datalist is not None),
+                                   ("data.synthetic.enabled", d.synthetic.enabled)) if on]
+    if len(given) > 1:
+        problems.append(
+            ("data", f"give exactly one data source, got {len(given)}: {', '.join(given)}; "
+                     f"remove (set to null/false) all but one")
+        )
+    if d.val_data_dir is not None and d.train_data_dir is None:
+        problems.append(
+            ("data.val_data_dir", "is set but data.train_data_dir is not; a validation folder goes with a training "
+                                  "folder (a datalist has its own \"validation\" list)")
+        )
+    if not require_data:
+        return
+    if not given and check_paths:
+        problems.append(("data", f"no data source given; {_HOW_TO_GIVE_DATA}"))
+    if not check_paths:
+        return
+    for key, value, want_dir in (("data.train_data_dir", d.train_data_dir, True),
+                                 ("data.val_data_dir", d.val_data_dir, True),
+                                 ("data.datalist", d.datalist, False)):
+        if value is None:
+            continue
+        p = Path(value).expanduser()
+        if want_dir and not p.is_dir():
+            what = "is a file, expected a folder" if p.exists() else "folder not found"
+            problems.append((key, f"{what}: {value!r} (resolved to {p.resolve()}); point it at a folder of "
+                                  f".nii/.nii.gz volumes, e.g. --set {key}=/path/to/folder"))
+        elif not want_dir and not p.is_file():
+            what = "is a folder, expected a JSON file" if p.exists() else "file not found"
+            problems.append((key, f"{what}: {value!r} (resolved to {p.resolve()}); point it at a decathlon-style "
+                                  f"JSON datalist, e.g. --set {key}=/path/to/datalist.json"))
+
+
+def _validate(s: Settings, check_paths: bool, require_data: bool) -> None:
+    problems: list[tuple[str, str]] = []
+    total = _check_autoencoder(s, problems)
+    _check_data_shape(s, total, problems)
+    _check_diffusion(s, total, problems)
+    _check_perceptual(s, check_paths, problems)
+    _check_data_sources(s, check_paths, require_data, problems)
+    if problems:
+        raise ConfigError(problems=problems)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def settings_from_dict(d: Mapping[str, Any] | None, check_paths: bool = True, *, require_data: bool = True) -> Settings:
+    """Validate a plain (YAML-like) dict and build typed settings.
+
+    Args:
+        d: nested dict with the keys of :class:`Settings`; missing keys take their defaults; None = all defaults.
+        check_paths: check that data folders / the datalist / the perceptual weights file exist, and that a data
+            source is given at all. False validates the document only (no filesystem access).
+        require_data: False skips the data-source presence and existence checks (for tools that read no data,
+            like sampling); conflicting sources are still an error.
+
+    Raises:
+        ConfigError: listing every problem found (key path, given value, expected value).
+    """
+    problems: list[tuple[str, str]] = []
+    settings = _build(Settings, d, "", problems)
+    if problems:
+        raise ConfigError(problems=problems)
+    _validate(settings, check_paths, require_data)
+    return settings
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice in the same section (first at line "
+                            f"{seen[key].start_mark.line + 1})", key_node.start_mark,
+            )
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        what = "is a folder, expected a YAML file" if path.exists() else "not found"
+        raise ConfigError(f"config file {what}: {str(path)!r} (resolved to {path.resolve()})", key="--config")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse YAML: {e}", key="", source=str(path)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping of sections (data:, autoencoder:, ...), "
+                          f"got {_show(raw)}", source=str(path))
+    return raw
+
+
+def _split_key(dotted: str) -> list[str]:
+    return [part.strip() for part in dotted.split(".")]
+
+
+def apply_overrides(d: Mapping[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``d`` with ``"a.b.c=value"`` overrides applied (values parsed with ``yaml.safe_load``).
+
+    Key names are checked against the schema (unknown key -> ConfigError with the closest valid name); values are
+    validated later, with the rest of the settings.
+    """
+    import copy
+
+    out: dict[str, Any] = copy.deepcopy(dict(d)) if d else {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. autoencoder.training.n_epochs=5",
+                              key="--set")
+        dotted, text = item.split("=", 1)
+        parts = _split_key(dotted)
+        if not dotted.strip() or any(not p for p in parts):
+            raise ConfigError(f"override {item!r} has an empty key part; expected e.g. data.voxel_size=[64, 64, 64]",
+                              key="--set")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse the value of override {item!r} as YAML: {e}",
+                              key=dotted.strip()) from None
+        # check the key path against the schema
+        cls: Any = Settings
+        for i, part in enumerate(parts):
+            here = ".".join(parts[: i + 1])
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"override --set {item!r}: {'.'.join(parts[:i])} is a value, not a section",
+                                  key=here)
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                raise ConfigError(f"unknown key in override --set {item!r}; {_suggest(part, names)}", key=here)
+            cls = _hints(cls)[part]
+        # set it in the raw dict
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"cannot apply --set {item!r}: the config gives {'.'.join(parts[: i + 1])} the value "
+                    f"{_show(nxt)} instead of a section", key=".".join(parts[: i + 1]),
+                )
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_settings(
+    path: str | Path | None, overrides: Sequence[str] = (), check_paths: bool = True, *, require_data: bool = True
+) -> Settings:
+    """Read a YAML config, apply ``--set`` overrides, validate, and return typed settings.
+
+    Args:
+        path: YAML file; None = defaults only.
+        overrides: ``"a.b.c=value"`` strings, applied in order after the file; values are parsed as YAML
+            (``5``, ``true``, ``[4, 2]``, ``null``, ``1e-4``).
+        check_paths: see :func:`settings_from_dict`.
+        require_data: see :func:`settings_from_dict`.
+
+    Raises:
+        ConfigError: for an unreadable file, an unknown override key, or any invalid value (the file is named).
+    """
+    raw = {} if path is None else _read_yaml(Path(path).expanduser())
+    try:
+        raw = apply_overrides(raw, overrides)
+        return settings_from_dict(raw, check_paths=check_paths, require_data=require_data)
+    except ConfigError as e:
+        if path is not None and e.source is None:
+            raise e.with_source(path) from None
+        raise
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config PATH`` and ``--set KEY=VALUE`` (repeatable) to ``parser``; returns the parser."""
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", "-c", metavar="PATH", default=None,
+                       help="YAML config file (default: built-in defaults); see monai_diffusion/config/")
+    group.add_argument("--set", dest="set", metavar="KEY=VALUE", action="append", default=[],
+                       help="override one config value, e.g. --set autoencoder.training.n_epochs=5 "
+                            "--set data.voxel_size='[64, 64, 32]' (repeatable; values are YAML)")
+    return parser
+
+
+def settings_from_args(
+    args: argparse.Namespace, check_paths: bool = True, *, require_data: bool = True
+) -> Settings:
+    """Settings from the ``--config`` / ``--set`` arguments added by :func:`add_config_args`."""
+    return load_settings(getattr(args, "config", None), getattr(args, "set", None) or (),
+                         check_paths=check_paths, require_data=require_data)
+
+
+def total_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]:
+    """Total downsample factor of the autoencoder per spatial axis (product of downsample_factors; None = 2 per
+    level, with len(num_channels) - 1 levels). Assumes validated settings."""
+    dims, levels = autoencoder.spatial_dims, len(autoencoder.num_channels) - 1
+    if autoencoder.downsample_factors is None:
+        return (2**levels,) * dims
+    per_level = [(f,) * dims if isinstance(f, int) else tuple(f) for f in autoencoder.downsample_factors]
+    return _prod(per_level, dims)
+
+
+def latent_spatial_size(settings: Settings) -> tuple[int, ...]:
+    """Spatial size of the latent: data.voxel_size divided by the total downsample factor per axis."""
+    total = total_downsample_factor(settings.autoencoder)
+    return tuple(v // t for v, t in zip(settings.data.voxel_size, total))
+
+
+def resolve_mixed_precision(mixed_precision: bool | str, on_cuda: bool) -> Optional[str]:
+    """Autocast dtype name for ``device.mixed_precision``: None (off), "fp16" or "bf16".
+
+    ``true`` means fp16 on CUDA and bf16 on CPU. An explicit "fp16" is returned as is even without CUDA; the trainer
+    decides what to do with it (e.g. warn and use bf16).
+    """
+    if mixed_precision is False or mixed_precision is None:
+        return None
+    if mixed_precision is True:
+        return "fp16" if on_cuda else "bf16"
+    return str(mixed_precision)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m monai_diffusion.settings --config X [--set ...]``: validate and print the resolved settings."""
+    parser = add_config_args(argparse.ArgumentParser(description="Validate a config and print the resolved settings"))
+    parser.add_argument("--no-check-paths", action="store_true", help="do not look at the filesystem")
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args, check_paths=not args.no_check_paths)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(settings.to_yaml(), end="")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
