@@ -261,6 +261,8 @@ class AttentionBlock(nn.Module):
         self.to_k = nn.Linear(num_channels, num_channels)
         self.to_v = nn.Linear(num_channels, num_channels)
         self.proj_attn = nn.Linear(num_channels, num_channels)
+        # unused without include_fc (as in 0.2.3): keep it out of optimizers and DDP's gradient bookkeeping
+        self.proj_attn.requires_grad_(include_fc)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, c = t.shape

@@ -1,0 +1,464 @@
+"""The one training loop shared by both stages.
+
+A stage (``monai_diffusion.stages``) says what to compute per batch; this module does everything else the same way
+for both: device and precision, DDP, gradient accumulation and clipping, exact resume, atomic checkpoints that never
+overwrite another run, TensorBoard, ``fast_dev_run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+CHECKPOINT_FORMAT = "monai-diffusion-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ environment
+@dataclass
+class Runtime:
+    """Where and how a run executes: device, precision, distributed rank."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full precision
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+
+
+def resolve_precision(mixed_precision: bool | str, device: torch.device) -> torch.dtype | None:
+    """Map the ``device.mixed_precision`` setting to an autocast dtype (None = fp32).
+
+    ``true`` means fp16 on CUDA and bf16 elsewhere; fp16 is only used on CUDA (on CPU it falls back to bf16 with a
+    warning, since CPU autocast in fp16 is slow and needs no loss scaling anyway).
+    """
+    if mixed_precision in (False, None, "false", "no", "fp32"):
+        return None
+    if mixed_precision is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    if mixed_precision == "fp16":
+        if device.type != "cuda":
+            warnings.warn("device.mixed_precision=fp16 needs CUDA; using bf16 autocast on this device instead.")
+            return torch.bfloat16
+        return torch.float16
+    raise ValueError(f"device.mixed_precision must be true, false, 'fp16' or 'bf16', got {mixed_precision!r}.")
+
+
+def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str) -> Runtime:
+    """Pick the device and, under ``torchrun``, join the process group (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = use_cuda and torch.cuda.is_available()
+    if cuda:
+        index = local_rank if world_size > 1 else gpu_id
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Runtime(device, resolve_precision(mixed_precision, device), rank, world_size, local_rank)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def all_reduce_mean(value: float, runtime: Runtime) -> float:
+    if not runtime.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(t)
+    return float(t.item()) / runtime.world_size
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far: CUDA max allocated on GPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process"
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict[str, Any]:
+    """Open a checkpoint written by this project; errors name the path and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"Checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise RunError(f"Cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(
+            f"{path} is not a monai-diffusion checkpoint (no '{CHECKPOINT_FORMAT}' marker); expected a "
+            "latest_checkpoint.pt or best_model.pt written by this project."
+        )
+    if expected_stage is not None and ckpt.get("stage") != expected_stage:
+        raise RunError(f"{path} is a '{ckpt.get('stage')}' checkpoint, expected a '{expected_stage}' checkpoint.")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------------- stages
+class Stage(Protocol):
+    """What a stage provides to the loop."""
+
+    name: str  # "autoencoder" or "diffusion"
+    modules: dict[str, nn.Module]  # trained (and checkpointed) networks
+    optimizers: dict[str, torch.optim.Optimizer]  # one per loss returned by training_step, same keys
+
+    def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Losses to back-propagate (keyed by optimizer name) and scalars to log."""
+
+    def validation_step(self, batch: Any) -> dict[str, float]:
+        """Metrics of one validation batch (averaged by the loop); must contain ``val_loss``."""
+
+    def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Images (C x H x W in [0, 1]) for TensorBoard."""
+
+    def describe(self, batch: Any) -> list[str]:
+        """Lines printed at start: shapes, factors, parameter counts."""
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Stage-specific, self-describing checkpoint content (constructor arguments, scale factor, ...)."""
+
+    def load_extra(self, ckpt: dict[str, Any]) -> None:
+        """Restore stage-specific content on resume."""
+
+
+@dataclass
+class LoopConfig:
+    """The loop settings shared by both stages (taken from ``<stage>.training``/``checkpoints``/``logging``)."""
+
+    n_epochs: int
+    output_dir: Path
+    log_dir: Path
+    seed: int = 42
+    gradient_accumulation_steps: int = 1
+    grad_clip_norm: float | None = None
+    val_interval: int = 1
+    save_interval: int = 1
+    save_best: bool = True
+    log_interval: int = 10
+    visualize_interval: int = 1
+    resume_from: Path | None = None
+    fast_dev_run: bool = False
+    fast_dev_run_batches: int = 2
+    settings: dict[str, Any] = field(default_factory=dict)
+    section: str = "autoencoder"  # settings section, for messages that name config keys
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # next epoch to run
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float = math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def prepare_output_dir(cfg: LoopConfig, runtime: Runtime) -> None:
+    """Refuse to start a fresh run where another run left checkpoints; never delete anything."""
+    if cfg.fast_dev_run or cfg.resume_from is not None:
+        return
+    existing = [cfg.output_dir / n for n in ("latest_checkpoint.pt", "best_model.pt") if (cfg.output_dir / n).exists()]
+    if existing:
+        raise RunError(
+            f"{cfg.output_dir} already holds a run ({', '.join(p.name for p in existing)}); nothing was changed. "
+            f"To continue it, add --set {cfg.section}.checkpoints.resume_from={cfg.output_dir / 'latest_checkpoint.pt'}; "
+            f"to start a new run, choose another {cfg.section}.checkpoints.output_dir."
+        )
+
+
+def _epoch_seed(cfg: LoopConfig, epoch: int, runtime: Runtime) -> int:
+    return cfg.seed + 1_000_003 * (epoch + 1) + 7919 * runtime.rank
+
+
+def _reseed_loader(loader: Iterable, seed: int) -> None:
+    """Make an epoch's shuffling and augmentation a function of the epoch alone, so resuming is exact."""
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+    dataset = getattr(loader, "dataset", None)
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed % (2**32))
+
+
+def run_loop(
+    stage: Stage,
+    train_loader: Any,
+    val_loader: Any | None,
+    cfg: LoopConfig,
+    runtime: Runtime,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> LoopState:
+    """Train ``stage`` for ``cfg.n_epochs`` epochs (or a few batches with ``fast_dev_run``)."""
+    state = LoopState()
+    prepare_output_dir(cfg, runtime)
+    scaler_enabled = runtime.amp_dtype == torch.float16
+    scalers = {name: torch.amp.GradScaler(runtime.device.type, enabled=scaler_enabled) for name in stage.optimizers}
+
+    if cfg.resume_from is not None:
+        ckpt = load_checkpoint(cfg.resume_from, expected_stage=stage.name)
+        for name, module in stage.modules.items():
+            unwrap(module).load_state_dict(ckpt["state_dict"][name])
+        for name, opt in stage.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        for name, scaler in scalers.items():
+            if name in ckpt.get("scalers", {}):
+                scaler.load_state_dict(ckpt["scalers"][name])
+        stage.load_extra(ckpt)
+        state = LoopState(ckpt["epoch"] + 1, ckpt["global_step"], ckpt["best_metric"], ckpt.get("history", []))
+        runtime.print(f"Resuming {cfg.resume_from} at epoch {state.epoch + 1} (step {state.global_step}).")
+        if state.epoch >= cfg.n_epochs:
+            runtime.print(f"Checkpoint already finished all {cfg.n_epochs} epochs; nothing to do.")
+            return state
+
+    writer = None
+    if runtime.is_main and not cfg.fast_dev_run:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(cfg.log_dir))
+
+    precision = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[runtime.amp_dtype]
+    runtime.print(f"device: {runtime.device}, precision: {precision}, processes: {runtime.world_size}")
+    for line in stage.describe(next(iter(train_loader))):  # RNG is re-seeded per epoch, so this peek is harmless
+        runtime.print(line)
+    n_epochs = state.epoch + 1 if cfg.fast_dev_run else cfg.n_epochs
+    max_batches = cfg.fast_dev_run_batches if cfg.fast_dev_run else None
+    accum = cfg.gradient_accumulation_steps
+    step_times: list[float] = []
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+
+    try:
+        for epoch in range(state.epoch, n_epochs):
+            epoch_seed = _epoch_seed(cfg, epoch, runtime)
+            seed_everything(epoch_seed)
+            _reseed_loader(train_loader, epoch_seed)
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            for module in stage.modules.values():
+                module.train()
+
+            n_batches = len(train_loader) if max_batches is None else min(max_batches, len(train_loader))
+            sums: dict[str, float] = {}
+            progress = tqdm(
+                total=n_batches, desc=f"{stage.name} epoch {epoch + 1}/{n_epochs}", disable=not runtime.is_main
+            )
+            for i, batch in enumerate(train_loader):
+                if i >= n_batches:
+                    break
+                t0 = time.perf_counter()
+                group_start = (i // accum) * accum
+                group_size = min(accum, n_batches - group_start)
+                boundary = i == group_start + group_size - 1
+                sync = contextlib.ExitStack()
+                if runtime.distributed and not boundary:
+                    for module in stage.modules.values():
+                        if isinstance(module, DistributedDataParallel):
+                            sync.enter_context(module.no_sync())
+                with sync:
+                    with runtime.autocast():
+                        losses, logs = stage.training_step(batch, epoch)
+                    for name, loss in losses.items():
+                        if not torch.isfinite(loss):
+                            raise RunError(
+                                f"{stage.name}: loss '{name}' became {loss.item()} at epoch {epoch + 1}, batch {i + 1}. "
+                                "Lower the learning rate, enable grad_clip_norm, or check the input intensities."
+                            )
+                        scalers[name].scale(loss / group_size).backward()
+                if boundary:
+                    for name, opt in stage.optimizers.items():
+                        if name not in losses:
+                            continue
+                        if cfg.grad_clip_norm:
+                            scalers[name].unscale_(opt)
+                            params = [p for g in opt.param_groups for p in g["params"]]
+                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+                        scalers[name].step(opt)
+                        scalers[name].update()
+                    for opt in stage.optimizers.values():
+                        opt.zero_grad(set_to_none=True)
+                    state.global_step += 1
+                    if hasattr(stage, "after_optimizer_step"):
+                        stage.after_optimizer_step(state.global_step)
+                if runtime.device.type == "cuda":
+                    torch.cuda.synchronize(runtime.device)
+                step_times.append(time.perf_counter() - t0)
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                progress.update(1)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                if writer is not None and boundary and state.global_step % cfg.log_interval == 0:
+                    for key, value in logs.items():
+                        writer.add_scalar(f"train/{key}", float(value), state.global_step)
+                    for name, opt in stage.optimizers.items():
+                        writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], state.global_step)
+            progress.close()
+
+            epoch_logs = {f"train_{k}": all_reduce_mean(v / max(1, n_batches), runtime) for k, v in sums.items()}
+            run_val = val_loader is not None and (cfg.fast_dev_run or (epoch + 1) % cfg.val_interval == 0)
+            if run_val:
+                val = validate(stage, val_loader, runtime, max_batches)
+                epoch_logs.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})
+                if writer is not None and (epoch + 1) % cfg.visualize_interval == 0:
+                    first = next(iter(val_loader))
+                    for tag, image in stage.visualize(first).items():
+                        writer.add_image(tag, image, epoch + 1)
+            if writer is not None:
+                for key, value in epoch_logs.items():
+                    writer.add_scalar(f"epoch/{key}", value, epoch + 1)
+            runtime.print(f"{stage.name} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.5g}" for k, v in epoch_logs.items()))
+            state.history.append({"epoch": epoch + 1, **epoch_logs})
+
+            if cfg.fast_dev_run:
+                state.epoch = epoch + 1
+                _print_dev_run_summary(stage, runtime, step_times)
+                break
+            improved = run_val and epoch_logs["val_loss"] < state.best_metric
+            if improved:
+                state.best_metric = epoch_logs["val_loss"]
+            state.epoch = epoch + 1
+            if runtime.is_main:
+                ckpt = _checkpoint(stage, scalers, state, epoch, cfg)
+                last = epoch + 1 == cfg.n_epochs
+                if (epoch + 1) % cfg.save_interval == 0 or last:
+                    atomic_save(ckpt, cfg.output_dir / "latest_checkpoint.pt")
+                if cfg.save_best and (improved or (val_loader is None and last)):
+                    atomic_save(ckpt, cfg.output_dir / "best_model.pt")
+                    runtime.print(f"  saved best model (val_loss={state.best_metric:.5g}) to {cfg.output_dir / 'best_model.pt'}")
+                if on_checkpoint is not None:
+                    on_checkpoint(ckpt)
+            if runtime.distributed:
+                dist.barrier()
+    finally:
+        if writer is not None:
+            writer.close()
+    return state
+
+
+@torch.no_grad()
+def validate(stage: Stage, loader: Any, runtime: Runtime, max_batches: int | None = None) -> dict[str, float]:
+    """Average the stage's validation metrics over the loader (and over DDP ranks)."""
+    for module in stage.modules.values():
+        module.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with runtime.autocast():
+            metrics = stage.validation_step(batch)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        count += 1
+    for module in stage.modules.values():
+        module.train()
+    return {k: all_reduce_mean(v / max(1, count), runtime) for k, v in sums.items()}
+
+
+def _checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, cfg: LoopConfig) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "stage": stage.name,
+        "epoch": epoch,
+        "global_step": state.global_step,
+        "best_metric": state.best_metric,
+        "history": state.history,
+        "state_dict": {name: unwrap(m).state_dict() for name, m in stage.modules.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in stage.optimizers.items()},
+        "scalers": {name: s.state_dict() for name, s in scalers.items()},
+        "rng": rng_state(),
+        "settings": cfg.settings,
+        **stage.checkpoint_extra(),
+    }
+
+
+def _print_dev_run_summary(stage: Stage, runtime: Runtime, step_times: list[float]) -> None:
+    peak, kind = peak_memory_mb(runtime.device)
+    timed = step_times[1:] or step_times  # the first step includes warm-up
+    runtime.print(f"fast_dev_run: {len(step_times)} training step(s), {sum(timed) / max(1, len(timed)):.3f} s/step")
+    runtime.print(f"fast_dev_run: peak memory {peak:.0f} MiB ({kind})")
+    runtime.print("fast_dev_run: no checkpoints or logs were written.")

@@ -1,0 +1,314 @@
+"""Stage 1: the KL autoencoder with L1 + KL + adversarial (+ perceptual) losses."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.nets import PatchDiscriminator
+from torch.nn.parallel import DistributedDataParallel
+
+from generative.networks.nets import AutoencoderKL
+
+from .data import build_datasets, build_loaders
+from .engine import (
+    LoopConfig,
+    LoopState,
+    Runtime,
+    count_parameters,
+    load_checkpoint,
+    prepare_output_dir,
+    run_loop,
+    seed_everything,
+    setup_runtime,
+    teardown_runtime,
+    unwrap,
+)
+from .models import build_autoencoder
+from .visualize import orthogonal_slices
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over latent voxels and channels, averaged over the batch."""
+    z_mu, z_sigma = z_mu.float(), z_sigma.float()
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1)
+    return kl.flatten(1).sum(dim=1).mean()
+
+
+class AutoencoderStage:
+    """Per-batch computation of stage 1, driven by ``engine.run_loop``.
+
+    Args:
+        autoencoder: the (possibly DDP-wrapped) AutoencoderKL.
+        discriminator: the (possibly DDP-wrapped) PatchDiscriminator.
+        optimizer_g: optimizer of the autoencoder.
+        optimizer_d: optimizer of the discriminator.
+        training: the ``autoencoder.training`` settings.
+        runtime: device / precision / rank.
+        perceptual_loss: a frozen perceptual loss module, or None.
+        data_info: facts about the training data (spacing, orientation, affine) stored in checkpoints.
+        val_tile: when set, validation volumes are reconstructed tile by tile with tiles of this size.
+    """
+
+    name = "autoencoder"
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        discriminator: nn.Module,
+        optimizer_g: torch.optim.Optimizer,
+        optimizer_d: torch.optim.Optimizer,
+        training: Any,
+        runtime: Runtime,
+        perceptual_loss: nn.Module | None = None,
+        data_info: dict[str, Any] | None = None,
+        val_tile: tuple[int, ...] | None = None,
+    ) -> None:
+        self.modules = {"autoencoder": autoencoder, "discriminator": discriminator}
+        self.optimizers = {"generator": optimizer_g, "discriminator": optimizer_d}
+        self.training = training
+        self.runtime = runtime
+        self.perceptual_loss = perceptual_loss
+        self.data_info = data_info or {}
+        self.val_tile = val_tile
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.psnr = PSNRMetric(max_val=1.0)
+        self.ssim = None
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def autoencoder(self) -> AutoencoderKL:
+        return unwrap(self.modules["autoencoder"])  # type: ignore[return-value]
+
+    def _images(self, batch: Any) -> torch.Tensor:
+        images = batch["image"] if isinstance(batch, dict) else batch
+        return images.to(self.runtime.device, non_blocking=True).as_subclass(torch.Tensor).float()
+
+    def describe(self, batch: Any) -> list[str]:
+        images = self._images(batch)
+        ae = self.autoencoder
+        latent = ae.latent_shape(images.shape)
+        n_in = images[0].numel()
+        n_lat = int(torch.tensor(latent[1:]).prod())
+        return [
+            f"input batch {tuple(images.shape)} -> latent {latent} "
+            f"(total downsample factor {ae.total_downsample_factor} per axis; {n_in / n_lat:.1f}x fewer values)",
+            f"parameters: autoencoder {count_parameters(ae):,}, "
+            f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
+        ]
+
+    # ------------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        cfg = self.training
+        images = self._images(batch)
+        autoencoder = self.modules["autoencoder"]
+        discriminator = self.modules["discriminator"]
+        recon, z_mu, z_sigma = autoencoder(images)
+        recon_f = recon.float()
+        l1 = F.l1_loss(recon_f, images)
+        kl = kl_divergence(z_mu, z_sigma)
+        loss_g = l1 + cfg.kl_weight * kl
+        logs = {"l1": l1.item(), "kl": kl.item()}
+        if self.perceptual_loss is not None:
+            p_loss = self.perceptual_loss(recon_f, images)
+            loss_g = loss_g + cfg.perceptual_weight * p_loss
+            logs["perceptual"] = p_loss.item()
+        losses = {"generator": loss_g}
+
+        if epoch >= cfg.autoencoder_warm_up_n_epochs and cfg.adv_weight > 0:
+            # generator's adversarial term: the discriminator is frozen and called unwrapped (no DDP bookkeeping)
+            disc = unwrap(discriminator)
+            disc.requires_grad_(False)
+            logits_fake = disc(recon_f.contiguous())[-1]
+            disc.requires_grad_(True)
+            adv_g = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+            losses["generator"] = loss_g + cfg.adv_weight * adv_g
+            # discriminator: one forward over fake and real together
+            both = discriminator(torch.cat([recon_f.detach(), images]).contiguous())[-1]
+            fake, real = both.split([recon_f.shape[0], images.shape[0]])
+            loss_d = 0.5 * (
+                self.adv_loss(fake, target_is_real=False, for_discriminator=True)
+                + self.adv_loss(real, target_is_real=True, for_discriminator=True)
+            )
+            losses["discriminator"] = cfg.adv_weight * loss_d
+            logs.update({"adv_g": adv_g.item(), "disc": loss_d.item()})
+        logs["loss_g"] = losses["generator"].item()
+        return losses, logs
+
+    # ---------------------------------------------------------------------------------------------- validation
+    def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        ae = self.autoencoder
+        if self.val_tile is not None:
+            z_mu, _ = ae.encode_tiled(images, tile_size=self.val_tile)
+            return ae.decode_tiled(z_mu, tile_size=self.val_tile).float()
+        return ae.reconstruct(images).float()
+
+    def validation_step(self, batch: Any) -> dict[str, float]:
+        images = self._images(batch)
+        recon = self._reconstruct(images).clamp(0, 1)
+        if self.ssim is None:
+            self.ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=min(7, *images.shape[2:]))
+        l1 = F.l1_loss(recon, images).item()
+        return {
+            "val_loss": l1,
+            "l1": l1,
+            "psnr": self.psnr(recon, images).mean().item(),
+            "ssim": self.ssim(recon, images).mean().item(),
+        }
+
+    @torch.no_grad()
+    def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
+        images = self._images(batch)[:1]
+        with self.runtime.autocast():
+            recon = self._reconstruct(images).clamp(0, 1)
+        error = (recon - images).abs()
+        return {f"reconstruction/{k}": v for k, v in orthogonal_slices([images, recon, error]).items()}
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {
+            "model_class": "generative.networks.nets.AutoencoderKL",
+            "model_args": dict(self.autoencoder.init_args),
+            "data_info": self.data_info,
+        }
+
+    def load_extra(self, ckpt: dict[str, Any]) -> None:
+        saved = ckpt.get("model_args")
+        if saved is not None and saved != self.autoencoder.init_args:
+            diff = {k: (saved.get(k), v) for k, v in self.autoencoder.init_args.items() if saved.get(k) != v}
+            raise ValueError(
+                "autoencoder.checkpoints.resume_from was trained with other autoencoder arguments "
+                f"(checkpoint vs config): {diff}. Resume with the settings stored in the checkpoint."
+            )
+
+
+def build_discriminator(spatial_dims: int, in_channels: int, num_layers_d: int, num_channels: int) -> PatchDiscriminator:
+    return PatchDiscriminator(
+        spatial_dims=spatial_dims, num_layers_d=num_layers_d, channels=num_channels, in_channels=in_channels
+    )
+
+
+def build_perceptual_loss(training: Any, spatial_dims: int) -> nn.Module | None:
+    """The frozen perceptual loss when enabled; stops with a clear message when its weights are unusable."""
+    if not training.use_perceptual_loss:
+        return None
+    from generative.losses import PerceptualLoss
+
+    return PerceptualLoss(
+        spatial_dims=spatial_dims,
+        network_type=training.perceptual_network,
+        is_fake_3d=spatial_dims == 3 and not training.perceptual_network.startswith("medicalnet"),
+        pretrained_path=training.perceptual_weights_path,
+    ).eval()
+
+
+def train_autoencoder(settings: Any) -> LoopState:
+    """Stage 1 end to end: checks, data, networks, then the shared loop. Returns the final loop state."""
+    ae_cfg, t = settings.autoencoder, settings.autoencoder.training
+    seed = settings.seed if settings.seed is not None else 0
+    output_dir = Path(ae_cfg.checkpoints.output_dir)
+    loop_cfg = LoopConfig(
+        n_epochs=t.n_epochs,
+        output_dir=output_dir,
+        log_dir=Path(ae_cfg.logging.log_dir) if ae_cfg.logging.log_dir else output_dir / "logs",
+        seed=seed,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        grad_clip_norm=t.grad_clip_norm,
+        val_interval=t.val_interval,
+        save_interval=t.save_interval,
+        save_best=ae_cfg.checkpoints.save_best,
+        log_interval=ae_cfg.logging.log_interval,
+        visualize_interval=ae_cfg.logging.visualize_interval,
+        resume_from=Path(ae_cfg.checkpoints.resume_from) if ae_cfg.checkpoints.resume_from else None,
+        fast_dev_run=t.fast_dev_run,
+        fast_dev_run_batches=t.fast_dev_run_batches,
+        settings=settings.to_dict(),
+    )
+    runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
+    try:
+        # everything that can fail cheaply fails before data is read or networks are built
+        prepare_output_dir(loop_cfg, runtime)
+        if loop_cfg.resume_from is not None:
+            load_checkpoint(loop_cfg.resume_from, expected_stage="autoencoder")
+        perceptual = build_perceptual_loss(t, ae_cfg.spatial_dims)
+
+        seed_everything(seed)  # identical initial weights on every rank
+        autoencoder = build_autoencoder(ae_cfg).to(runtime.device)
+        factor = autoencoder.total_downsample_factor
+        random_patch = settings.data.crop_mode == "random_patch"
+        with _rank0_first(runtime):
+            train_ds, val_ds, info = build_datasets(
+                settings.to_dict()["data"],
+                spatial_dims=ae_cfg.spatial_dims,
+                in_channels=ae_cfg.in_channels,
+                work_dir=output_dir.parent,
+                divisible_by=factor if random_patch else None,
+            )
+        runtime.print(f"data: {info.get('source', '')} ({info.get('n_train')} training, {info.get('n_val')} validation volumes)")
+        train_loader, val_loader = build_loaders(
+            train_ds,
+            val_ds,
+            batch_size=t.batch_size,
+            num_workers=settings.data.num_workers,
+            pin_memory=settings.data.pin_memory,
+            distributed=runtime.distributed,
+            seed=seed,
+            num_replicas=runtime.world_size if runtime.distributed else None,
+            rank=runtime.rank if runtime.distributed else None,
+            val_batch_size=1 if random_patch else None,
+        )
+        discriminator = build_discriminator(
+            ae_cfg.spatial_dims, ae_cfg.out_channels, t.discriminator.num_layers_d, t.discriminator.num_channels
+        ).to(runtime.device)
+        if perceptual is not None:
+            perceptual = perceptual.to(runtime.device)
+        optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=t.learning_rate)
+        optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=t.discriminator.learning_rate or t.learning_rate)
+        if runtime.distributed:
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            autoencoder = DistributedDataParallel(autoencoder, device_ids=ids)
+            discriminator = DistributedDataParallel(discriminator, device_ids=ids)
+        stage = AutoencoderStage(
+            autoencoder,
+            discriminator,
+            optimizer_g,
+            optimizer_d,
+            t,
+            runtime,
+            perceptual_loss=perceptual,
+            data_info=_json_safe(info),
+            val_tile=tuple(settings.data.voxel_size) if random_patch else None,
+        )
+        state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
+        if runtime.is_main and not t.fast_dev_run:
+            runtime.print(f"stage 1 done: checkpoints in {output_dir}, TensorBoard logs in {loop_cfg.log_dir}")
+        return state
+    finally:
+        teardown_runtime(runtime)
+
+
+@contextlib.contextmanager
+def _rank0_first(runtime: Runtime):
+    """Let rank 0 run the block first (e.g. writing the synthetic dataset), then the others."""
+    if runtime.distributed and not runtime.is_main:
+        dist.barrier()
+    yield
+    if runtime.distributed and runtime.is_main:
+        dist.barrier()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value

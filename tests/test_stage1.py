@@ -1,0 +1,239 @@
+"""Stage 1 end to end: fast_dev_run, exact resume, no overwrite, atomic checkpoints, real NIfTI headers, DDP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+from nibabel.testing import data_path as NIB_DATA
+
+from monai_diffusion.cli import train_autoencoder_main
+from monai_diffusion.engine import RunError, atomic_save, load_checkpoint
+from monai_diffusion.models import load_autoencoder
+from monai_diffusion.settings import load_settings
+from monai_diffusion.stage1 import train_autoencoder
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "monai_diffusion" / "config"
+QUICKSTART = CONFIGS / "examples" / "quickstart.yaml"
+
+
+def tiny(tmp_path: Path, *extra: str, config: Path = QUICKSTART) -> list[str]:
+    """Overrides that shrink any shipped config to a few seconds of CPU work."""
+    return [
+        "data.train_data_dir=null",
+        "data.val_data_dir=null",
+        "data.datalist=null",
+        "data.synthetic={enabled: true, num_train: 4, num_val: 2, seed: 0}",
+        "data.voxel_size=[16, 16, 16]",
+        "data.crop_mode=resize",
+        "data.cache_rate=1.0",
+        "data.cache_dir=null",
+        "data.num_workers=0",
+        "autoencoder.num_channels=[4, 8, 8]",
+        "autoencoder.norm_num_groups=4",
+        "autoencoder.latent_channels=2",
+        "autoencoder.training.batch_size=2",
+        "autoencoder.training.n_epochs=2",
+        "autoencoder.training.autoencoder_warm_up_n_epochs=1",
+        "autoencoder.training.use_perceptual_loss=false",
+        "autoencoder.training.discriminator={num_layers_d: 2, num_channels: 4}",
+        "autoencoder.training.gradient_accumulation_steps=1",
+        f"autoencoder.checkpoints.output_dir={tmp_path / 'ae'}",
+        "autoencoder.checkpoints.resume_from=null",
+        "autoencoder.logging.log_dir=null",
+        "autoencoder.logging.log_interval=1",
+        "diffusion.in_channels=2",
+        "diffusion.out_channels=2",
+        "diffusion.num_channels=[8, 8]",
+        "diffusion.attention_levels=[false, true]",
+        "diffusion.num_head_channels=8",
+        "diffusion.norm_num_groups=4",
+        "device.use_cuda=false",
+        *extra,
+    ]
+
+
+def settings_for(tmp_path: Path, *extra: str, config: Path = QUICKSTART):
+    return load_settings(config, tiny(tmp_path, *extra, config=config))
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        ("ldm_config.yaml", ["autoencoder.downsample_factors=[2, 2]", "autoencoder.attention_levels=[false, false, false]"]),
+        ("examples/ldm_config_8x_downsample.yaml", ["autoencoder.attention_levels=[false, false, true]"]),
+        (
+            "examples/ldm_config_16x_downsample.yaml",
+            ["autoencoder.attention_levels=[false, false, true]", "data.voxel_size=[32, 32, 32]"],
+        ),
+        ("examples/quickstart.yaml", []),
+    ],
+)
+def test_fast_dev_run_of_shipped_configs(tmp_path, capsys, config, extra):
+    path = CONFIGS / config
+    settings = load_settings(path, tiny(tmp_path, "autoencoder.training.fast_dev_run=true", *extra, config=path))
+    # keep each config's own factors (only the sizes shrink) unless overridden above
+    state = train_autoencoder(settings)
+    out = capsys.readouterr().out
+    assert "total downsample factor" in out and "latent" in out
+    assert "parameters: autoencoder" in out
+    assert "s/step" in out and "peak memory" in out
+    assert state.epoch == 1
+    # fast_dev_run leaves nothing a real run could take for its own
+    ae_dir = tmp_path / "ae"
+    assert not (ae_dir / "latest_checkpoint.pt").exists()
+    assert not (ae_dir / "best_model.pt").exists()
+    assert not (ae_dir / "logs").exists()
+
+
+def test_8x_config_keeps_its_factors_when_shrunk(tmp_path, capsys):
+    path = CONFIGS / "examples" / "ldm_config_8x_downsample.yaml"
+    settings = load_settings(path, tiny(tmp_path, "autoencoder.training.fast_dev_run=true", config=path))
+    assert list(settings.autoencoder.downsample_factors) == [4, 2]
+    train_autoencoder(settings)
+    assert "latent (2, 2, 2, 2, 2)" in capsys.readouterr().out  # 16^3 / 8
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(path, expected_stage="autoencoder")
+    return {f"{m}.{k}": v for m, sd in ckpt["state_dict"].items() for k, v in sd.items()}
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    train_autoencoder(settings_for(full, "data.augmentation={enabled: true, random_flip_prob: 0.5}"))
+
+    part = tmp_path / "part"
+    train_autoencoder(
+        settings_for(part, "autoencoder.training.n_epochs=1", "data.augmentation={enabled: true, random_flip_prob: 0.5}")
+    )
+    first = load_checkpoint(part / "ae" / "latest_checkpoint.pt")
+    assert first["epoch"] == 0
+    train_autoencoder(
+        settings_for(
+            part,
+            "data.augmentation={enabled: true, random_flip_prob: 0.5}",
+            f"autoencoder.checkpoints.resume_from={part / 'ae' / 'latest_checkpoint.pt'}",
+        )
+    )
+    a, b = _weights(full / "ae" / "latest_checkpoint.pt"), _weights(part / "ae" / "latest_checkpoint.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the discriminator trained in epoch 2 (warm-up 1), so its optimizer state was restored too
+    assert any(not torch.equal(first["state_dict"]["discriminator"][k], v) for k, v in
+               load_checkpoint(part / "ae" / "latest_checkpoint.pt")["state_dict"]["discriminator"].items())
+
+
+def test_checkpoint_describes_itself(tmp_path):
+    train_autoencoder(settings_for(tmp_path, "autoencoder.downsample_factors=[[2, 2, 1], 2]", "autoencoder.training.n_epochs=1"))
+    model, ckpt = load_autoencoder(tmp_path / "ae" / "best_model.pt")
+    assert model.downsample_factors == ((2, 2, 1), (2, 2, 2))
+    assert ckpt["model_args"]["downsample_factors"] == [[2, 2, 1], [2, 2, 2]]
+    assert ckpt["settings"]["autoencoder"]["downsample_factors"] == [[2, 2, 1], 2]
+    for key in ("optimizers", "scalers", "epoch", "global_step", "best_metric", "rng", "data_info"):
+        assert key in ckpt, key
+    assert (tmp_path / "ae" / "logs").is_dir() and any((tmp_path / "ae" / "logs").iterdir())
+
+
+def test_new_run_refuses_to_overwrite_a_previous_run(tmp_path, capsys):
+    train_autoencoder(settings_for(tmp_path, "autoencoder.training.n_epochs=1"))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "ae").glob("*.pt")}
+    with pytest.raises(RunError, match="already holds a run"):
+        train_autoencoder(settings_for(tmp_path, "autoencoder.training.n_epochs=1"))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ae").glob("*.pt")} == before
+    # the command line reports it as an error, not a traceback
+    rc = train_autoencoder_main(["--config", str(QUICKSTART), *sum((["--set", o] for o in tiny(tmp_path)), [])])
+    assert rc == 2
+    assert "resume_from" in capsys.readouterr().err
+
+
+def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
+    target = tmp_path / "latest_checkpoint.pt"
+    atomic_save({"value": 1}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        atomic_save({"value": Unpicklable()}, target)
+    assert torch.load(target, weights_only=False) == {"value": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["latest_checkpoint.pt"]  # no temporary file left behind
+
+
+def test_resume_from_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RunError, match="Checkpoint not found"):
+        train_autoencoder(settings_for(tmp_path, f"autoencoder.checkpoints.resume_from={tmp_path / 'nope.pt'}"))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(RunError, match="not a monai-diffusion checkpoint"):
+        train_autoencoder(settings_for(tmp_path, f"autoencoder.checkpoints.resume_from={foreign}"))
+
+
+def test_perceptual_loss_without_weights_stops_before_training(tmp_path):
+    from monai_diffusion.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="perceptual_weights_path"):
+        settings_for(tmp_path, "autoencoder.training.use_perceptual_loss=true")
+
+
+def test_real_nifti_header_goes_through_stage_one(tmp_path, capsys):
+    """nibabel's anatomical.nii: 33x41x25, LAS, 2 mm; reoriented to RAS and resized to the network size."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.nii", "b.nii"):
+        shutil.copy(Path(NIB_DATA) / "anatomical.nii", data / name)
+    assert nib.aff2axcodes(nib.load(data / "a.nii").affine) == ("L", "A", "S")
+    settings = settings_for(
+        tmp_path,
+        "data.synthetic={enabled: false}",
+        f"data.train_data_dir={data}",
+        "data.voxel_size=[16, 16, 16]",
+        "autoencoder.training.n_epochs=1",
+        "autoencoder.training.batch_size=1",
+    )
+    train_autoencoder(settings)
+    ckpt = load_checkpoint(tmp_path / "ae" / "latest_checkpoint.pt")
+    info = ckpt["data_info"]
+    assert "".join(info["orientation"]) == "RAS"
+    affine = torch.tensor(info["affine"])
+    assert nib.aff2axcodes(affine.numpy()) == ("R", "A", "S")
+    assert "1 validation" in capsys.readouterr().out  # no validation source: split off from training
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    overrides = tiny(tmp_path, "autoencoder.training.n_epochs=2", "autoencoder.training.batch_size=1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(REPO / "monai_diffusion" / "3d_ldm" / "train_autoencoder.py"),
+        "--config",
+        str(QUICKSTART),
+        *sum((["--set", o] for o in overrides), []),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "processes: 2" in proc.stdout
+    ckpt = load_checkpoint(tmp_path / "ae" / "latest_checkpoint.pt")
+    assert ckpt["epoch"] == 1
+    # 4 training volumes, batch 1, 2 ranks: 2 optimizer steps per epoch
+    assert ckpt["global_step"] == 4
