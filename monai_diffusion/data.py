@@ -1,0 +1,1117 @@
+"""NIfTI discovery, datalists, the built-in synthetic dataset, MONAI transforms,
+datasets and loaders for 3D (and 2D) volumes.
+
+The module takes a plain :class:`DataConfig` (the ``data`` section of the settings,
+``DataConfig(**settings.to_dict()["data"])``) and does not import the settings
+module. Everything that can be checked cheaply (folders, datalists, NIfTI headers,
+channel counts) is checked before any volume is loaded, and every error names the
+file or the config key and what was expected.
+
+Typical use::
+
+    cfg = DataConfig(**settings_dict["data"])
+    train_ds, val_ds, info = build_datasets(cfg, spatial_dims=3, in_channels=1, work_dir=run_dir)
+    train_loader, val_loader = build_loaders(train_ds, val_ds, batch_size=2, num_workers=cfg.num_workers,
+                                             pin_memory=cfg.pin_memory)
+
+``info["affine"]`` is the affine of the first training volume after the
+(deterministic) transforms: write generated volumes with it to get the training
+data's voxel size and orientation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "SyntheticConfig",
+    "IntensityConfig",
+    "AugmentationConfig",
+    "DataConfig",
+    "NIFTI_EXTENSIONS",
+    "discover_images",
+    "load_datalist",
+    "make_synthetic_dataset",
+    "check_files",
+    "build_transforms",
+    "build_datasets",
+    "build_loaders",
+]
+
+NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+CROP_MODES = ("resize", "pad_crop", "random_patch")
+READ_ERROR_POLICIES = ("fail", "skip")
+# Bump when the transform chain changes in a way that invalidates PersistentDataset caches.
+_TRANSFORM_VERSION = 1
+# Bump when the phantom generator changes; recorded in the synthetic manifest.
+_PHANTOM_VERSION = 1
+_SYNTHETIC_MANIFEST = "synthetic_manifest.json"
+_MAX_LISTED_PROBLEMS = 20
+# nibabel affines map to RAS+ world coordinates.
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+class DataError(ValueError):
+    """A problem with the data or the data configuration (names the file/key and what was expected)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _sub_config(cls, value, key):
+    """Build a nested config dataclass from a mapping (or pass an instance through)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise DataError(f"data.{key} must be a mapping, got {type(value).__name__}: {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise DataError(f"data.{key} has unknown key(s) {unknown}; expected keys: {sorted(names)}")
+    return cls(**value)
+
+
+@dataclass
+class SyntheticConfig:
+    """Built-in synthetic phantom dataset (no data needed)."""
+
+    enabled: bool = False
+    num_train: int = 16
+    num_val: int = 4
+    seed: int = 0
+
+
+@dataclass
+class IntensityConfig:
+    """Percentile intensity scaling to [0, 1]."""
+
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    clip: bool = True
+
+
+@dataclass
+class AugmentationConfig:
+    """Training-time augmentation."""
+
+    enabled: bool = False
+    random_flip_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of the settings.
+
+    Args:
+        train_data_dir: folder of training ``.nii``/``.nii.gz`` files (non-recursive).
+        val_data_dir: folder of validation files; if no validation source is given, the last ~10% of
+            the training files are held out.
+        datalist: decathlon-style JSON with ``"training"`` (and optionally ``"validation"``) lists.
+        synthetic: ``{enabled, num_train, num_val, seed}``: generate phantoms instead of reading data.
+        voxel_size: spatial size of the volumes fed to the network (2 or 3 ints).
+        spacing: target voxel spacing in mm (resampled with ``Spacingd``), or None to keep the file's.
+        orientation: target orientation axcodes, e.g. ``"RAS"`` (first 2 letters used for 2D), or None to keep
+            the files' orientation.
+        intensity: ``{lower_percentile, upper_percentile, clip}``: scaled to [0, 1] per channel.
+        crop_mode: ``resize`` (resample to voxel_size), ``pad_crop`` (center pad/crop to voxel_size) or
+            ``random_patch`` (random voxel_size patches for training, whole volumes for validation).
+        cache_rate: fraction of the deterministic transform results cached in memory (0 disables).
+        cache_dir: if set, cache transform results on disk there (``PersistentDataset``) instead.
+        num_workers: data loader workers (and caching threads).
+        pin_memory: pin loader memory.
+        on_read_error: ``fail`` (raise on an unreadable / mismatching file) or ``skip`` (warn and drop it).
+        augmentation: ``{enabled, random_flip_prob}``.
+    """
+
+    train_data_dir: str | None = None
+    val_data_dir: str | None = None
+    datalist: str | None = None
+    synthetic: SyntheticConfig | Mapping = field(default_factory=SyntheticConfig)
+    voxel_size: Sequence[int] = (64, 64, 64)
+    spacing: Sequence[float] | None = None
+    orientation: str | None = "RAS"
+    intensity: IntensityConfig | Mapping = field(default_factory=IntensityConfig)
+    crop_mode: str = "resize"
+    cache_rate: float = 1.0
+    cache_dir: str | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    on_read_error: str = "fail"
+    augmentation: AugmentationConfig | Mapping = field(default_factory=AugmentationConfig)
+
+    def __post_init__(self) -> None:
+        self.synthetic = _sub_config(SyntheticConfig, self.synthetic, "synthetic")
+        self.intensity = _sub_config(IntensityConfig, self.intensity, "intensity")
+        self.augmentation = _sub_config(AugmentationConfig, self.augmentation, "augmentation")
+
+        if isinstance(self.voxel_size, (str, bytes)) or not isinstance(self.voxel_size, Sequence):
+            raise DataError(f"data.voxel_size must be a list of 2 or 3 ints, got {self.voxel_size!r}")
+        if len(self.voxel_size) not in (2, 3) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in self.voxel_size
+        ):
+            raise DataError(f"data.voxel_size must be a list of 2 or 3 positive ints, got {list(self.voxel_size)!r}")
+        self.voxel_size = [int(v) for v in self.voxel_size]
+
+        if self.spacing is not None:
+            if isinstance(self.spacing, (str, bytes)) or not isinstance(self.spacing, Sequence):
+                raise DataError(f"data.spacing must be null or a list of positive numbers, got {self.spacing!r}")
+            if len(self.spacing) != len(self.voxel_size) or not all(
+                isinstance(s, (int, float, np.number)) and not isinstance(s, bool) and s > 0 for s in self.spacing
+            ):
+                raise DataError(
+                    f"data.spacing must be null or {len(self.voxel_size)} positive numbers (one per axis of "
+                    f"data.voxel_size={self.voxel_size}), got {list(self.spacing)!r}"
+                )
+            self.spacing = [float(s) for s in self.spacing]
+
+        if self.orientation is not None:
+            codes = self.orientation.upper() if isinstance(self.orientation, str) else None
+            if codes is None or len(codes) != 3 or not _valid_axcodes(codes):
+                raise DataError(
+                    "data.orientation must be null or 3 axis codes, one of L/R, one of A/P, one of S/I "
+                    f"(e.g. 'RAS', 'LPS'), got {self.orientation!r}"
+                )
+            self.orientation = codes
+
+        lo, hi = self.intensity.lower_percentile, self.intensity.upper_percentile
+        if not (0.0 <= lo < hi <= 100.0):
+            raise DataError(
+                "data.intensity.lower_percentile and upper_percentile must satisfy 0 <= lower < upper <= 100, "
+                f"got lower={lo!r}, upper={hi!r}"
+            )
+        if self.crop_mode not in CROP_MODES:
+            raise DataError(f"data.crop_mode must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
+        if self.on_read_error not in READ_ERROR_POLICIES:
+            raise DataError(f"data.on_read_error must be one of {list(READ_ERROR_POLICIES)}, got {self.on_read_error!r}")
+        if not (0.0 <= float(self.cache_rate) <= 1.0):
+            raise DataError(f"data.cache_rate must be in [0, 1], got {self.cache_rate!r}")
+        if int(self.num_workers) < 0:
+            raise DataError(f"data.num_workers must be >= 0, got {self.num_workers!r}")
+        if not (0.0 <= float(self.augmentation.random_flip_prob) <= 1.0):
+            raise DataError(
+                f"data.augmentation.random_flip_prob must be in [0, 1], got {self.augmentation.random_flip_prob!r}"
+            )
+        syn = self.synthetic
+        if int(syn.num_train) < 1 or int(syn.num_val) < 0:
+            raise DataError(
+                f"data.synthetic.num_train must be >= 1 and num_val >= 0, got num_train={syn.num_train!r}, "
+                f"num_val={syn.num_val!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (nested dicts), the inverse of ``DataConfig(**d)``."""
+        return dataclasses.asdict(self)
+
+
+def _valid_axcodes(codes: str) -> bool:
+    groups = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+    used = []
+    for c in codes:
+        matches = [i for i, g in enumerate(groups) if c in g]
+        if not matches:
+            return False
+        used.append(matches[0])
+    return sorted(used) == [0, 1, 2]
+
+
+def _as_config(cfg: DataConfig | Mapping) -> DataConfig:
+    if isinstance(cfg, DataConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        names = {f.name for f in dataclasses.fields(DataConfig)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise DataError(f"data has unknown key(s) {unknown}; expected keys: {sorted(names)}")
+        return DataConfig(**cfg)
+    raise DataError(f"expected a DataConfig or a mapping for the data settings, got {type(cfg).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery and datalists
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_nifti_name(name: str) -> bool:
+    low = name.lower()
+    return low.endswith(".nii") or low.endswith(".nii.gz")
+
+
+def discover_images(folder: str | os.PathLike) -> list[str]:
+    """Sorted ``.nii`` / ``.nii.gz`` files directly inside ``folder`` (not recursive).
+
+    Hidden files (names starting with ``.``, e.g. macOS ``._x.nii.gz`` resource forks) are ignored.
+
+    Raises:
+        DataError: the folder does not exist, is not a folder, or holds no NIfTI files (the message says
+            whether NIfTI files exist in its subfolders; use a datalist for nested layouts).
+    """
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise DataError(f"data folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise DataError(f"data folder {str(path)!r} is not a folder")
+    files = sorted(
+        os.path.abspath(p) for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _is_nifti_name(p.name)
+    )
+    if not files:
+        nested = [
+            sub.name
+            for sub in sorted(path.iterdir())
+            if sub.is_dir() and any(_is_nifti_name(p.name) and p.is_file() for p in sub.iterdir())
+        ]
+        hint = ""
+        if nested:
+            hint = (
+                f"; NIfTI files were found in subfolder(s) {nested[:5]} but discovery is not recursive: "
+                "point data.train_data_dir / data.val_data_dir at the folder holding the files, or use data.datalist"
+            )
+        raise DataError(
+            f"no NIfTI files ({', '.join('*' + e for e in NIFTI_EXTENSIONS)}) found in folder {str(path)!r}{hint}"
+        )
+    return files
+
+
+def load_datalist(path: str | os.PathLike, key: str, missing_ok: bool = False) -> list[dict]:
+    """Read the ``key`` list (e.g. ``"training"``) of a decathlon-style JSON datalist.
+
+    Each entry is ``{"image": "path.nii.gz", ...}`` (a bare string is taken as the image path). Relative
+    image paths are resolved against the JSON file's folder; extra keys (``"label"``, ``"age"``, ...) are
+    kept as they are.
+
+    Args:
+        path: the JSON file.
+        key: the list to read.
+        missing_ok: return ``[]`` instead of raising when ``key`` is absent.
+
+    Raises:
+        DataError: unreadable JSON, missing key, malformed entry, or image files that do not exist
+            (all missing files are listed with the entry index).
+    """
+    jpath = Path(path).expanduser()
+    if not jpath.is_file():
+        raise DataError(f"datalist {str(jpath)!r} does not exist or is not a file")
+    try:
+        with open(jpath, encoding="utf-8") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"datalist {str(jpath)!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise DataError(f"datalist {str(jpath)!r} cannot be read: {e}") from e
+    if not isinstance(content, dict):
+        raise DataError(f"datalist {str(jpath)!r} must hold a JSON object with a {key!r} list, got {type(content).__name__}")
+    if key not in content:
+        if missing_ok:
+            return []
+        raise DataError(f"datalist {str(jpath)!r} has no key {key!r}; keys present: {sorted(content)}")
+    entries = content[key]
+    if not isinstance(entries, list):
+        raise DataError(f"datalist {str(jpath)!r}: {key!r} must be a list of entries, got {type(entries).__name__}")
+
+    base = Path(os.path.abspath(jpath)).parent
+    out: list[dict] = []
+    missing: list[str] = []
+    for i, entry in enumerate(entries):
+        where = f"datalist {str(jpath)!r}, {key}[{i}]"
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object with an 'image' path or a path string, got {entry!r}")
+        if "image" not in entry:
+            raise DataError(f"{where}: entry has no 'image' key (keys: {sorted(entry)})")
+        image = entry["image"]
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: 'image' must be a single file path string, got {image!r}")
+        resolved = Path(image).expanduser()
+        if not resolved.is_absolute():
+            resolved = base / resolved
+        resolved = Path(os.path.abspath(resolved))  # normalizes "..", keeps symlinked names
+        if not resolved.is_file():
+            missing.append(f"{key}[{i}] image {image!r} -> {str(resolved)!r}")
+        item = dict(entry)
+        item["image"] = str(resolved)
+        out.append(item)
+    if missing:
+        shown = "\n  ".join(missing[:_MAX_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(missing) - _MAX_LISTED_PROBLEMS} more" if len(missing) > _MAX_LISTED_PROBLEMS else ""
+        raise DataError(
+            f"datalist {str(jpath)!r}: {len(missing)} image file(s) do not exist "
+            f"(relative paths are resolved against {str(base)!r}):\n  {shown}{more}"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic phantoms
+# ----------------------------------------------------------------------------------------------
+
+
+def _random_rotation(rng: np.random.Generator, n: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(n, n)))
+    q = q * np.sign(np.diag(r))
+    return q
+
+
+def _soft_ellipsoid(coords: np.ndarray, center, radii, rot, sharpness: float) -> np.ndarray:
+    """Smooth indicator of an ellipsoid; coords has shape (N, *spatial)."""
+    n = coords.shape[0]
+    d = coords - np.asarray(center, dtype=np.float32).reshape((n,) + (1,) * n)
+    local = np.tensordot(rot.T.astype(np.float32), d, axes=1)
+    r = np.sqrt(sum((local[i] / radii[i]) ** 2 for i in range(n)))
+    return 0.5 * (1.0 + np.tanh((1.0 - r) * (sharpness / 2.0)))
+
+
+def _phantom(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """A head-like phantom: a soft ellipsoid with a bright rim, bright and dark blobs, mild noise."""
+    n = len(shape)
+    axes = [np.linspace(-1.0, 1.0, s, dtype=np.float32) if s > 1 else np.zeros(1, np.float32) for s in shape]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    sharp = 0.6 * max(shape)  # edge width of about two voxels
+    rot = _random_rotation(rng, n)
+    center = rng.normal(0.0, 0.04, size=n)
+    radii = rng.uniform(0.62, 0.82, size=n)
+    outer = _soft_ellipsoid(coords, center, radii * 1.1, rot, sharp)
+    head = _soft_ellipsoid(coords, center, radii, rot, sharp)
+    img = 0.85 * (outer - head) + rng.uniform(0.3, 0.4) * head
+    for k in range(int(rng.integers(3, 7))):
+        offset = rot @ (rng.uniform(-0.45, 0.45, size=n) * radii)
+        b_radii = rng.uniform(0.12, 0.3, size=n) * radii
+        level = rng.uniform(0.05, 0.15) if k == 0 else rng.uniform(0.55, 1.0)
+        blob = _soft_ellipsoid(coords, center + offset, b_radii, _random_rotation(rng, n), sharp)
+        img = img * (1.0 - blob * head) + level * blob * head
+    img = img + rng.normal(0.0, 0.02, size=img.shape) * (0.25 + outer)
+    return np.clip(img, 0.0, None).astype(np.float32)
+
+
+def _phantom_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    affine = np.eye(4)
+    for i, (s, sp) in enumerate(zip(shape, spacing)):
+        affine[i, i] = sp
+        affine[i, 3] = -(s - 1) / 2.0 * sp
+    return affine
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    num_train: int,
+    num_val: int,
+    voxel_size: Sequence[int],
+    seed: int,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> tuple[list[str], list[str]]:
+    """Write deterministic phantom volumes ``train_000.nii.gz``... and ``val_000.nii.gz``... into ``out_dir``.
+
+    Each volume depends only on ``(seed, split, index, voxel_size, spacing)``, so asking for more volumes
+    later keeps the existing ones. A manifest (``synthetic_manifest.json``) records the parameters and
+    checksums; existing files made with the same parameters are reused without being rewritten. An existing
+    file that differs from what would be written is never overwritten: a :class:`DataError` names it.
+
+    Args:
+        out_dir: folder to write into (created if needed).
+        num_train: number of training volumes (>= 1).
+        num_val: number of validation volumes (>= 0).
+        voxel_size: spatial shape, 2 or 3 ints (2 -> 2D images).
+        seed: base random seed.
+        spacing: voxel spacing in mm written to the header (only the first ``len(voxel_size)`` values are used).
+
+    Returns:
+        ``(train_files, val_files)``: absolute paths.
+    """
+    shape = [int(v) for v in voxel_size]
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise DataError(f"synthetic voxel_size must be 2 or 3 positive ints, got {list(voxel_size)!r}")
+    spacing = [float(s) for s in spacing][: len(shape)]
+    if len(spacing) != len(shape) or min(spacing) <= 0:
+        raise DataError(f"synthetic spacing must have {len(shape)} positive values, got {list(spacing)!r}")
+    if int(num_train) < 1 or int(num_val) < 0:
+        raise DataError(f"synthetic dataset needs num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
+
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / _SYNTHETIC_MANIFEST
+    manifest: dict = {"generator": f"monai_diffusion.data phantom v{_PHANTOM_VERSION}", "files": {}}
+    if manifest_path.is_file():
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                loaded = json.load(f)
+            if isinstance(loaded, dict) and isinstance(loaded.get("files"), dict):
+                manifest["files"].update(loaded["files"])
+        except (OSError, json.JSONDecodeError):
+            warnings.warn(f"synthetic manifest {str(manifest_path)!r} is unreadable; existing files will be verified")
+
+    changed = False
+    result: dict[str, list[str]] = {"train": [], "val": []}
+    for split, count, split_code in (("train", int(num_train), 0), ("val", int(num_val), 1)):
+        for index in range(count):
+            name = f"{split}_{index:03d}.nii.gz"
+            path = out / name
+            params = {
+                "version": _PHANTOM_VERSION,
+                "seed": int(seed),
+                "split": split,
+                "index": index,
+                "voxel_size": shape,
+                "spacing": spacing,
+            }
+            record = manifest["files"].get(name)
+            if path.is_file() and record and record.get("params") == params and record.get("sha256") == _sha256(path):
+                result[split].append(str(path))
+                continue
+            rng = np.random.default_rng([int(seed), split_code, index])
+            data = _phantom(shape, rng)
+            affine = _phantom_affine(shape, spacing)
+            if path.exists():
+                # Not recorded with these parameters: reuse only if it holds exactly what we would write.
+                same = False
+                try:
+                    existing = nib.load(str(path))
+                    same = (
+                        tuple(existing.shape) == tuple(shape)
+                        and np.allclose(existing.affine, affine)
+                        and np.array_equal(np.asarray(existing.dataobj, dtype=np.float32), data)
+                    )
+                except Exception:  # unreadable -> different
+                    same = False
+                if not same:
+                    raise DataError(
+                        f"synthetic data file {str(path)!r} already exists and differs from the phantom "
+                        f"make_synthetic_dataset would write (seed={seed}, voxel_size={shape}, spacing={spacing}); "
+                        "refusing to overwrite it: delete it or choose another output folder"
+                    )
+            else:
+                img = nib.Nifti1Image(data, affine)
+                img.header.set_xyzt_units("mm")
+                tmp = out / f".{split}_{index:03d}.{os.getpid()}.tmp.nii.gz"
+                nib.save(img, str(tmp))
+                os.replace(tmp, path)
+            manifest["files"][name] = {"params": params, "sha256": _sha256(path)}
+            changed = True
+            result[split].append(str(path))
+    if changed:
+        _atomic_write_json(manifest_path, manifest)
+    return result["train"], result["val"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Header checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _layout(shape: tuple[int, ...], spatial_dims: int) -> tuple[int | None, str | None]:
+    """(channels, None) if a file of this shape fits ``spatial_dims``, else (None, reason)."""
+    nd = len(shape)
+    if spatial_dims == 3:
+        if nd == 3:
+            return 1, None
+        if nd == 4:
+            return shape[3], None
+        if nd == 5 and shape[3] == 1:
+            return shape[4], None
+        if nd < 3:
+            return None, f"has shape {shape}: a {nd}D image, but spatial_dims=3 expects (X, Y, Z) or (X, Y, Z, C)"
+        return None, f"has shape {shape}: spatial_dims=3 expects (X, Y, Z), (X, Y, Z, C) or (X, Y, Z, 1, C)"
+    if spatial_dims == 2:
+        if nd == 2:
+            return 1, None
+        if nd == 3 and shape[2] == 1:
+            return 1, None
+        if nd == 4 and shape[2] == 1:
+            return shape[3], None
+        if nd == 5 and shape[2] == 1 and shape[3] == 1:
+            return shape[4], None
+        return None, (
+            f"has shape {shape}: spatial_dims=2 expects 2D images (X, Y), (X, Y, 1) or (X, Y, 1, C)"
+            + (f"; this looks like a 3D volume with {shape[2]} slices" if nd == 3 else "")
+        )
+    raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+
+
+def _gzip_isize(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
+    except OSError:
+        return None
+
+
+def _gzip_uncompressed_size(path: Path) -> int:
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                return total
+            total += len(chunk)
+
+
+def _header_problem(path: Path, in_channels: int, spatial_dims: int) -> str | None:
+    """Why this file cannot be used (header-level checks only), or None if it looks fine."""
+    if not path.exists():
+        return "file does not exist"
+    if not path.is_file():
+        return "is not a file"
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        dtype = np.dtype(img.get_data_dtype())
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        return f"cannot be read as a NIfTI image ({type(e).__name__}: {e})"
+    if dtype.kind not in "biuf":
+        return f"has unsupported voxel data type {dtype} (expected integer or floating point scalars)"
+    if any(s < 1 for s in shape):
+        return f"has an empty dimension, shape {shape}"
+    rank = min(len(shape), 3)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:rank, :rank])) < 1e-12:
+        return f"has a degenerate affine (zero voxel size?):\n{affine}"
+    channels, reason = _layout(shape, spatial_dims)
+    if reason is not None:
+        return reason
+    if channels != in_channels:
+        return (
+            f"has shape {shape}: {channels} channel(s) (the dimension after the spatial ones), but "
+            f"in_channels={in_channels}"
+        )
+    # Truncation: compare the file size the header implies with the (uncompressed) size on disk.
+    offset = getattr(getattr(img, "dataobj", None), "offset", None)
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) and isinstance(offset, (int, np.integer)):
+        expected = int(offset) + int(np.prod(shape)) * dtype.itemsize
+        name = path.name.lower()
+        if name.endswith(".gz"):
+            isize = _gzip_isize(path)
+            if isize != expected % (1 << 32):
+                # The gzip trailer disagrees (truncated, or a multi-member file): verify by decompressing.
+                try:
+                    actual = _gzip_uncompressed_size(path)
+                except (OSError, EOFError, zlib.error) as e:
+                    return f"compressed data is corrupt or truncated ({type(e).__name__}: {e})"
+                if actual < expected:
+                    return f"is truncated: {actual} bytes uncompressed, the header implies {expected}"
+        elif name.endswith(".nii"):
+            actual = path.stat().st_size
+            if actual < expected:
+                return f"is truncated: {actual} bytes, the header implies {expected}"
+    return None
+
+
+def _entry(item: str | os.PathLike | Mapping) -> dict:
+    if isinstance(item, Mapping):
+        if "image" not in item:
+            raise DataError(f"data entry {dict(item)!r} has no 'image' key")
+        return dict(item)
+    return {"image": str(item)}
+
+
+def check_files(
+    files: Sequence[str | os.PathLike | Mapping],
+    in_channels: int,
+    spatial_dims: int,
+    on_read_error: str = "fail",
+) -> list[dict]:
+    """Check every file's NIfTI header (no voxel data loaded) before any expensive work.
+
+    Detects missing, unreadable, corrupt or truncated files, unsupported data types, degenerate affines,
+    shapes that do not fit ``spatial_dims`` and channel counts that differ from ``in_channels`` (channels are
+    the 4th dimension for 3D data, or the 5th with a singleton 4th, as NIfTI stores vectors).
+
+    Args:
+        files: paths or datalist entries (``{"image": path, ...}``).
+        in_channels: expected number of channels.
+        spatial_dims: 2 or 3.
+        on_read_error: ``"fail"``: raise one :class:`DataError` listing every bad file and why;
+            ``"skip"``: ``warnings.warn`` for each bad file and drop it.
+
+    Returns:
+        The usable entries as dicts (``{"image": path, ...}``), in input order.
+
+    Raises:
+        DataError: with ``fail`` if any file is bad; with ``skip`` if no file is left.
+    """
+    if on_read_error not in READ_ERROR_POLICIES:
+        raise DataError(f"on_read_error must be one of {list(READ_ERROR_POLICIES)}, got {on_read_error!r}")
+    if spatial_dims not in (2, 3):
+        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    entries = [_entry(f) for f in files]
+    good: list[dict] = []
+    problems: list[str] = []
+    for entry in entries:
+        path = Path(entry["image"])
+        reason = _header_problem(path, int(in_channels), int(spatial_dims))
+        if reason is None:
+            good.append(entry)
+            continue
+        message = f"{str(path)!r} {reason}"
+        problems.append(message)
+        if on_read_error == "skip":
+            warnings.warn(f"skipping data file {message}", stacklevel=2)
+    if problems and on_read_error == "fail":
+        shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+        raise DataError(
+            f"{len(problems)} of {len(entries)} data file(s) failed the header check "
+            f"(set data.on_read_error='skip' to drop them with a warning):\n  {shown}{more}"
+        )
+    if entries and not good:
+        raise DataError(f"none of the {len(entries)} data file(s) is usable (all were skipped); first: {problems[0]}")
+    return good
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------
+
+
+def _squeeze_trailing_singleton(spatial_dims: int):
+    """For 2D data stored as (X, Y, 1[, C]): drop the singleton third spatial axis.
+
+    The 4x4 affine is kept, as MONAI does for NIfTI files stored as (X, Y)."""
+    from monai.transforms import MapTransform, SqueezeDim
+
+    class _SqueezeTrailingSpatiald(MapTransform):
+        def __init__(self, keys):
+            super().__init__(keys)
+            self.squeeze = SqueezeDim(dim=-1, update_meta=False)
+
+        def __call__(self, data):
+            d = dict(data)
+            for key in self.key_iterator(d):
+                img = d[key]
+                if img.ndim == spatial_dims + 2 and img.shape[-1] == 1:
+                    d[key] = self.squeeze(img)
+            return d
+
+    return _SqueezeTrailingSpatiald(keys=["image"])
+
+
+def build_transforms(
+    cfg: DataConfig | Mapping,
+    spatial_dims: int,
+    train: bool,
+    divisible_by: Sequence[int] | int | None = None,
+):
+    """MONAI dictionary transforms on key ``"image"``.
+
+    Load (nibabel, meta kept: the output is a ``MetaTensor`` whose ``.affine`` follows every spatial
+    transform) -> channel first -> optional reorientation to ``cfg.orientation`` -> optional resampling to
+    ``cfg.spacing``
+    -> percentile scaling to [0, 1] (per channel) -> by ``cfg.crop_mode``:
+
+    - ``resize``: resample to ``voxel_size`` (trilinear/bilinear with anti-aliasing);
+    - ``pad_crop``: center pad (with 0) / crop to ``voxel_size``;
+    - ``random_patch``: train: pad to at least ``voxel_size`` then a random ``voxel_size`` patch;
+      validation: the whole volume, padded to a multiple of ``divisible_by`` if given (the trainer
+      validates with sliding windows).
+
+    Training adds random flips along each spatial axis when ``cfg.augmentation.enabled``. Ends with float32.
+
+    Args:
+        cfg: the data settings.
+        spatial_dims: 2 or 3; must match ``len(cfg.voxel_size)``.
+        train: training (random patches, augmentation) or validation transforms.
+        divisible_by: validation volumes in ``random_patch`` mode are padded to a multiple of this
+            (e.g. the autoencoder's total downsampling factor per axis).
+    """
+    from monai.transforms import (
+        Compose,
+        DivisiblePadd,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        Orientationd,
+        RandFlipd,
+        RandSpatialCropd,
+        Resized,
+        ResizeWithPadOrCropd,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    cfg = _as_config(cfg)
+    if spatial_dims not in (2, 3):
+        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if len(cfg.voxel_size) != spatial_dims:
+        raise DataError(
+            f"data.voxel_size={cfg.voxel_size} has {len(cfg.voxel_size)} values but spatial_dims={spatial_dims}"
+        )
+    if divisible_by is not None:
+        k = [int(divisible_by)] * spatial_dims if isinstance(divisible_by, (int, np.integer)) else list(divisible_by)
+        if len(k) != spatial_dims or min(k) < 1:
+            raise DataError(f"divisible_by must be {spatial_dims} positive ints, got {divisible_by!r}")
+        divisible_by = [int(v) for v in k]
+
+    keys = ["image"]
+    size = list(cfg.voxel_size)
+    xforms: list = [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
+        EnsureChannelFirstd(keys=keys),
+    ]
+    if spatial_dims == 2:
+        xforms.append(_squeeze_trailing_singleton(spatial_dims))
+    if cfg.orientation is not None:
+        xforms.append(Orientationd(keys=keys, axcodes=cfg.orientation[:spatial_dims], labels=_RAS_LABELS))
+    if cfg.spacing is not None:
+        xforms.append(Spacingd(keys=keys, pixdim=list(cfg.spacing), mode="bilinear"))
+    xforms.append(
+        ScaleIntensityRangePercentilesd(
+            keys=keys,
+            lower=float(cfg.intensity.lower_percentile),
+            upper=float(cfg.intensity.upper_percentile),
+            b_min=0.0,
+            b_max=1.0,
+            clip=bool(cfg.intensity.clip),
+            channel_wise=True,
+        )
+    )
+    if cfg.crop_mode == "resize":
+        xforms.append(
+            Resized(
+                keys=keys,
+                spatial_size=size,
+                mode="trilinear" if spatial_dims == 3 else "bilinear",
+                align_corners=False,
+                anti_aliasing=True,
+            )
+        )
+    elif cfg.crop_mode == "pad_crop":
+        xforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size, mode="constant", value=0.0))
+    else:  # random_patch
+        if train:
+            xforms.append(SpatialPadd(keys=keys, spatial_size=size, mode="constant", value=0.0))
+            xforms.append(RandSpatialCropd(keys=keys, roi_size=size, random_size=False, random_center=True))
+        elif divisible_by is not None:
+            xforms.append(DivisiblePadd(keys=keys, k=divisible_by, mode="constant", value=0.0))
+    if train and cfg.augmentation.enabled and cfg.augmentation.random_flip_prob > 0:
+        for axis in range(spatial_dims):
+            xforms.append(RandFlipd(keys=keys, prob=float(cfg.augmentation.random_flip_prob), spatial_axis=axis))
+    xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
+    return Compose(xforms)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def _transform_key(cfg: DataConfig, spatial_dims: int, train: bool, divisible_by) -> str:
+    """Identify the transform chain, so a PersistentDataset cache never serves stale results."""
+    payload = {
+        "version": _TRANSFORM_VERSION,
+        "spatial_dims": spatial_dims,
+        "train": train,
+        "divisible_by": list(divisible_by) if divisible_by is not None and not isinstance(divisible_by, int) else divisible_by,
+        "voxel_size": cfg.voxel_size,
+        "spacing": cfg.spacing,
+        "orientation": cfg.orientation,
+        "intensity": dataclasses.asdict(cfg.intensity),
+        "crop_mode": cfg.crop_mode,
+    }
+    digest = hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{'train' if train else 'val'}_{digest}"
+
+
+def _item_hash(item) -> bytes:
+    """Cache key of a datalist entry: its content plus the image file's size and modification time."""
+    d = dict(item)
+    path = d.get("image")
+    stat = None
+    if isinstance(path, str):
+        try:
+            st = os.stat(path)
+            stat = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stat = None
+    payload = json.dumps({"item": d, "stat": stat}, sort_keys=True, default=str)
+    return hashlib.md5(payload.encode()).hexdigest().encode()
+
+
+def _make_dataset(data: list[dict], transform, cfg: DataConfig, cache_subdir: str):
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    if cfg.cache_dir:
+        cache = Path(cfg.cache_dir).expanduser() / cache_subdir
+        cache.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(
+            data=data,
+            transform=transform,
+            cache_dir=cache,
+            hash_func=_item_hash,
+            track_meta=True,
+            weights_only=False,  # the cache holds MetaTensors written by this module
+        )
+    if cfg.cache_rate > 0:
+        workers = cfg.num_workers if cfg.num_workers > 0 else min(8, os.cpu_count() or 1)
+        return CacheDataset(
+            data=data, transform=transform, cache_rate=float(cfg.cache_rate), num_workers=workers, progress=False
+        )
+    return Dataset(data=data, transform=transform)
+
+
+def _spacing_from_affine(affine: np.ndarray, spatial_dims: int) -> list[float]:
+    a = np.asarray(affine, dtype=np.float64)
+    return [float(v) for v in np.sqrt((a[:spatial_dims, :spatial_dims] ** 2).sum(axis=0))]
+
+
+def build_datasets(
+    cfg: DataConfig | Mapping,
+    spatial_dims: int,
+    in_channels: int,
+    work_dir: str | os.PathLike | None = None,
+    divisible_by: Sequence[int] | int | None = None,
+):
+    """Resolve the data source, check every file's header, and build the training/validation datasets.
+
+    Source (exactly one): ``cfg.synthetic.enabled`` (phantoms written under ``work_dir/synthetic_data``,
+    or ``cfg.cache_dir/synthetic_data`` without a work_dir), ``cfg.datalist`` (``"training"`` and optional
+    ``"validation"`` lists), or ``cfg.train_data_dir`` (+ optional ``cfg.val_data_dir``). Without a
+    validation source the last ~10% (at least 1) of the training files are held out, deterministically.
+
+    Datasets: ``PersistentDataset`` when ``cfg.cache_dir`` is set (one subfolder per transform chain),
+    else ``CacheDataset`` when ``cfg.cache_rate > 0``, else ``Dataset``.
+
+    Returns:
+        ``(train_ds, val_ds, info)``; ``info`` holds ``source`` (``"synthetic"``, ``"datalist"`` or
+        ``"folders"``), ``source_description``, ``n_train``, ``n_val``, ``train_files``, ``val_files``,
+        ``val_split`` (a sentence if validation files were held out of the training files, else None),
+        ``orientation`` (axis codes of ``affine``, e.g. ``"RAS"``; ``"RA"`` for 2D), ``input_spacing`` (``cfg.spacing`` if set, else the first training file's spacing
+        after reorientation), ``spacing`` (voxel spacing of the volumes the network sees, from ``affine``;
+        differs from ``input_spacing`` in ``resize`` mode), ``affine`` (float64 numpy array of the first
+        training volume after the deterministic transforms; 4x4 also for 2D, as MONAI keeps the NIfTI affine; in
+        ``random_patch`` mode the center ``voxel_size`` patch), ``shape`` (its
+        spatial shape), ``in_channels``, ``spatial_dims``, ``crop_mode``, ``voxel_size`` and
+        ``val_whole_volumes`` (True in ``random_patch`` mode: validation items are whole volumes of
+        varying size; load them with batch size 1).
+    """
+    cfg = _as_config(cfg)
+    if spatial_dims not in (2, 3):
+        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if len(cfg.voxel_size) != spatial_dims:
+        raise DataError(
+            f"data.voxel_size={cfg.voxel_size} has {len(cfg.voxel_size)} values but spatial_dims={spatial_dims}"
+        )
+    in_channels = int(in_channels)
+    if in_channels < 1:
+        raise DataError(f"in_channels must be >= 1, got {in_channels}")
+
+    sources = [
+        name
+        for name, on in (
+            ("data.synthetic.enabled", cfg.synthetic.enabled),
+            ("data.datalist", bool(cfg.datalist)),
+            ("data.train_data_dir", bool(cfg.train_data_dir)),
+        )
+        if on
+    ]
+    if len(sources) > 1:
+        raise DataError(f"more than one data source is set ({', '.join(sources)}); set exactly one")
+    if cfg.val_data_dir and not cfg.train_data_dir:
+        raise DataError("data.val_data_dir is set but data.train_data_dir is not; set both, or use data.datalist")
+    if not sources:
+        raise DataError(
+            "no data source: set data.train_data_dir (a folder of .nii/.nii.gz files), data.datalist "
+            "(a decathlon-style JSON) or data.synthetic.enabled=true"
+        )
+
+    if cfg.synthetic.enabled:
+        if in_channels != 1:
+            raise DataError(f"the synthetic dataset (data.synthetic.enabled) has 1 channel, but in_channels={in_channels}")
+        base = Path(work_dir) if work_dir is not None else (Path(cfg.cache_dir) if cfg.cache_dir else None)
+        if base is None:
+            raise DataError("data.synthetic.enabled needs a place to write the phantoms: pass work_dir or set data.cache_dir")
+        out_dir = base.expanduser() / "synthetic_data"
+        syn = cfg.synthetic
+        train_paths, val_paths = make_synthetic_dataset(
+            out_dir, syn.num_train, syn.num_val, cfg.voxel_size, syn.seed, spacing=(1.0,) * spatial_dims
+        )
+        source = "synthetic"
+        train_entries = [{"image": p} for p in train_paths]
+        val_entries = [{"image": p} for p in val_paths]
+        description = (
+            f"synthetic phantoms in {os.path.abspath(out_dir)!r} (seed={syn.seed}, {len(train_paths)} train, "
+            f"{len(val_paths)} val, {'x'.join(map(str, cfg.voxel_size))} voxels of 1 mm)"
+        )
+    elif cfg.datalist:
+        source = "datalist"
+        train_entries = load_datalist(cfg.datalist, "training")
+        val_entries = load_datalist(cfg.datalist, "validation", missing_ok=True)
+        if not train_entries:
+            raise DataError(f"datalist {cfg.datalist!r}: the 'training' list is empty")
+        description = f"datalist {os.path.abspath(Path(cfg.datalist).expanduser())!r}"
+    else:
+        source = "folders"
+        train_entries = [{"image": p} for p in discover_images(cfg.train_data_dir)]
+        val_entries = [{"image": p} for p in discover_images(cfg.val_data_dir)] if cfg.val_data_dir else []
+        description = f"folder {os.path.abspath(Path(cfg.train_data_dir).expanduser())!r}" + (
+            f" (validation: {os.path.abspath(Path(cfg.val_data_dir).expanduser())!r})" if cfg.val_data_dir else ""
+        )
+
+    train_entries = check_files(train_entries, in_channels, spatial_dims, cfg.on_read_error)
+    if val_entries:
+        val_entries = check_files(val_entries, in_channels, spatial_dims, cfg.on_read_error)
+
+    val_split = None
+    if not val_entries:
+        n = len(train_entries)
+        if n == 1:
+            warnings.warn(
+                f"only one training file ({train_entries[0]['image']!r}) and no validation source: "
+                "validating on the training file"
+            )
+            val_entries = list(train_entries)
+            val_split = "no validation source and a single training file: validating on the training file"
+        else:
+            n_val = max(1, int(round(0.1 * n)))
+            val_entries = train_entries[n - n_val :]
+            train_entries = train_entries[: n - n_val]
+            val_split = f"no validation source: the last {n_val} of {n} training files were held out for validation"
+
+    train_tf = build_transforms(cfg, spatial_dims, train=True, divisible_by=divisible_by)
+    val_tf = build_transforms(cfg, spatial_dims, train=False, divisible_by=divisible_by)
+    train_ds = _make_dataset(train_entries, train_tf, cfg, _transform_key(cfg, spatial_dims, True, divisible_by))
+    val_ds = _make_dataset(val_entries, val_tf, cfg, _transform_key(cfg, spatial_dims, False, divisible_by))
+
+    # Geometry of the output volumes: the first training file through the deterministic transforms.
+    first = train_entries[0]["image"]
+    reference = _reference_geometry(first, cfg, spatial_dims)
+    input_spacing = list(cfg.spacing) if cfg.spacing is not None else reference["input_spacing"]
+
+    info = {
+        "source": source,
+        "source_description": description,
+        "n_train": len(train_entries),
+        "n_val": len(val_entries),
+        "train_files": [e["image"] for e in train_entries],
+        "val_files": [e["image"] for e in val_entries],
+        "val_split": val_split,
+        "orientation": reference["orientation"],
+        "input_spacing": [float(s) for s in input_spacing],
+        "spacing": reference["spacing"],
+        "affine": reference["affine"],
+        "shape": reference["shape"],
+        "in_channels": in_channels,
+        "spatial_dims": spatial_dims,
+        "crop_mode": cfg.crop_mode,
+        "voxel_size": list(cfg.voxel_size),
+        "val_whole_volumes": cfg.crop_mode == "random_patch",
+    }
+    return train_ds, val_ds, info
+
+
+def _reference_geometry(path: str, cfg: DataConfig, spatial_dims: int) -> dict:
+    """Run one file through the deterministic transforms (one load): the spacing after reorientation (and
+    resampling), and the affine/shape of the result. ``random_patch`` is treated as a center ``voxel_size``
+    patch."""
+    from monai.transforms import ScaleIntensityRangePercentilesd
+
+    ref_cfg = dataclasses.replace(cfg, crop_mode="pad_crop" if cfg.crop_mode == "random_patch" else cfg.crop_mode)
+    item: Any = {"image": path}
+    input_spacing = None
+    geometric = True  # load, channel first, orientation, spacing: everything before intensity scaling
+    for t in build_transforms(ref_cfg, spatial_dims, train=False).transforms:
+        geometric = geometric and not isinstance(t, ScaleIntensityRangePercentilesd)
+        item = t(item)
+        if geometric:
+            input_spacing = _spacing_from_affine(np.asarray(item["image"].affine), spatial_dims)
+    out = item["image"]
+    affine = np.asarray(out.affine, dtype=np.float64)
+    codes = nib.aff2axcodes(affine) if affine.shape == (4, 4) else (None,)
+    return {
+        "orientation": "".join(c if c is not None else "?" for c in codes)[:spatial_dims],
+        "affine": affine,
+        "spacing": _spacing_from_affine(affine, spatial_dims),
+        "shape": [int(s) for s in out.shape[1:]],
+        "input_spacing": input_spacing,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------
+
+
+def build_loaders(
+    train_ds,
+    val_ds,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    distributed: bool = False,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    val_batch_size: int | None = None,
+):
+    """MONAI ``DataLoader`` s for training (shuffled) and validation (in order).
+
+    With ``distributed=True`` both use a ``DistributedSampler`` (``shuffle`` for training only, seeded with
+    ``seed``; ``num_replicas``/``rank`` default to the process group's); call
+    ``train_loader.sampler.set_epoch(epoch)`` each epoch. Note that ``DistributedSampler`` pads the
+    validation set by repeating items so every rank gets the same count.
+
+    Args:
+        train_ds, val_ds: datasets from :func:`build_datasets`.
+        batch_size: training batch size (per process).
+        num_workers: loader worker processes.
+        pin_memory: pin host memory (ignored when no CUDA device is available).
+        distributed: use ``DistributedSampler``.
+        seed: shuffling seed.
+        num_replicas, rank: passed to ``DistributedSampler``.
+        val_batch_size: validation batch size (default ``batch_size``; use 1 for whole volumes of varying
+            size, ``info["val_whole_volumes"]``).
+    """
+    from monai.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size!r}")
+    val_batch_size = int(batch_size if val_batch_size is None else val_batch_size)
+    if val_batch_size < 1:
+        raise DataError(f"val_batch_size must be >= 1, got {val_batch_size!r}")
+    common = {
+        "num_workers": int(num_workers),
+        "pin_memory": bool(pin_memory) and torch.cuda.is_available(),  # no-op (and a warning) without a GPU
+        "persistent_workers": int(num_workers) > 0,
+    }
+    if distributed:
+        train_sampler = DistributedSampler(train_ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        val_sampler = DistributedSampler(val_ds, num_replicas=num_replicas, rank=rank, shuffle=False)
+        train_loader = DataLoader(train_ds, batch_size=int(batch_size), sampler=train_sampler, **common)
+        val_loader = DataLoader(val_ds, batch_size=val_batch_size, sampler=val_sampler, **common)
+    else:
+        generator = torch.Generator()
+        generator.manual_seed(int(seed))
+        train_loader = DataLoader(train_ds, batch_size=int(batch_size), shuffle=True, generator=generator, **common)
+        val_loader = DataLoader(val_ds, batch_size=val_batch_size, shuffle=False, **common)
+    return train_loader, val_loader
