@@ -58,6 +58,7 @@ __all__ = [
     "DiffusionSettings",
     "SchedulerSettings",
     "DiffusionTrainingSettings",
+    "ConditioningSettings",
     "SamplingSettings",
     "DeviceSettings",
     "load_settings",
@@ -319,6 +320,24 @@ class DiffusionTrainingSettings:
     fast_dev_run_batches: int = _f(2, "batches per step in fast_dev_run", ge=1)
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
     grad_clip_norm: Optional[float] = _f(None, "clip gradient norm to this value; null = no clipping", gt=0)
+    lr_warmup_steps: int = _f(0, "optimizer steps of linear learning-rate warm-up from 0", ge=0)
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning rate after warm-up: constant | cosine decay")
+    ema_decay: Optional[float] = _f(None, "EMA of UNet weights (e.g. 0.999), used for sampling; null = off", gt=0, le=1)
+    latent_sampling: Literal["sample", "mean"] = _f(
+        "sample", "latent drawn from the encoder: sample (mu + sigma * noise) | mean (mu, deterministic)"
+    )
+    cache_latents: bool = _f(False, "encode the training set once and train on the stored latents (no augmentation)")
+    scale_factor_batches: int = _f(4, "batches used to estimate the latent scale factor 1/std", ge=1)
+
+
+@dataclass(frozen=True)
+class ConditioningSettings:
+    """Optional per-volume conditions read from the datalist entries (unconditioned when both are unset)."""
+
+    class_key: Optional[str] = _f(None, "datalist key of a categorical label (ints 0..num_classes-1) -> class embedding")
+    num_classes: Optional[int] = _f(None, "number of classes of class_key", ge=1)
+    covariate_keys: Tuple[str, ...] = _f((), "datalist keys of continuous covariates (e.g. age) -> cross-attention")
+    dropout: float = _f(0.1, "probability of dropping the condition in training (classifier-free guidance)", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -337,6 +356,7 @@ class DiffusionSettings:
     norm_num_groups: int = _f(32, "GroupNorm groups; every num_channels entry must be divisible by it", ge=1)
     use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
     scheduler: SchedulerSettings = _section(SchedulerSettings, "noise scheduler")
+    conditioning: ConditioningSettings = _section(ConditioningSettings, "optional class / covariate conditioning")
     training: DiffusionTrainingSettings = _section(DiffusionTrainingSettings, "stage 2 training")
     checkpoints: DiffusionCheckpointSettings = _section(DiffusionCheckpointSettings, "stage 2 checkpoints")
     logging: LoggingSettings = _section(LoggingSettings, "stage 2 logging")
@@ -352,6 +372,14 @@ class SamplingSettings:
     output_dir: str = _f("samples", "folder the samples are written to")
     save_format: Literal["nifti", "npy"] = _f("nifti", "nifti (.nii.gz) | npy")
     seed: Optional[int] = _f(None, "sampling seed; null = use the top-level seed", ge=0)
+    checkpoint: Optional[str] = _f(None, "stage 2 checkpoint; null = <diffusion.checkpoints.output_dir>/best_model.pt")
+    scheduler: Literal["ddim", "ddpm"] = _f("ddim", "sampler: ddim (num_inference_steps) | ddpm (all training steps)")
+    use_ema: bool = _f(True, "sample with the EMA weights when the checkpoint has them")
+    guidance_scale: float = _f(1.0, "classifier-free guidance scale (1 = plain conditional sampling)", ge=0)
+    class_label: Optional[int] = _f(None, "class to generate (conditioned models); null = sample classes uniformly", ge=0)
+    covariates: Optional[Tuple[float, ...]] = _f(None, "covariate values in diffusion.conditioning.covariate_keys order")
+    save_png: bool = _f(True, "also write a PNG of three orthogonal mid-slices per sample")
+    tile_size: Optional[IntList] = _f(None, "decode the latent in tiles of this many voxels (large volumes)", ge=1)
 
 
 @dataclass(frozen=True)
@@ -784,6 +812,37 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
                  f"{need}; latent axis {axis} is {size} (data.voxel_size {s.data.voxel_size[axis]} / total factor "
                  f"{total[axis]}); use fewer levels or a different data.voxel_size")
             )
+    cond = df.conditioning
+    if (cond.class_key is None) != (cond.num_classes is None):
+        problems.append(
+            ("diffusion.conditioning.num_classes",
+             "class_key and num_classes must be given together (a categorical condition needs both)")
+        )
+    if (cond.class_key is not None or cond.covariate_keys) and s.data.datalist is None:
+        problems.append(
+            ("diffusion.conditioning", "conditions are read from datalist entries: set data.datalist")
+        )
+    if cond.covariate_keys and not any(df.attention_levels):
+        problems.append(
+            ("diffusion.attention_levels",
+             "covariate conditioning uses cross-attention: switch attention on at one level at least")
+        )
+    if s.sampling.covariates is not None and len(s.sampling.covariates) != len(cond.covariate_keys):
+        problems.append(
+            ("sampling.covariates",
+             f"expected one value per diffusion.conditioning.covariate_keys {list(cond.covariate_keys)}, "
+             f"got {list(s.sampling.covariates)}")
+        )
+    if (s.sampling.class_label is not None and cond.num_classes is not None
+            and s.sampling.class_label >= cond.num_classes):
+        problems.append(
+            ("sampling.class_label", f"must be < diffusion.conditioning.num_classes ({cond.num_classes}), "
+                                     f"got {s.sampling.class_label}")
+        )
+    if s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
+        problems.append(
+            ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
+        )
     sch = df.scheduler
     if sch.beta_start >= sch.beta_end:
         problems.append(
