@@ -37,3 +37,37 @@ def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
+    """``train_diffusion.py --config FILE [--set key=value ...]``: stage 2."""
+    parser = _parser("train_diffusion", "Train the stage-2 latent diffusion UNet on a trained autoencoder.")
+    args = parser.parse_args(argv)
+    if args.fast_dev_run:
+        args.set = [*(args.set or []), "diffusion.training.fast_dev_run=true"]
+    try:
+        settings = settings_from_args(args)
+        from .stage2 import train_diffusion
+
+        train_diffusion(settings)
+    except (ConfigError, DataError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def generate_samples_main(argv: Sequence[str] | None = None) -> int:
+    """``generate_samples.py --config FILE [--checkpoint PATH] [--set key=value ...]``: write samples."""
+    parser = argparse.ArgumentParser(prog="generate_samples", description="Generate volumes with a trained stage-2 model.")
+    add_config_args(parser)
+    parser.add_argument("--checkpoint", help="stage-2 checkpoint (default: sampling.checkpoint, else best_model.pt)")
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args, require_data=False)
+        from .generate import generate_samples
+
+        generate_samples(settings, args.checkpoint)
+    except (ConfigError, RunError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

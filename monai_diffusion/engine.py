@@ -423,6 +423,8 @@ def validate(stage: Stage, loader: Any, runtime: Runtime, max_batches: int | Non
     """Average the stage's validation metrics over the loader (and over DDP ranks)."""
     for module in stage.modules.values():
         module.eval()
+    if hasattr(stage, "on_validation_start"):
+        stage.on_validation_start()
     sums: dict[str, float] = {}
     count = 0
     for i, batch in enumerate(loader):

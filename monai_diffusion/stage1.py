@@ -21,6 +21,7 @@ from .data import build_datasets, build_loaders
 from .engine import (
     LoopConfig,
     LoopState,
+    RunError,
     Runtime,
     count_parameters,
     load_checkpoint,
@@ -201,12 +202,19 @@ def build_perceptual_loss(training: Any, spatial_dims: int) -> nn.Module | None:
         return None
     from generative.losses import PerceptualLoss
 
-    return PerceptualLoss(
-        spatial_dims=spatial_dims,
-        network_type=training.perceptual_network,
-        is_fake_3d=spatial_dims == 3 and not training.perceptual_network.startswith("medicalnet"),
-        pretrained_path=training.perceptual_weights_path,
-    ).eval()
+    try:
+        return PerceptualLoss(
+            spatial_dims=spatial_dims,
+            network_type=training.perceptual_network,
+            is_fake_3d=spatial_dims == 3 and not training.perceptual_network.startswith("medicalnet"),
+            fake_3d_ratio=training.perceptual_fake_3d_ratio,
+            pretrained_path=training.perceptual_weights_path,
+        ).eval()
+    except (ImportError, RuntimeError, ValueError) as exc:
+        raise RunError(
+            f"autoencoder.training.use_perceptual_loss is on but the perceptual network cannot be built "
+            f"(nothing is downloaded at run time): {exc}"
+        ) from exc
 
 
 def train_autoencoder(settings: Any) -> LoopState:

@@ -1,0 +1,212 @@
+"""Reverse diffusion in latent space, conditioning tensors, and writing samples as NIfTI (+ PNG previews)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from .visualize import orthogonal_slices
+
+
+def build_scheduler(args: dict[str, Any], kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
+    """MONAI core scheduler from stored scheduler arguments (``num_train_timesteps``, ``schedule``, betas, ...).
+
+    Latents are not bounded, so sample clipping is off.
+    """
+    common = {
+        "num_train_timesteps": args["num_train_timesteps"],
+        "schedule": args["schedule"],
+        "prediction_type": args["prediction_type"],
+        "clip_sample": False,
+    }
+    if args["schedule"] != "cosine":
+        common.update(beta_start=args["beta_start"], beta_end=args["beta_end"])
+    if kind == "ddim":
+        return DDIMScheduler(**common)
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    raise ValueError(f"sampling.scheduler must be 'ddim' or 'ddpm', got {kind!r}")
+
+
+class Conditioner:
+    """Turns per-volume conditions into the UNet's ``class_labels`` / cross-attention ``context``.
+
+    Class labels index an embedding table with one extra row, ``num_classes``, meaning "no class". Covariates are
+    standardised with the training-set statistics and followed by a presence flag of 1, so an all-zero context
+    means "no condition". Dropping conditions at random in training teaches the unconditional model that
+    classifier-free guidance needs.
+
+    Args:
+        class_key: batch key of the categorical label, or None.
+        num_classes: number of classes of ``class_key``.
+        covariate_keys: batch keys of continuous covariates.
+        covariate_stats: ``{key: (mean, std)}`` from the training data.
+    """
+
+    def __init__(
+        self,
+        class_key: str | None = None,
+        num_classes: int | None = None,
+        covariate_keys: Sequence[str] = (),
+        covariate_stats: dict[str, Sequence[float]] | None = None,
+    ) -> None:
+        self.class_key = class_key
+        self.num_classes = num_classes
+        self.covariate_keys = list(covariate_keys)
+        self.covariate_stats = {k: (float(v[0]), float(v[1])) for k, v in (covariate_stats or {}).items()}
+
+    @property
+    def active(self) -> bool:
+        return self.class_key is not None or bool(self.covariate_keys)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "class_key": self.class_key,
+            "num_classes": self.num_classes,
+            "covariate_keys": self.covariate_keys,
+            "covariate_stats": {k: list(v) for k, v in self.covariate_stats.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> Conditioner:
+        return cls(**state) if state else cls()
+
+    def from_batch(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """UNet keyword arguments for the conditions stored in a batch."""
+        out: dict[str, torch.Tensor] = {}
+        if self.class_key is not None:
+            labels = torch.as_tensor(batch[self.class_key]).long().reshape(-1)
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(
+                    f"'{self.class_key}' values must be in [0, {self.num_classes - 1}] "
+                    f"(diffusion.conditioning.num_classes), got {labels.tolist()}"
+                )
+            out["class_labels"] = labels.to(device)
+        if self.covariate_keys:
+            values = torch.stack([torch.as_tensor(batch[k]).double().reshape(-1) for k in self.covariate_keys], dim=1)
+            out["context"] = self.context(values, device)
+        return out
+
+    def context(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B, n_covariates) raw values -> (B, 1, n_covariates + 1) standardised context with presence flag."""
+        mean = torch.tensor([self.covariate_stats[k][0] for k in self.covariate_keys], dtype=torch.float64)
+        std = torch.tensor([self.covariate_stats[k][1] for k in self.covariate_keys], dtype=torch.float64)
+        z = (values.double().cpu() - mean) / std
+        flag = torch.ones(z.shape[0], 1, dtype=torch.float64)
+        return torch.cat([z, flag], dim=1).unsqueeze(1).float().to(device)
+
+    def null_like(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The "no condition" counterpart of ``cond``."""
+        out = {}
+        if "class_labels" in cond:
+            out["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
+        if "context" in cond:
+            out["context"] = torch.zeros_like(cond["context"])
+        return out
+
+    def drop(self, cond: dict[str, torch.Tensor], probability: float) -> dict[str, torch.Tensor]:
+        """Replace each item's condition by the null condition with the given probability."""
+        if not cond or probability <= 0:
+            return cond
+        first = next(iter(cond.values()))
+        keep = torch.rand(first.shape[0], device=first.device) >= probability
+        null = self.null_like(cond)
+        out = {}
+        for key, value in cond.items():
+            mask = keep.view(-1, *([1] * (value.ndim - 1)))
+            out[key] = torch.where(mask, value, null[key])
+        return out
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    noise: torch.Tensor,
+    cond: dict[str, torch.Tensor] | None = None,
+    conditioner: Conditioner | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the reverse process from ``noise``; with ``guidance_scale != 1`` use classifier-free guidance."""
+    cond = cond or {}
+    guided = bool(cond) and conditioner is not None and guidance_scale != 1.0
+    if guided:
+        null = conditioner.null_like(cond)
+        both = {k: torch.cat([null[k], v]) for k, v in cond.items()}
+    x = noise
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        timesteps = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        if guided:
+            out = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), **both)
+            uncond, conditional = out.chunk(2)
+            out = uncond + guidance_scale * (conditional - uncond)
+        else:
+            out = unet(x, timesteps, **cond)
+        kwargs = {"generator": generator} if isinstance(scheduler, DDIMScheduler) else {}
+        x, _ = scheduler.step(out.float(), int(t), x, **kwargs)
+    return x
+
+
+def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float, tile_size: Sequence[int] | None) -> torch.Tensor:
+    """Undo the latent scaling and decode (tile by tile when ``tile_size`` is given)."""
+    z = z / scale_factor
+    if tile_size is not None:
+        return autoencoder.decode_tiled(z, tile_size=tuple(tile_size))
+    return autoencoder.decode_stage_2_outputs(z)
+
+
+def next_free_index(folder: Path, prefix: str = "sample_") -> int:
+    """First index after every ``<prefix>NNNN.*`` already in ``folder`` (so nothing is overwritten)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    indices = [int(m.group(1)) for p in folder.glob(f"{prefix}*") if (m := pattern.match(p.name))]
+    return max(indices) + 1 if indices else 0
+
+
+def write_sample(
+    volume: torch.Tensor, path_stem: Path, affine: np.ndarray | None, save_format: str = "nifti", png: bool = True
+) -> list[Path]:
+    """Write one (C, *spatial) sample; returns the files written. Refuses to replace an existing file."""
+    array = volume.detach().float().cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # channels last, as NIfTI stores them
+    written = []
+    if save_format == "nifti":
+        import nibabel as nib
+
+        path = path_stem.with_name(path_stem.name + ".nii.gz")
+        _refuse_existing(path)
+        nib.save(nib.Nifti1Image(array.astype(np.float32), affine if affine is not None else np.eye(4)), str(path))
+    else:
+        path = path_stem.with_name(path_stem.name + ".npy")
+        _refuse_existing(path)
+        np.save(path, array.astype(np.float32))
+    written.append(path)
+    if png:
+        png_path = path_stem.with_name(path_stem.name + ".png")
+        _refuse_existing(png_path)
+        save_png(orthogonal_slices([volume.unsqueeze(0)]), png_path)
+        written.append(png_path)
+    return written
+
+
+def save_png(panels: dict[str, torch.Tensor], path: Path) -> None:
+    """Stack the panels of :func:`orthogonal_slices` vertically into one grey-scale PNG."""
+    from PIL import Image
+
+    width = max(p.shape[-1] for p in panels.values())
+    rows = [torch.nn.functional.pad(p[0], (0, width - p.shape[-1])) for p in panels.values()]
+    image = torch.cat(rows, dim=0).clamp(0, 1).mul(255).round().byte().numpy()
+    Image.fromarray(image, mode="L").save(path)
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; samples are never overwritten.")

@@ -1,0 +1,436 @@
+"""Stage 2: a diffusion UNet trained on the latents of a frozen stage-1 autoencoder."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from .data import build_datasets, build_loaders, load_datalist
+from .engine import (
+    LoopConfig,
+    LoopState,
+    RunError,
+    Runtime,
+    count_parameters,
+    load_checkpoint,
+    prepare_output_dir,
+    run_loop,
+    seed_everything,
+    setup_runtime,
+    teardown_runtime,
+    unwrap,
+)
+from .models import build_unet, load_autoencoder, unet_args
+from .sampling import Conditioner, build_scheduler, decode_latents, sample_latents
+from .stage1 import _json_safe, _rank0_first
+from .visualize import orthogonal_slices
+
+
+class LatentDataset(Dataset):
+    """Latent mean / std of every training volume, encoded once, with the volume's other keys (conditions)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+class DiffusionStage:
+    """Per-batch computation of stage 2, driven by ``engine.run_loop``.
+
+    Args:
+        unet: the (possibly DDP-wrapped) DiffusionModelUNet.
+        ema: a copy of the UNet holding the exponential moving average of its weights, or None.
+        optimizer: optimizer of the UNet.
+        lr_scheduler: per-optimizer-step learning-rate schedule.
+        autoencoder: the frozen stage-1 autoencoder.
+        scheduler_args: noise-schedule arguments (stored in checkpoints).
+        scale_factor: latents are multiplied by this (1 / std of training latents).
+        conditioner: turns batch conditions into UNet inputs.
+        settings: the full settings (``diffusion.training``, ``sampling``).
+        runtime: device / precision / rank.
+        extra: checkpoint content that describes the run (autoencoder, data geometry, model arguments).
+    """
+
+    name = "diffusion"
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        ema: nn.Module | None,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        autoencoder: nn.Module,
+        scheduler_args: dict[str, Any],
+        scale_factor: float,
+        conditioner: Conditioner,
+        settings: Any,
+        runtime: Runtime,
+        extra: dict[str, Any],
+    ) -> None:
+        self.modules = {"unet": unet} if ema is None else {"unet": unet, "ema": ema}
+        self.optimizers = {"unet": optimizer}
+        self.ema = ema
+        self.lr_scheduler = lr_scheduler
+        self.autoencoder = autoencoder
+        self.scheduler_args = scheduler_args
+        self.noise_scheduler = build_scheduler(scheduler_args, "ddpm")
+        self.scale_factor = scale_factor
+        self.conditioner = conditioner
+        self.training = settings.diffusion.training
+        self.sampling = settings.sampling
+        self.runtime = runtime
+        self.extra = extra
+        self._val_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------------------------------------ latents
+    @torch.no_grad()
+    def encode(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean and std of a batch: stored ones (cached latents) or freshly encoded images."""
+        device = self.runtime.device
+        if "z_mu" in batch:
+            return batch["z_mu"].to(device).float(), batch["z_sigma"].to(device).float()
+        images = batch["image"].to(device).as_subclass(torch.Tensor).float()
+        with self.runtime.autocast():
+            z_mu, z_sigma = self.autoencoder.encode(images)
+        return z_mu.float(), z_sigma.float()
+
+    def latent(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        mode = mode or self.training.latent_sampling
+        if mode == "sample":  # randn (not randn_like): the draw must not depend on the tensor's memory layout
+            z = z_mu + torch.randn(z_sigma.shape, device=z_sigma.device, dtype=z_sigma.dtype) * z_sigma
+        else:
+            z = z_mu
+        return z * self.scale_factor
+
+    def describe(self, batch: Any) -> list[str]:
+        z_mu, _ = self.encode(batch)
+        return [
+            f"latent batch {tuple(z_mu.shape)} (scale factor {self.scale_factor:.5g})",
+            f"parameters: UNet {count_parameters(unwrap(self.modules['unet'])):,}; "
+            f"frozen autoencoder {count_parameters(self.autoencoder):,}",
+        ]
+
+    # ----------------------------------------------------------------------------------------------- training
+    def _loss(self, unet: nn.Module, z: torch.Tensor, cond: dict, generator: torch.Generator | None = None):
+        noise = torch.randn(z.shape, generator=generator, device=z.device)
+        t = torch.randint(
+            0, self.noise_scheduler.num_train_timesteps, (z.shape[0],), generator=generator, device=z.device
+        )
+        noisy = self.noise_scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
+        prediction = unet(noisy, t, **cond)
+        kind = self.scheduler_args["prediction_type"]
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(z, noise, t)
+        else:
+            target = z
+        return F.mse_loss(prediction.float(), target.float())
+
+    def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        z = self.latent(*self.encode(batch))
+        cond = self.conditioner.drop(self.conditioner.from_batch(batch, self.runtime.device), self.dropout)
+        loss = self._loss(self.modules["unet"], z, cond)
+        return {"unet": loss}, {"mse": loss.item(), "lr": self.optimizers["unet"].param_groups[0]["lr"]}
+
+    @property
+    def dropout(self) -> float:
+        return self.extra["conditioning_dropout"] if self.conditioner.active else 0.0
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            decay = self.training.ema_decay
+            with torch.no_grad():
+                source = unwrap(self.modules["unet"]).state_dict()
+                for key, value in self.ema.state_dict().items():
+                    if value.dtype.is_floating_point:
+                        value.mul_(decay).add_(source[key].detach(), alpha=1 - decay)
+                    else:
+                        value.copy_(source[key])
+
+    # --------------------------------------------------------------------------------------------- validation
+    def on_validation_start(self) -> None:
+        # the same noise and timesteps every validation, so epochs are comparable
+        self._val_generator = torch.Generator(device=self.runtime.device).manual_seed(1234)
+
+    def validation_step(self, batch: Any) -> dict[str, float]:
+        z_mu, z_sigma = self.encode(batch)
+        z = self.latent(z_mu, z_sigma, mode="mean")
+        cond = self.conditioner.from_batch(batch, self.runtime.device)
+        net = self.ema if self.ema is not None else unwrap(self.modules["unet"])
+        loss = self._loss(net, z, cond, generator=self._val_generator)
+        return {"val_loss": loss.item(), "mse": loss.item()}
+
+    @torch.no_grad()
+    def generate(self, n: int, batch: Any | None = None, seed: int = 0) -> torch.Tensor:
+        """``n`` decoded samples (conditions taken from ``batch`` when the model is conditioned)."""
+        net = self.ema if self.ema is not None else unwrap(self.modules["unet"])
+        latent_shape = self.extra["latent_shape"]
+        generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
+        noise = torch.randn((n, *latent_shape), generator=generator, device=self.runtime.device)
+        cond = {}
+        if self.conditioner.active and batch is not None:
+            cond = {k: v[:n] for k, v in self.conditioner.from_batch(batch, self.runtime.device).items()}
+            noise = noise[: next(iter(cond.values())).shape[0]]
+        scheduler = build_scheduler(self.scheduler_args, "ddim")
+        scheduler.set_timesteps(min(self.sampling.num_inference_steps, self.scheduler_args["num_train_timesteps"]))
+        with self.runtime.autocast():
+            z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
+            return decode_latents(self.autoencoder, z.float(), self.scale_factor, None).float()
+
+    def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
+        n = self.extra["num_samples_to_generate"]
+        if n == 0:
+            return {}
+        samples = self.generate(n, batch)
+        images = {}
+        for i in range(samples.shape[0]):
+            for axis, image in orthogonal_slices([samples[i : i + 1]]).items():
+                images[f"samples/{i}/{axis}"] = image
+        return images
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {
+            "model_class": "monai.networks.nets.DiffusionModelUNet",
+            "model_args": self.extra["model_args"],
+            "scheduler_args": self.scheduler_args,
+            "scale_factor": self.scale_factor,
+            "latent_shape": self.extra["latent_shape"],
+            "autoencoder": self.extra["autoencoder"],
+            "data_info": self.extra["data_info"],
+            "conditioning": self.conditioner.state(),
+            "ema_decay": self.training.ema_decay,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+
+    def load_extra(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("model_args") != self.extra["model_args"]:
+            raise RunError(
+                "diffusion.checkpoints.resume_from was trained with another UNet "
+                f"(checkpoint {ckpt.get('model_args')} vs config {self.extra['model_args']})."
+            )
+        self.scale_factor = float(ckpt["scale_factor"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def lr_lambda(warmup_steps: int, schedule: str, total_steps: int):
+    """Multiplier of the base learning rate at each optimizer step: linear warm-up, then constant or cosine."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def estimate_scale_factor(stage_encode, latent, loader, batches: int, runtime: Runtime) -> float:
+    """1 / std of the training latents over ``batches`` batches (pooled across DDP ranks)."""
+    stats = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # count, sum, sum of squares
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        z = latent(*stage_encode(batch)).double()
+        stats += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=z.device), z.sum(), z.pow(2).sum()])
+    if runtime.distributed:
+        dist.all_reduce(stats)
+    count, total, squares = stats.tolist()
+    std = math.sqrt(max(squares / count - (total / count) ** 2, 1e-12))
+    return 1.0 / std
+
+
+def check_unet_fits(ae_args: dict[str, Any], latent_spatial: tuple[int, ...], args: dict[str, Any], ckpt_path: Path) -> None:
+    """Refuse a UNet that cannot run on this autoencoder's latents, saying what to change."""
+    latent_channels = ae_args["latent_channels"]
+    problems = []
+    for key in ("in_channels", "out_channels"):
+        if args[key] != latent_channels:
+            problems.append(
+                f"diffusion.{key} is {args[key]} but the autoencoder in {ckpt_path} has latent_channels="
+                f"{latent_channels}: set diffusion.{key}={latent_channels}"
+            )
+    if ae_args["spatial_dims"] != args["spatial_dims"]:
+        problems.append(f"diffusion.spatial_dims is {args['spatial_dims']}, the autoencoder's is {ae_args['spatial_dims']}")
+    need = 2 ** (len(args["channels"]) - 1)
+    for axis, size in enumerate(latent_spatial):
+        if size % need:
+            problems.append(
+                f"latent axis {axis} has {size} voxels, not divisible by {need} (the UNet's {len(args['channels'])} "
+                f"levels halve it {len(args['channels']) - 1} times): use fewer diffusion.num_channels levels or "
+                "a data.voxel_size whose latent is divisible"
+            )
+    if problems:
+        raise RunError("The diffusion UNet does not fit the latent:\n  - " + "\n  - ".join(problems))
+
+
+def _covariate_stats(datalist: str | None, keys: list[str]) -> dict[str, list[float]]:
+    if not keys:
+        return {}
+    entries = load_datalist(datalist, "training")
+    stats = {}
+    for key in keys:
+        values = []
+        for i, entry in enumerate(entries):
+            if key not in entry:
+                raise RunError(f"datalist {datalist}: training[{i}] has no '{key}' (diffusion.conditioning.covariate_keys)")
+            values.append(float(entry[key]))
+        t = torch.tensor(values, dtype=torch.float64)
+        stats[key] = [float(t.mean()), float(t.std()) if len(values) > 1 and float(t.std()) > 0 else 1.0]
+    return stats
+
+
+@torch.no_grad()
+def _cache_latents(stage: DiffusionStage, dataset: Any, runtime: Runtime, keep: list[str]) -> LatentDataset:
+    items = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        z_mu, z_sigma = stage.encode({"image": item["image"].unsqueeze(0)})
+        entry = {"z_mu": z_mu[0].cpu(), "z_sigma": z_sigma[0].cpu()}
+        entry.update({k: item[k] for k in keep})
+        items.append(entry)
+    return LatentDataset(items)
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+def train_diffusion(settings: Any) -> LoopState:
+    """Stage 2 end to end: checks, autoencoder from its checkpoint, data, UNet, then the shared loop."""
+    df, t = settings.diffusion, settings.diffusion.training
+    seed = settings.seed if settings.seed is not None else 0
+    output_dir = Path(df.checkpoints.output_dir)
+    loop_cfg = LoopConfig(
+        n_epochs=t.n_epochs,
+        output_dir=output_dir,
+        log_dir=Path(df.logging.log_dir) if df.logging.log_dir else output_dir / "logs",
+        seed=seed,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        grad_clip_norm=t.grad_clip_norm,
+        val_interval=t.val_interval,
+        save_interval=t.save_interval,
+        save_best=df.checkpoints.save_best,
+        log_interval=df.logging.log_interval,
+        visualize_interval=t.generate_samples_interval,
+        resume_from=Path(df.checkpoints.resume_from) if df.checkpoints.resume_from else None,
+        fast_dev_run=t.fast_dev_run,
+        fast_dev_run_batches=t.fast_dev_run_batches,
+        settings=settings.to_dict(),
+        section="diffusion",
+    )
+    if df.checkpoints.autoencoder_path is None:
+        raise RunError("diffusion.checkpoints.autoencoder_path is not set: point it at the stage-1 best_model.pt.")
+    ae_path = Path(df.checkpoints.autoencoder_path)
+    runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
+    try:
+        prepare_output_dir(loop_cfg, runtime)
+        if loop_cfg.resume_from is not None:
+            load_checkpoint(loop_cfg.resume_from, expected_stage="diffusion")
+        # the autoencoder comes from its checkpoint alone, never from the YAML's autoencoder section
+        autoencoder, ae_ckpt = load_autoencoder(ae_path)
+        autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
+        ae_args = ae_ckpt["model_args"]
+        voxel_size = tuple(settings.data.voxel_size)
+        try:
+            latent_spatial = autoencoder.latent_shape(voxel_size)
+        except ValueError as exc:
+            raise RunError(f"data.voxel_size {list(voxel_size)} does not fit the autoencoder in {ae_path}: {exc}") from exc
+        cond_cfg = df.conditioning
+        conditioner = Conditioner(
+            cond_cfg.class_key,
+            cond_cfg.num_classes,
+            cond_cfg.covariate_keys,
+            _covariate_stats(settings.data.datalist, list(cond_cfg.covariate_keys)),
+        )
+        args = unet_args(df, cond_cfg.num_classes, len(cond_cfg.covariate_keys))
+        check_unet_fits(ae_args, latent_spatial, args, ae_path)
+
+        seed_everything(seed)
+        unet = build_unet(args).to(runtime.device)
+        ema = copy.deepcopy(unet).requires_grad_(False) if t.ema_decay else None
+        random_patch = settings.data.crop_mode == "random_patch"
+        with _rank0_first(runtime):
+            train_ds, val_ds, info = build_datasets(
+                settings.to_dict()["data"],
+                spatial_dims=ae_args["spatial_dims"],
+                in_channels=ae_args["in_channels"],
+                work_dir=output_dir.parent,
+                divisible_by=autoencoder.total_downsample_factor if random_patch else None,
+            )
+        if random_patch:
+            raise RunError(
+                "data.crop_mode=random_patch is not supported in stage 2: the diffusion model learns whole "
+                "volumes; use resize or pad_crop."
+            )
+        loader_args = dict(
+            batch_size=t.batch_size,
+            num_workers=settings.data.num_workers,
+            pin_memory=settings.data.pin_memory,
+            distributed=runtime.distributed,
+            seed=seed,
+            num_replicas=runtime.world_size if runtime.distributed else None,
+            rank=runtime.rank if runtime.distributed else None,
+        )
+        train_loader, val_loader = build_loaders(train_ds, val_ds, **loader_args)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate)
+        steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(t.lr_warmup_steps, t.lr_schedule, steps_per_epoch * t.n_epochs)
+        )
+        if runtime.distributed:
+            unet = DistributedDataParallel(unet, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        scheduler_args = {
+            "num_train_timesteps": df.scheduler.num_train_timesteps,
+            "schedule": df.scheduler.schedule,
+            "beta_start": df.scheduler.beta_start,
+            "beta_end": df.scheduler.beta_end,
+            "prediction_type": df.scheduler.prediction_type,
+        }
+        extra = {
+            "model_args": args,
+            "latent_shape": [ae_args["latent_channels"], *latent_spatial],
+            "autoencoder": {"model_args": ae_args, "state_dict": autoencoder.state_dict(), "source": str(ae_path)},
+            "data_info": _json_safe(ae_ckpt.get("data_info") or info),
+            "conditioning_dropout": cond_cfg.dropout,
+            "num_samples_to_generate": t.num_samples_to_generate,
+        }
+        stage = DiffusionStage(
+            unet, ema, optimizer, lr_scheduler, autoencoder, scheduler_args, 1.0, conditioner, settings, runtime, extra
+        )
+        if t.cache_latents:
+            if settings.data.augmentation.enabled:
+                runtime.print("note: cached latents are encoded once, so data.augmentation has no effect in stage 2")
+            started = time.perf_counter()
+            keep = [k for k in [cond_cfg.class_key, *cond_cfg.covariate_keys] if k]
+            latents = _cache_latents(stage, train_ds, runtime, keep)
+            train_loader, _ = build_loaders(latents, val_ds, **loader_args)
+            runtime.print(f"cached {len(latents)} training latents in {time.perf_counter() - started:.1f} s")
+        if loop_cfg.resume_from is None:
+            seed_everything(seed + 1)  # the estimate does not depend on what consumed random numbers before
+            stage.scale_factor = estimate_scale_factor(stage.encode, stage.latent, train_loader, t.scale_factor_batches, runtime)
+            runtime.print(f"latent scale factor 1/std = {stage.scale_factor:.5g} (from {t.scale_factor_batches} batches)")
+        state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
+        if runtime.is_main and not t.fast_dev_run:
+            runtime.print(f"stage 2 done: checkpoints in {output_dir}, TensorBoard logs in {loop_cfg.log_dir}")
+        return state
+    finally:
+        teardown_runtime(runtime)
