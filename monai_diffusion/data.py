@@ -1099,10 +1099,11 @@ def build_loaders(
     val_batch_size = int(batch_size if val_batch_size is None else val_batch_size)
     if val_batch_size < 1:
         raise DataError(f"val_batch_size must be >= 1, got {val_batch_size!r}")
+    # workers are started anew each epoch (not persistent) so that their random state follows the per-epoch seed:
+    # that is what makes a resumed run repeat the uninterrupted one exactly, also with num_workers > 0
     common = {
         "num_workers": int(num_workers),
         "pin_memory": bool(pin_memory) and torch.cuda.is_available(),  # no-op (and a warning) without a GPU
-        "persistent_workers": int(num_workers) > 0,
     }
     if distributed:
         train_sampler = DistributedSampler(train_ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)

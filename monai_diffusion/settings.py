@@ -1127,11 +1127,53 @@ def resolve_mixed_precision(mixed_precision: bool | str, on_cuda: bool) -> Optio
     return str(mixed_precision)
 
 
+def settings_reference() -> str:
+    """Markdown reference of every configuration key (type, default, meaning), generated from the dataclasses."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `monai_diffusion/settings.py` by `python -m monai_diffusion.settings --reference`;",
+        "a test keeps this file in step with the code. Every key is optional; unknown keys are errors.",
+        "",
+    ]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        rows = []
+        nested = []
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                nested.append((f, hints[f.name], key))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = yaml.safe_dump(_to_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
+            kind = _describe(hints[f.name])
+            doc = f.metadata.get("doc", "")
+            cells = [f"`{key}`", kind, f"`{shown}`", doc]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if rows:
+            title = prefix.rstrip(".") or "top level"
+            doc = (cls.__doc__ or "").strip().splitlines()[0].replace(":func:", "") if cls.__doc__ else ""
+            lines.extend([f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"])
+            lines.extend(rows)
+            lines.append("")
+        for f, sub, key in nested:
+            walk(sub, f"{key}.")
+
+    walk(Settings, "")
+    return "\n".join(lines)
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     """``python -m monai_diffusion.settings --config X [--set ...]``: validate and print the resolved settings."""
     parser = add_config_args(argparse.ArgumentParser(description="Validate a config and print the resolved settings"))
     parser.add_argument("--no-check-paths", action="store_true", help="do not look at the filesystem")
+    parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key and exit")
     args = parser.parse_args(argv)
+    if args.reference:
+        print(settings_reference())
+        return 0
     try:
         settings = settings_from_args(args, check_paths=not args.no_check_paths)
     except ConfigError as e:

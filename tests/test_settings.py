@@ -463,3 +463,13 @@ def test_cli_main(tmp_path, capsys):
     assert printed["data"]["voxel_size"] == [32, 32, 32]
     assert _main(["--config", str(QUICKSTART), "--set", "seed=-1"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_configuration_reference_is_up_to_date():
+    """docs/configuration.md is generated from the dataclasses; regenerate with --reference when this fails."""
+    from monai_diffusion.settings import settings_reference
+
+    doc = Path(__file__).resolve().parents[1] / "monai_diffusion" / "docs" / "configuration.md"
+    assert doc.read_text().strip() == settings_reference().strip(), (
+        "run: python -m monai_diffusion.settings --reference > monai_diffusion/docs/configuration.md"
+    )
