@@ -19,13 +19,29 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
         action="store_true",
         help="run a few batches of training and validation, then stop without writing checkpoints or logs",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print shapes, factors, parameter counts and the measured memory of one step per stage; do not train",
+    )
     return parser
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_main
+
+    argv = ["--config", args.config] if args.config else []
+    for override in args.set or []:
+        argv += ["--set", override]
+    return plan_main(argv)
 
 
 def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
     """``train_autoencoder.py --config FILE [--set key=value ...]``: stage 1."""
     parser = _parser("train_autoencoder", "Train the stage-1 autoencoder (AutoencoderKL + patch discriminator).")
     args = parser.parse_args(argv)
+    if args.plan:
+        return _run_plan(args)
     if args.fast_dev_run:
         args.set = [*(args.set or []), "autoencoder.training.fast_dev_run=true"]
     try:
@@ -43,6 +59,8 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
     """``train_diffusion.py --config FILE [--set key=value ...]``: stage 2."""
     parser = _parser("train_diffusion", "Train the stage-2 latent diffusion UNet on a trained autoencoder.")
     args = parser.parse_args(argv)
+    if args.plan:
+        return _run_plan(args)
     if args.fast_dev_run:
         args.set = [*(args.set or []), "diffusion.training.fast_dev_run=true"]
     try:
