@@ -321,6 +321,7 @@ def run_loop(
             for module in stage.modules.values():
                 module.train()
 
+            epoch_start = time.perf_counter()
             n_batches = len(train_loader) if max_batches is None else min(max_batches, len(train_loader))
             sums: dict[str, float] = {}
             progress = tqdm(
@@ -378,6 +379,7 @@ def run_loop(
             progress.close()
 
             epoch_logs = {f"train_{k}": all_reduce_mean(v / max(1, n_batches), runtime) for k, v in sums.items()}
+            epoch_logs["train_seconds"] = time.perf_counter() - epoch_start
             run_val = val_loader is not None and (cfg.fast_dev_run or (epoch + 1) % cfg.val_interval == 0)
             if run_val:
                 val = validate(stage, val_loader, runtime, max_batches)
