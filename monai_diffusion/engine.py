@@ -227,6 +227,31 @@ class LoopConfig:
     section: str = "autoencoder"  # settings section, for messages that name config keys
 
 
+def loop_config(settings: Any, section: str, visualize_interval: int | None = None) -> LoopConfig:
+    """The loop settings of one stage, from its ``training``/``checkpoints``/``logging`` settings sections."""
+    stage = getattr(settings, section)
+    t, ckpt, log = stage.training, stage.checkpoints, stage.logging
+    output_dir = Path(ckpt.output_dir)
+    return LoopConfig(
+        n_epochs=t.n_epochs,
+        output_dir=output_dir,
+        log_dir=Path(log.log_dir) if log.log_dir else output_dir / "logs",
+        seed=settings.seed if settings.seed is not None else 0,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        grad_clip_norm=t.grad_clip_norm,
+        val_interval=t.val_interval,
+        save_interval=t.save_interval,
+        save_best=ckpt.save_best,
+        log_interval=log.log_interval,
+        visualize_interval=visualize_interval or log.visualize_interval,
+        resume_from=Path(ckpt.resume_from) if ckpt.resume_from else None,
+        fast_dev_run=t.fast_dev_run,
+        fast_dev_run_batches=t.fast_dev_run_batches,
+        settings=settings.to_dict(),
+        section=section,
+    )
+
+
 @dataclass
 class LoopState:
     epoch: int = 0  # next epoch to run

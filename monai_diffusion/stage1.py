@@ -19,12 +19,12 @@ from generative.networks.nets import AutoencoderKL
 
 from .data import build_datasets, build_loaders
 from .engine import (
-    LoopConfig,
     LoopState,
     RunError,
     Runtime,
     count_parameters,
     load_checkpoint,
+    loop_config,
     prepare_output_dir,
     run_loop,
     seed_everything,
@@ -56,6 +56,7 @@ class AutoencoderStage:
         perceptual_loss: a frozen perceptual loss module, or None.
         data_info: facts about the training data (spacing, orientation, affine) stored in checkpoints.
         val_tile: when set, validation volumes are reconstructed tile by tile with tiles of this size.
+        num_visualize: validation volumes shown in TensorBoard (from the first validation batch).
     """
 
     name = "autoencoder"
@@ -71,6 +72,7 @@ class AutoencoderStage:
         perceptual_loss: nn.Module | None = None,
         data_info: dict[str, Any] | None = None,
         val_tile: tuple[int, ...] | None = None,
+        num_visualize: int = 1,
     ) -> None:
         self.modules = {"autoencoder": autoencoder, "discriminator": discriminator}
         self.optimizers = {"generator": optimizer_g, "discriminator": optimizer_d}
@@ -79,6 +81,7 @@ class AutoencoderStage:
         self.perceptual_loss = perceptual_loss
         self.data_info = data_info or {}
         self.val_tile = val_tile
+        self.num_visualize = num_visualize
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
         self.psnr = PSNRMetric(max_val=1.0)
         self.ssim = None
@@ -166,11 +169,16 @@ class AutoencoderStage:
 
     @torch.no_grad()
     def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
-        images = self._images(batch)[:1]
-        with self.runtime.autocast():
-            recon = self._reconstruct(images).clamp(0, 1)
-        error = (recon - images).abs()
-        return {f"reconstruction/{k}": v for k, v in orthogonal_slices([images, recon, error]).items()}
+        """Input | reconstruction | error, as three orthogonal mid-slices, for ``num_visualize`` volumes."""
+        out = {}
+        images = self._images(batch)[: self.num_visualize]
+        for i in range(images.shape[0]):
+            image = images[i : i + 1]
+            with self.runtime.autocast():
+                recon = self._reconstruct(image).clamp(0, 1)
+            slices = orthogonal_slices([image, recon, (recon - image).abs()])
+            out.update({f"reconstruction/{i}/{axis}": v for axis, v in slices.items()})
+        return out
 
     # --------------------------------------------------------------------------------------------- checkpoints
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -220,25 +228,8 @@ def build_perceptual_loss(training: Any, spatial_dims: int) -> nn.Module | None:
 def train_autoencoder(settings: Any) -> LoopState:
     """Stage 1 end to end: checks, data, networks, then the shared loop. Returns the final loop state."""
     ae_cfg, t = settings.autoencoder, settings.autoencoder.training
-    seed = settings.seed if settings.seed is not None else 0
-    output_dir = Path(ae_cfg.checkpoints.output_dir)
-    loop_cfg = LoopConfig(
-        n_epochs=t.n_epochs,
-        output_dir=output_dir,
-        log_dir=Path(ae_cfg.logging.log_dir) if ae_cfg.logging.log_dir else output_dir / "logs",
-        seed=seed,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        grad_clip_norm=t.grad_clip_norm,
-        val_interval=t.val_interval,
-        save_interval=t.save_interval,
-        save_best=ae_cfg.checkpoints.save_best,
-        log_interval=ae_cfg.logging.log_interval,
-        visualize_interval=ae_cfg.logging.visualize_interval,
-        resume_from=Path(ae_cfg.checkpoints.resume_from) if ae_cfg.checkpoints.resume_from else None,
-        fast_dev_run=t.fast_dev_run,
-        fast_dev_run_batches=t.fast_dev_run_batches,
-        settings=settings.to_dict(),
-    )
+    loop_cfg = loop_config(settings, "autoencoder")
+    seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
         # everything that can fail cheaply fails before data is read or networks are built
@@ -293,6 +284,7 @@ def train_autoencoder(settings: Any) -> LoopState:
             perceptual_loss=perceptual,
             data_info=_json_safe(info),
             val_tile=tuple(settings.data.voxel_size) if random_patch else None,
+            num_visualize=ae_cfg.logging.num_visualize_samples,
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run:

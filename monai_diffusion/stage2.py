@@ -17,12 +17,12 @@ from torch.utils.data import Dataset
 
 from .data import build_datasets, build_loaders, load_datalist
 from .engine import (
-    LoopConfig,
     LoopState,
     RunError,
     Runtime,
     count_parameters,
     load_checkpoint,
+    loop_config,
     prepare_output_dir,
     run_loop,
     seed_everything,
@@ -317,26 +317,9 @@ def _cache_latents(stage: DiffusionStage, dataset: Any, runtime: Runtime, keep: 
 def train_diffusion(settings: Any) -> LoopState:
     """Stage 2 end to end: checks, autoencoder from its checkpoint, data, UNet, then the shared loop."""
     df, t = settings.diffusion, settings.diffusion.training
-    seed = settings.seed if settings.seed is not None else 0
-    output_dir = Path(df.checkpoints.output_dir)
-    loop_cfg = LoopConfig(
-        n_epochs=t.n_epochs,
-        output_dir=output_dir,
-        log_dir=Path(df.logging.log_dir) if df.logging.log_dir else output_dir / "logs",
-        seed=seed,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        grad_clip_norm=t.grad_clip_norm,
-        val_interval=t.val_interval,
-        save_interval=t.save_interval,
-        save_best=df.checkpoints.save_best,
-        log_interval=df.logging.log_interval,
-        visualize_interval=t.generate_samples_interval,
-        resume_from=Path(df.checkpoints.resume_from) if df.checkpoints.resume_from else None,
-        fast_dev_run=t.fast_dev_run,
-        fast_dev_run_batches=t.fast_dev_run_batches,
-        settings=settings.to_dict(),
-        section="diffusion",
-    )
+    # samples are what stage 2 shows in TensorBoard, every generate_samples_interval epochs
+    loop_cfg = loop_config(settings, "diffusion", visualize_interval=t.generate_samples_interval)
+    seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
     if df.checkpoints.autoencoder_path is None:
         raise RunError("diffusion.checkpoints.autoencoder_path is not set: point it at the stage-1 best_model.pt.")
     ae_path = Path(df.checkpoints.autoencoder_path)
