@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
@@ -55,7 +56,8 @@ class AutoencoderStage:
         runtime: device / precision / rank.
         perceptual_loss: a frozen perceptual loss module, or None.
         data_info: facts about the training data (spacing, orientation, affine) stored in checkpoints.
-        val_tile: when set, validation volumes are reconstructed tile by tile with tiles of this size.
+        val_tile: when set (random-patch training), validation volumes are reconstructed by sliding windows of
+            this size.
         num_visualize: validation volumes shown in TensorBoard (from the first validation batch).
     """
 
@@ -150,8 +152,11 @@ class AutoencoderStage:
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         ae = self.autoencoder
         if self.val_tile is not None:
-            z_mu, _ = ae.encode_tiled(images, tile_size=self.val_tile)
-            return ae.decode_tiled(z_mu, tile_size=self.val_tile).float()
+            # trained on patches: reconstruct whole volumes patch by patch, each patch through the whole
+            # autoencoder as in training, blended with Gaussian weights
+            return sliding_window_inference(
+                images, roi_size=self.val_tile, sw_batch_size=1, predictor=ae.reconstruct, overlap=0.25, mode="gaussian"
+            ).float()
         return ae.reconstruct(images).float()
 
     def validation_step(self, batch: Any) -> dict[str, float]:

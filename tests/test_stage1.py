@@ -237,3 +237,24 @@ def test_two_process_ddp_on_gloo(tmp_path):
     assert ckpt["epoch"] == 1
     # 4 training volumes, batch 1, 2 ranks: 2 optimizer steps per epoch
     assert ckpt["global_step"] == 4
+
+
+def test_random_patch_training_validates_whole_volumes_with_sliding_windows(tmp_path, capsys):
+    """Patches of 16^3 from the 33x41x25 nibabel volume; validation reconstructs the whole (padded) volume."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.nii", "b.nii", "c.nii"):
+        shutil.copy(Path(NIB_DATA) / "anatomical.nii", data / name)
+    settings = settings_for(
+        tmp_path,
+        "data.synthetic={enabled: false}",
+        f"data.train_data_dir={data}",
+        "data.crop_mode=random_patch",
+        "data.voxel_size=[16, 16, 16]",
+        "autoencoder.training.n_epochs=1",
+        "autoencoder.training.batch_size=2",
+    )
+    state = train_autoencoder(settings)
+    assert "input batch (2, 1, 16, 16, 16)" in capsys.readouterr().out
+    metrics = state.history[-1]
+    assert 0 < metrics["val_l1"] < 1 and metrics["val_psnr"] > 0
