@@ -261,10 +261,21 @@ class LoopState:
 
 
 def prepare_output_dir(cfg: LoopConfig, runtime: Runtime) -> None:
-    """Refuse to start a fresh run where another run left checkpoints; never delete anything."""
-    if cfg.fast_dev_run or cfg.resume_from is not None:
+    """Refuse to start a fresh run where another run left checkpoints; never delete anything.
+
+    Resuming may write into the folder of the checkpoint it resumes, and into an empty folder, but not into a
+    folder that holds some other run.
+    """
+    if cfg.fast_dev_run:
         return
     existing = [cfg.output_dir / n for n in ("latest_checkpoint.pt", "best_model.pt") if (cfg.output_dir / n).exists()]
+    if cfg.resume_from is not None:
+        if existing and Path(cfg.resume_from).resolve().parent != cfg.output_dir.resolve():
+            raise RunError(
+                f"{cfg.section}.checkpoints.output_dir {cfg.output_dir} holds another run than the one resumed from "
+                f"{cfg.resume_from}; nothing was changed. Resume into the checkpoint's own folder or an empty one."
+            )
+        return
     if existing:
         raise RunError(
             f"{cfg.output_dir} already holds a run ({', '.join(p.name for p in existing)}); nothing was changed. "

@@ -258,3 +258,14 @@ def test_random_patch_training_validates_whole_volumes_with_sliding_windows(tmp_
     assert "input batch (2, 1, 16, 16, 16)" in capsys.readouterr().out
     metrics = state.history[-1]
     assert 0 < metrics["val_l1"] < 1 and metrics["val_psnr"] > 0
+
+
+def test_resume_never_writes_into_another_runs_folder(tmp_path):
+    train_autoencoder(settings_for(tmp_path / "a", "autoencoder.training.n_epochs=1"))
+    train_autoencoder(settings_for(tmp_path / "b", "autoencoder.training.n_epochs=1"))
+    before = (tmp_path / "b" / "ae" / "latest_checkpoint.pt").read_bytes()
+    with pytest.raises(RunError, match="holds another run"):
+        train_autoencoder(
+            settings_for(tmp_path / "b", f"autoencoder.checkpoints.resume_from={tmp_path / 'a' / 'ae' / 'latest_checkpoint.pt'}")
+        )
+    assert (tmp_path / "b" / "ae" / "latest_checkpoint.pt").read_bytes() == before
