@@ -221,8 +221,12 @@ def measure_training(
     device: str = "cpu",
     seed: int = 0,
     batch: int = 1,
+    anatomy: bool = True,
 ) -> dict[str, Any]:
     """Build one configuration and time ``warmup + steps`` training steps; report memory above the built state.
+
+    Time: wall-clock (CUDA-synchronised) and process CPU time of each step after the warm-up. With ``anatomy``,
+    one more forward pass afterwards records what it saves for backward (``saved_activation_breakdown``).
 
     Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` after the model, optimizer and input exist,
     minus what was allocated at that point; on CPU the process' peak RSS (``ru_maxrss``) minus its RSS at that
@@ -259,7 +263,7 @@ def measure_training(
     else:
         peak_total = peak_rss_mib()
     breakdown = None
-    if not flags["ckpt"]:
+    if anatomy and not flags["ckpt"]:
         f = total_factor(FACTOR_SETTINGS[setting][1])
         breakdown = saved_activation_breakdown(model, x, flags["precision"], math.prod(s // a for s, a in zip(size, f)))
     latent_shape = list(z_mu.shape[1:])
@@ -295,6 +299,16 @@ def measure_training(
     }
 
 
+# glibc: serve every allocation above 128 KiB with its own mmap, returned to the system on free (see README)
+CLEAN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def adam_state_mib(parameters: int) -> float:
+    """Adam's two fp32 moment buffers. They are created at the end of the first step, after its peak, so a
+    single-step measurement adds them by hand."""
+    return 2 * 4 * parameters / MIB
+
+
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of the measuring processes.
 
@@ -321,7 +335,9 @@ def run_worker_subprocess(
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=worker_env(extra_env))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=worker_env(extra_env)
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0

@@ -64,14 +64,14 @@ def malloc_env(args: argparse.Namespace) -> dict[str, str]:
     """On CPU, make glibc serve every allocation above 128 KiB with its own mmap (see the module docstring)."""
     if args.device != "cpu" or args.malloc_default:
         return {}
-    return {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    return dict(common.CLEAN_MALLOC_ENV)
 
 
 def measure(run: str, shape: list[int], args: argparse.Namespace) -> dict:
     """Peak memory (MiB, whole process) of training steps at one shape, in a fresh process."""
     setting, variant = common.parse_run(run)
     payload = {"setting": setting, "variant": variant, "size": shape, "steps": args.steps, "warmup": args.warmup,
-               "device": args.device}
+               "device": args.device, "anatomy": False}
     r = common.run_worker_subprocess(Path(__file__).with_name("compression.py"), payload, timeout=args.timeout,
                                      extra_env=malloc_env(args))
     if "error" in r:
@@ -79,9 +79,7 @@ def measure(run: str, shape: list[int], args: argparse.Namespace) -> dict:
     # total process memory on CPU; on CUDA the allocator peak (includes weights, optimizer state and input)
     r["memory_mib"] = r["peak_total_mib"]
     if args.warmup + args.steps == 1:
-        # Adam allocates its two moment buffers at the end of the first step, after the peak; every later step
-        # carries them, so add them (fp32, two per trainable parameter)
-        r["adam_state_mib"] = 2 * 4 * r["parameters"] / common.MIB
+        r["adam_state_mib"] = common.adam_state_mib(r["parameters"])
         r["memory_mib"] += r["adam_state_mib"]
     return r
 
@@ -191,7 +189,9 @@ def add_derived(report: dict) -> None:
         r["other_aspects"] = []
         for aspect in a.get("also_aspects") or []:
             shape, mem = largest_shape(coef, aspect, factor, budget)
-            r["other_aspects"].append({"aspect": aspect, "shape": shape, "voxels": math.prod(shape), "predicted_mib": mem})
+            r["other_aspects"].append(
+                {"aspect": aspect, "shape": shape, "voxels": math.prod(shape), "predicted_mib": mem}
+            )
         r["reference_shapes"] = []
         for ref in a.get("reference") or []:
             shape = [s // f * f for s, f in zip(ref, factor)]
@@ -210,8 +210,10 @@ def render_markdown(report: dict) -> str:
         f"Aspect {':'.join(map(str, a['aspect']))}; fitted on scales {a['fit_scales']}, checked at scale "
         f"{a['check_scale']} (each axis rounded down to a multiple of its total factor). Memory = "
         + ("peak `max_memory_allocated`" if report["device"] == "cuda" else
-           "peak RSS of the whole process (" + ("glibc default allocator" if a.get("malloc_default") else
-                                                "`MALLOC_MMAP_THRESHOLD_=131072`, so freed tensors leave the RSS") + ")")
+           "peak RSS of the whole process ("
+           + ("glibc default allocator" if a.get("malloc_default")
+              else "`MALLOC_MMAP_THRESHOLD_=131072`, so freed tensors leave the RSS")
+           + ")")
         + f", single training step{' + Adam state' if a['warmup'] + a['steps'] == 1 else 's'}"
         + ", fitted as M = a + b V + c T^2 (V voxels, T attention tokens; c = 0 with SDPA). "
         f"Extrapolated, not measured at the budget. Total wall time {report['wall_s'] / 60:.1f} min.",
@@ -255,7 +257,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="volume shape = scale * aspect (default cubic; e.g. 4 4 1 for 256x256x64-like volumes)")
     p.add_argument("--fit-scales", type=float, nargs="+", default=[48, 64, 80], help="scales measured for the fit")
     p.add_argument("--check-scale", type=float, default=96, help="larger scale measured to check the fit")
-    p.add_argument("--steps", type=int, default=1, help="measured steps per size (after --warmup; default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="measured steps per size (after --warmup; default: %(default)s)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed steps first (default: %(default)s; with a single step in all, Adam's state is added)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

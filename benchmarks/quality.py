@@ -153,14 +153,16 @@ def render_markdown(report: dict) -> str:
     ]
     rows = [
         [f"`{r['setting']}`", r["label"], "x".join(map(str, r["latent_shape"])), f"{r['compression']:.0f}",
-         f"{r['parameters']:,}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['l1']:.4f}", f"{r['final_train_loss']:.4f}",
+         f"{r['parameters']:,}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['l1']:.4f}",
+         f"{r['final_train_loss']:.4f}",
          f"{r['train_s']:.0f}", " / ".join(f"{c['psnr']:.1f}" for c in r.get("val_curve", []))]
         for r in report["results"]
     ]
     b = report["mean_image_baseline"]
-    rows.append(["(mean image)", "every voxel = the volume's mean", "-", "-", "-", f"{b['psnr']:.2f}", f"{b['ssim']:.4f}",
-                 "-", "-", "-", "-"])
-    steps_axis = " / ".join(str(c["step"]) for c in report["results"][0].get("val_curve", [])) if report["results"] else ""
+    rows.append(["(mean image)", "every voxel = the volume's mean", "-", "-", "-", f"{b['psnr']:.2f}",
+                 f"{b['ssim']:.4f}", "-", "-", "-", "-"])
+    first_curve = report["results"][0].get("val_curve", []) if report["results"] else []
+    steps_axis = " / ".join(str(c["step"]) for c in first_curve)
     lines.append(common.markdown_table(
         ["setting", "model", "latent", "compression", "params", "val PSNR (dB)", "val SSIM", "val L1",
          "train loss (last 10)", "train time (s)", f"val PSNR after {steps_axis} steps"], rows))
@@ -183,7 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--variant", default="fp32", help="precision/attention/checkpointing variant, e.g. fp32 or recipe")
-    p.add_argument("--eval-every", type=int, default=50, help="also score the validation set every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="also score the validation set every N steps (0: only at the end; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--work-dir", type=Path, help="where the synthetic phantoms are written (default: a temp folder)")
