@@ -1,22 +1,20 @@
-"""NIfTI discovery, datalists, the built-in synthetic dataset, MONAI transforms,
-datasets and loaders for 3D (and 2D) volumes.
+"""Discovery, datalists, the built-in synthetic dataset, MONAI transforms, datasets and loaders for 3D volumes and
+2D images.
 
-The module takes a plain :class:`DataConfig` (the ``data`` section of the settings,
-``DataConfig(**settings.to_dict()["data"])``) and does not import the settings
-module. Everything that can be checked cheaply (folders, datalists, NIfTI headers,
-channel counts) is checked before any volume is loaded, and every error names the
-file or the config key and what was expected.
+The functions take the validated ``data`` section of the settings (:class:`monai_diffusion.settings.DataSettings`);
+every check of the configuration itself happens there, once, before this module reads anything. What only the files
+can tell (folders, datalists, headers, channel counts) is checked here before any volume is loaded, and every error
+names the file and what was expected.
 
 Typical use::
 
-    cfg = DataConfig(**settings_dict["data"])
-    train_ds, val_ds, info = build_datasets(cfg, spatial_dims=3, in_channels=1, work_dir=run_dir)
-    train_loader, val_loader = build_loaders(train_ds, val_ds, batch_size=2, num_workers=cfg.num_workers,
-                                             pin_memory=cfg.pin_memory)
+    settings = load_settings("config.yaml")
+    train_ds, val_ds, info = build_datasets(settings.data, spatial_dims=3, in_channels=1, work_dir=run_dir)
+    train_loader, val_loader = build_loaders(train_ds, val_ds, batch_size=2, num_workers=settings.data.num_workers)
 
-``info["affine"]`` is the affine of the first training volume after the
-(deterministic) transforms: write generated volumes with it to get the training
-data's voxel size and orientation.
+Volumes are NIfTI (``.nii``, ``.nii.gz``); with ``spatial_dims=2`` also PNG, JPEG and TIFF images (MONAI's
+``PILReader``). ``info["affine"]`` is the affine of the first training volume after the (deterministic) transforms:
+write generated volumes with it to get the training data's voxel size and orientation.
 """
 
 from __future__ import annotations
@@ -29,21 +27,20 @@ import os
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 import torch
 
+if TYPE_CHECKING:  # the settings module validates; this one only reads the validated section
+    from .settings import DataSettings
+
 __all__ = [
     "DataError",
-    "SyntheticConfig",
-    "IntensityConfig",
-    "AugmentationConfig",
-    "DataConfig",
     "NIFTI_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
     "discover_images",
     "load_datalist",
     "make_synthetic_dataset",
@@ -54,7 +51,8 @@ __all__ = [
 ]
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-CROP_MODES = ("resize", "pad_crop", "random_patch")
+# 2D images read through PIL (only with spatial_dims=2)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 READ_ERROR_POLICIES = ("fail", "skip")
 # Bump when the transform chain changes in a way that invalidates PersistentDataset caches.
 _TRANSFORM_VERSION = 1
@@ -71,179 +69,6 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-
-def _sub_config(cls, value, key):
-    """Build a nested config dataclass from a mapping (or pass an instance through)."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise DataError(f"data.{key} must be a mapping, got {type(value).__name__}: {value!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise DataError(f"data.{key} has unknown key(s) {unknown}; expected keys: {sorted(names)}")
-    return cls(**value)
-
-
-@dataclass
-class SyntheticConfig:
-    """Built-in synthetic phantom dataset (no data needed)."""
-
-    enabled: bool = False
-    num_train: int = 16
-    num_val: int = 4
-    seed: int = 0
-
-
-@dataclass
-class IntensityConfig:
-    """Percentile intensity scaling to [0, 1]."""
-
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    clip: bool = True
-
-
-@dataclass
-class AugmentationConfig:
-    """Training-time augmentation."""
-
-    enabled: bool = False
-    random_flip_prob: float = 0.5
-
-
-@dataclass
-class DataConfig:
-    """The ``data`` section of the settings.
-
-    Args:
-        train_data_dir: folder of training ``.nii``/``.nii.gz`` files (non-recursive).
-        val_data_dir: folder of validation files; if no validation source is given, the last ~10% of
-            the training files are held out.
-        datalist: decathlon-style JSON with ``"training"`` (and optionally ``"validation"``) lists.
-        synthetic: ``{enabled, num_train, num_val, seed}``: generate phantoms instead of reading data.
-        voxel_size: spatial size of the volumes fed to the network (2 or 3 ints).
-        spacing: target voxel spacing in mm (resampled with ``Spacingd``), or None to keep the file's.
-        orientation: target orientation axcodes, e.g. ``"RAS"`` (first 2 letters used for 2D), or None to keep
-            the files' orientation.
-        intensity: ``{lower_percentile, upper_percentile, clip}``: scaled to [0, 1] per channel.
-        crop_mode: ``resize`` (resample to voxel_size), ``pad_crop`` (center pad/crop to voxel_size) or
-            ``random_patch`` (random voxel_size patches for training, whole volumes for validation).
-        cache_rate: fraction of the deterministic transform results cached in memory (0 disables).
-        cache_dir: if set, cache transform results on disk there (``PersistentDataset``) instead.
-        num_workers: data loader workers (and caching threads).
-        pin_memory: pin loader memory.
-        on_read_error: ``fail`` (raise on an unreadable / mismatching file) or ``skip`` (warn and drop it).
-        augmentation: ``{enabled, random_flip_prob}``.
-    """
-
-    train_data_dir: str | None = None
-    val_data_dir: str | None = None
-    datalist: str | None = None
-    synthetic: SyntheticConfig | Mapping = field(default_factory=SyntheticConfig)
-    voxel_size: Sequence[int] = (64, 64, 64)
-    spacing: Sequence[float] | None = None
-    orientation: str | None = "RAS"
-    intensity: IntensityConfig | Mapping = field(default_factory=IntensityConfig)
-    crop_mode: str = "resize"
-    cache_rate: float = 1.0
-    cache_dir: str | None = None
-    num_workers: int = 0
-    pin_memory: bool = False
-    on_read_error: str = "fail"
-    augmentation: AugmentationConfig | Mapping = field(default_factory=AugmentationConfig)
-
-    def __post_init__(self) -> None:
-        self.synthetic = _sub_config(SyntheticConfig, self.synthetic, "synthetic")
-        self.intensity = _sub_config(IntensityConfig, self.intensity, "intensity")
-        self.augmentation = _sub_config(AugmentationConfig, self.augmentation, "augmentation")
-
-        if isinstance(self.voxel_size, (str, bytes)) or not isinstance(self.voxel_size, Sequence):
-            raise DataError(f"data.voxel_size must be a list of 2 or 3 ints, got {self.voxel_size!r}")
-        if len(self.voxel_size) not in (2, 3) or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in self.voxel_size
-        ):
-            raise DataError(f"data.voxel_size must be a list of 2 or 3 positive ints, got {list(self.voxel_size)!r}")
-        self.voxel_size = [int(v) for v in self.voxel_size]
-
-        if self.spacing is not None:
-            if isinstance(self.spacing, (str, bytes)) or not isinstance(self.spacing, Sequence):
-                raise DataError(f"data.spacing must be null or a list of positive numbers, got {self.spacing!r}")
-            if len(self.spacing) != len(self.voxel_size) or not all(
-                isinstance(s, (int, float, np.number)) and not isinstance(s, bool) and s > 0 for s in self.spacing
-            ):
-                raise DataError(
-                    f"data.spacing must be null or {len(self.voxel_size)} positive numbers (one per axis of "
-                    f"data.voxel_size={self.voxel_size}), got {list(self.spacing)!r}"
-                )
-            self.spacing = [float(s) for s in self.spacing]
-
-        if self.orientation is not None:
-            codes = self.orientation.upper() if isinstance(self.orientation, str) else None
-            if codes is None or len(codes) != 3 or not _valid_axcodes(codes):
-                raise DataError(
-                    "data.orientation must be null or 3 axis codes, one of L/R, one of A/P, one of S/I "
-                    f"(e.g. 'RAS', 'LPS'), got {self.orientation!r}"
-                )
-            self.orientation = codes
-
-        lo, hi = self.intensity.lower_percentile, self.intensity.upper_percentile
-        if not (0.0 <= lo < hi <= 100.0):
-            raise DataError(
-                "data.intensity.lower_percentile and upper_percentile must satisfy 0 <= lower < upper <= 100, "
-                f"got lower={lo!r}, upper={hi!r}"
-            )
-        if self.crop_mode not in CROP_MODES:
-            raise DataError(f"data.crop_mode must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
-        if self.on_read_error not in READ_ERROR_POLICIES:
-            raise DataError(f"data.on_read_error must be one of {list(READ_ERROR_POLICIES)}, got {self.on_read_error!r}")
-        if not (0.0 <= float(self.cache_rate) <= 1.0):
-            raise DataError(f"data.cache_rate must be in [0, 1], got {self.cache_rate!r}")
-        if int(self.num_workers) < 0:
-            raise DataError(f"data.num_workers must be >= 0, got {self.num_workers!r}")
-        if not (0.0 <= float(self.augmentation.random_flip_prob) <= 1.0):
-            raise DataError(
-                f"data.augmentation.random_flip_prob must be in [0, 1], got {self.augmentation.random_flip_prob!r}"
-            )
-        syn = self.synthetic
-        if int(syn.num_train) < 1 or int(syn.num_val) < 0:
-            raise DataError(
-                f"data.synthetic.num_train must be >= 1 and num_val >= 0, got num_train={syn.num_train!r}, "
-                f"num_val={syn.num_val!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (nested dicts), the inverse of ``DataConfig(**d)``."""
-        return dataclasses.asdict(self)
-
-
-def _valid_axcodes(codes: str) -> bool:
-    groups = ({"L", "R"}, {"A", "P"}, {"S", "I"})
-    used = []
-    for c in codes:
-        matches = [i for i, g in enumerate(groups) if c in g]
-        if not matches:
-            return False
-        used.append(matches[0])
-    return sorted(used) == [0, 1, 2]
-
-
-def _as_config(cfg: DataConfig | Mapping) -> DataConfig:
-    if isinstance(cfg, DataConfig):
-        return cfg
-    if isinstance(cfg, Mapping):
-        names = {f.name for f in dataclasses.fields(DataConfig)}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise DataError(f"data has unknown key(s) {unknown}; expected keys: {sorted(names)}")
-        return DataConfig(**cfg)
-    raise DataError(f"expected a DataConfig or a mapping for the data settings, got {type(cfg).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Discovery and datalists
 # ----------------------------------------------------------------------------------------------
 
@@ -253,14 +78,23 @@ def _is_nifti_name(name: str) -> bool:
     return low.endswith(".nii") or low.endswith(".nii.gz")
 
 
-def discover_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted ``.nii`` / ``.nii.gz`` files directly inside ``folder`` (not recursive).
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _readable(name: str, spatial_dims: int) -> bool:
+    return _is_nifti_name(name) or (spatial_dims == 2 and _is_image_name(name))
+
+
+def discover_images(folder: str | os.PathLike, spatial_dims: int = 3) -> list[str]:
+    """Sorted volumes directly inside ``folder`` (not recursive): ``.nii`` / ``.nii.gz``, and with
+    ``spatial_dims=2`` also ``.png``, ``.jpg``, ``.jpeg``, ``.tif``, ``.tiff``.
 
     Hidden files (names starting with ``.``, e.g. macOS ``._x.nii.gz`` resource forks) are ignored.
 
     Raises:
-        DataError: the folder does not exist, is not a folder, or holds no NIfTI files (the message says
-            whether NIfTI files exist in its subfolders; use a datalist for nested layouts).
+        DataError: the folder does not exist, is not a folder, or holds no usable files (the message says
+            whether such files exist in its subfolders; use a datalist for nested layouts).
     """
     path = Path(folder).expanduser()
     if not path.exists():
@@ -268,23 +102,25 @@ def discover_images(folder: str | os.PathLike) -> list[str]:
     if not path.is_dir():
         raise DataError(f"data folder {str(path)!r} is not a folder")
     files = sorted(
-        os.path.abspath(p) for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _is_nifti_name(p.name)
+        os.path.abspath(p) for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and _readable(p.name, spatial_dims)
     )
+    kinds = ", ".join("*" + e for e in NIFTI_EXTENSIONS + (IMAGE_EXTENSIONS if spatial_dims == 2 else ()))
     if not files:
         nested = [
             sub.name
             for sub in sorted(path.iterdir())
-            if sub.is_dir() and any(_is_nifti_name(p.name) and p.is_file() for p in sub.iterdir())
+            if sub.is_dir() and any(_readable(p.name, spatial_dims) and p.is_file() for p in sub.iterdir())
         ]
         hint = ""
         if nested:
             hint = (
-                f"; NIfTI files were found in subfolder(s) {nested[:5]} but discovery is not recursive: "
+                f"; such files were found in subfolder(s) {nested[:5]} but discovery is not recursive: "
                 "point data.train_data_dir / data.val_data_dir at the folder holding the files, or use data.datalist"
             )
-        raise DataError(
-            f"no NIfTI files ({', '.join('*' + e for e in NIFTI_EXTENSIONS)}) found in folder {str(path)!r}{hint}"
-        )
+        elif spatial_dims == 3 and any(_is_image_name(p.name) for p in path.iterdir()):
+            hint = "; it holds 2D images, which need --set autoencoder.spatial_dims=2 --set diffusion.spatial_dims=2"
+        raise DataError(f"no volumes ({kinds}) found in folder {str(path)!r}{hint}")
     return files
 
 
@@ -576,12 +412,40 @@ def _gzip_uncompressed_size(path: Path) -> int:
             total += len(chunk)
 
 
+_PIL_MODE_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "LA": 2,
+                      "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "CMYK": 4}
+
+
+def _image_problem(path: Path, in_channels: int, spatial_dims: int) -> str | None:
+    """Header checks of a 2D image file (PNG, JPEG, TIFF) through PIL, without decoding its pixels."""
+    from PIL import Image
+
+    if spatial_dims != 2:
+        return "is a 2D image, but spatial_dims=3 expects NIfTI volumes"
+    try:
+        with Image.open(path) as img:
+            mode, frames = img.mode, getattr(img, "n_frames", 1)
+            img.verify()
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"cannot be read as an image ({type(e).__name__}: {e})"
+    if frames > 1:
+        return f"has {frames} frames (a stack); expected a single 2D image"
+    channels = _PIL_MODE_CHANNELS.get(mode)
+    if channels is None:
+        return f"has unsupported image mode {mode!r}"
+    if channels != in_channels:
+        return f"is a {mode} image with {channels} channel(s), but in_channels={in_channels}"
+    return None
+
+
 def _header_problem(path: Path, in_channels: int, spatial_dims: int) -> str | None:
     """Why this file cannot be used (header-level checks only), or None if it looks fine."""
     if not path.exists():
         return "file does not exist"
     if not path.is_file():
         return "is not a file"
+    if _is_image_name(path.name):
+        return _image_problem(path, in_channels, spatial_dims)
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
@@ -640,7 +504,7 @@ def check_files(
     spatial_dims: int,
     on_read_error: str = "fail",
 ) -> list[dict]:
-    """Check every file's NIfTI header (no voxel data loaded) before any expensive work.
+    """Check every file's header (NIfTI, or PIL for 2D images; no voxel data loaded) before any expensive work.
 
     Detects missing, unreadable, corrupt or truncated files, unsupported data types, degenerate affines,
     shapes that do not fit ``spatial_dims`` and channel counts that differ from ``in_channels`` (channels are
@@ -715,8 +579,20 @@ def _squeeze_trailing_singleton(spatial_dims: int):
     return _SqueezeTrailingSpatiald(keys=["image"])
 
 
+def _readers() -> tuple:
+    """MONAI readers: NIfTI through nibabel, 2D images (PNG, JPEG, TIFF) through PIL, chosen by file name."""
+    from monai.data import NibabelReader, PILReader
+    from monai.data.utils import is_supported_format
+
+    class _ImageReader(PILReader):
+        def verify_suffix(self, filename) -> bool:
+            return is_supported_format(filename, [e.lstrip(".") for e in IMAGE_EXTENSIONS])
+
+    return NibabelReader(), _ImageReader()
+
+
 def build_transforms(
-    cfg: DataConfig | Mapping,
+    cfg: DataSettings,
     spatial_dims: int,
     train: bool,
     divisible_by: Sequence[int] | int | None = None,
@@ -737,8 +613,8 @@ def build_transforms(
     Training adds random flips along each spatial axis when ``cfg.augmentation.enabled``. Ends with float32.
 
     Args:
-        cfg: the data settings.
-        spatial_dims: 2 or 3; must match ``len(cfg.voxel_size)``.
+        cfg: the validated ``data`` settings.
+        spatial_dims: 2 or 3, ``len(cfg.voxel_size)``.
         train: training (random patches, augmentation) or validation transforms.
         divisible_by: validation volumes in ``random_patch`` mode are padded to a multiple of this
             (e.g. the autoencoder's total downsampling factor per axis).
@@ -759,13 +635,6 @@ def build_transforms(
         SpatialPadd,
     )
 
-    cfg = _as_config(cfg)
-    if spatial_dims not in (2, 3):
-        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    if len(cfg.voxel_size) != spatial_dims:
-        raise DataError(
-            f"data.voxel_size={cfg.voxel_size} has {len(cfg.voxel_size)} values but spatial_dims={spatial_dims}"
-        )
     if divisible_by is not None:
         k = [int(divisible_by)] * spatial_dims if isinstance(divisible_by, (int, np.integer)) else list(divisible_by)
         if len(k) != spatial_dims or min(k) < 1:
@@ -775,7 +644,7 @@ def build_transforms(
     keys = ["image"]
     size = list(cfg.voxel_size)
     xforms: list = [
-        LoadImaged(keys=keys, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
+        LoadImaged(keys=keys, reader=_readers(), image_only=True, squeeze_non_spatial_dims=True),
         EnsureChannelFirstd(keys=keys),
     ]
     if spatial_dims == 2:
@@ -825,15 +694,15 @@ def build_transforms(
 # ----------------------------------------------------------------------------------------------
 
 
-def _transform_key(cfg: DataConfig, spatial_dims: int, train: bool, divisible_by) -> str:
+def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_by) -> str:
     """Identify the transform chain, so a PersistentDataset cache never serves stale results."""
     payload = {
         "version": _TRANSFORM_VERSION,
         "spatial_dims": spatial_dims,
         "train": train,
         "divisible_by": list(divisible_by) if divisible_by is not None and not isinstance(divisible_by, int) else divisible_by,
-        "voxel_size": cfg.voxel_size,
-        "spacing": cfg.spacing,
+        "voxel_size": list(cfg.voxel_size),
+        "spacing": None if cfg.spacing is None else list(cfg.spacing),
         "orientation": cfg.orientation,
         "intensity": dataclasses.asdict(cfg.intensity),
         "crop_mode": cfg.crop_mode,
@@ -857,7 +726,7 @@ def _item_hash(item) -> bytes:
     return hashlib.md5(payload.encode()).hexdigest().encode()
 
 
-def _make_dataset(data: list[dict], transform, cfg: DataConfig, cache_subdir: str):
+def _make_dataset(data: list[dict], transform, cfg: DataSettings, cache_subdir: str):
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
     if cfg.cache_dir:
@@ -885,7 +754,7 @@ def _spacing_from_affine(affine: np.ndarray, spatial_dims: int) -> list[float]:
 
 
 def build_datasets(
-    cfg: DataConfig | Mapping,
+    cfg: DataSettings,
     spatial_dims: int,
     in_channels: int,
     work_dir: str | os.PathLike | None = None,
@@ -914,36 +783,7 @@ def build_datasets(
         ``val_whole_volumes`` (True in ``random_patch`` mode: validation items are whole volumes of
         varying size; load them with batch size 1).
     """
-    cfg = _as_config(cfg)
-    if spatial_dims not in (2, 3):
-        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    if len(cfg.voxel_size) != spatial_dims:
-        raise DataError(
-            f"data.voxel_size={cfg.voxel_size} has {len(cfg.voxel_size)} values but spatial_dims={spatial_dims}"
-        )
     in_channels = int(in_channels)
-    if in_channels < 1:
-        raise DataError(f"in_channels must be >= 1, got {in_channels}")
-
-    sources = [
-        name
-        for name, on in (
-            ("data.synthetic.enabled", cfg.synthetic.enabled),
-            ("data.datalist", bool(cfg.datalist)),
-            ("data.train_data_dir", bool(cfg.train_data_dir)),
-        )
-        if on
-    ]
-    if len(sources) > 1:
-        raise DataError(f"more than one data source is set ({', '.join(sources)}); set exactly one")
-    if cfg.val_data_dir and not cfg.train_data_dir:
-        raise DataError("data.val_data_dir is set but data.train_data_dir is not; set both, or use data.datalist")
-    if not sources:
-        raise DataError(
-            "no data source: set data.train_data_dir (a folder of .nii/.nii.gz files), data.datalist "
-            "(a decathlon-style JSON) or data.synthetic.enabled=true"
-        )
-
     if cfg.synthetic.enabled:
         if in_channels != 1:
             raise DataError(f"the synthetic dataset (data.synthetic.enabled) has 1 channel, but in_channels={in_channels}")
@@ -971,8 +811,8 @@ def build_datasets(
         description = f"datalist {os.path.abspath(Path(cfg.datalist).expanduser())!r}"
     else:
         source = "folders"
-        train_entries = [{"image": p} for p in discover_images(cfg.train_data_dir)]
-        val_entries = [{"image": p} for p in discover_images(cfg.val_data_dir)] if cfg.val_data_dir else []
+        train_entries = [{"image": p} for p in discover_images(cfg.train_data_dir, spatial_dims)]
+        val_entries = [{"image": p} for p in discover_images(cfg.val_data_dir, spatial_dims)] if cfg.val_data_dir else []
         description = f"folder {os.path.abspath(Path(cfg.train_data_dir).expanduser())!r}" + (
             f" (validation: {os.path.abspath(Path(cfg.val_data_dir).expanduser())!r})" if cfg.val_data_dir else ""
         )
@@ -1029,7 +869,7 @@ def build_datasets(
     return train_ds, val_ds, info
 
 
-def _reference_geometry(path: str, cfg: DataConfig, spatial_dims: int) -> dict:
+def _reference_geometry(path: str, cfg: DataSettings, spatial_dims: int) -> dict:
     """Run one file through the deterministic transforms (one load): the spacing after reorientation (and
     resampling), and the affine/shape of the result. ``random_patch`` is treated as a center ``voxel_size``
     patch."""

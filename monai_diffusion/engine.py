@@ -8,10 +8,10 @@ overwrite another run, TensorBoard, ``fast_dev_run``.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import random
-import resource
 import sys
 import time
 import warnings
@@ -26,8 +26,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .memory import PeakMeter, tensor_bytes
+
 CHECKPOINT_FORMAT = "monai-diffusion-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: model_args hold the architecture only (no execution knobs)
 
 
 class RunError(RuntimeError):
@@ -44,6 +46,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    log: Any = None  # an open text file that receives what print() shows (the run's train.log), or None
+    printed: list[str] = field(default_factory=list)  # lines printed before the log was opened
 
     @property
     def distributed(self) -> bool:
@@ -60,7 +64,13 @@ class Runtime:
 
     def print(self, *args: Any) -> None:
         if self.is_main:
-            tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+            line = " ".join(str(a) for a in args)
+            tqdm.write(line, file=sys.stdout)
+            if self.log is not None:
+                self.log.write(line + "\n")
+                self.log.flush()
+            else:
+                self.printed.append(line)
 
 
 def resolve_precision(mixed_precision: bool | str, device: torch.device) -> torch.dtype | None:
@@ -101,6 +111,9 @@ def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str) -> R
 
 
 def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.log is not None:
+        runtime.log.close()
+        runtime.log = None
     if runtime.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -135,11 +148,13 @@ def all_reduce_mean(value: float, runtime: Runtime) -> float:
     return float(t.item()) / runtime.world_size
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: CUDA max allocated on GPU, process peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process"
+def stage_tensor_bytes(stage: Any, batch: Any = None) -> int:
+    """Bytes of everything a stage holds before a step: its networks (trained and frozen), optimizer states and
+    the batch's tensors."""
+    modules = {id(m): m for m in stage.modules.values()}
+    modules.update({id(v): v for v in vars(stage).values() if isinstance(v, nn.Module)})
+    tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
+    return tensor_bytes(modules.values(), stage.optimizers.values(), tensors)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -159,23 +174,79 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
+# what each stage's checkpoint must hold; anything less is an older or foreign format
+_REQUIRED_KEYS = {
+    "autoencoder": ("state_dict", "model_args", "epoch", "global_step", "optimizers"),
+    "diffusion": ("state_dict", "model_args", "epoch", "global_step", "optimizers", "scheduler_args",
+                  "scale_factor", "latent_shape", "autoencoder", "lr_scheduler"),
+}
+
+
 def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict[str, Any]:
-    """Open a checkpoint written by this project; errors name the path and what is wrong with it."""
+    """Open a checkpoint written by this project; every problem is a one-line :class:`RunError` naming the path.
+
+    Checks the format marker, the format version (1, whose model arguments still held the execution knobs, and the
+    current one are read), the stage, and that the keys the stage needs are there.
+    """
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"Checkpoint not found: {path}")
+        raise RunError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise RunError(f"Cannot read checkpoint {path}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(
             f"{path} is not a monai-diffusion checkpoint (no '{CHECKPOINT_FORMAT}' marker); expected a "
             "latest_checkpoint.pt or best_model.pt written by this project."
         )
-    if expected_stage is not None and ckpt.get("stage") != expected_stage:
-        raise RunError(f"{path} is a '{ckpt.get('stage')}' checkpoint, expected a '{expected_stage}' checkpoint.")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise RunError(f"{path} has checkpoint format version {version!r}; this monai-diffusion reads versions 1 to "
+                       f"{CHECKPOINT_VERSION} (a newer version wrote it? upgrade monai-diffusion)")
+    stage = ckpt.get("stage")
+    if expected_stage is not None and stage != expected_stage:
+        raise RunError(f"{path} is a '{stage}' checkpoint, expected a '{expected_stage}' checkpoint.")
+    missing = [k for k in _REQUIRED_KEYS.get(stage, ()) if k not in ckpt]
+    if missing:
+        raise RunError(f"{path} is a '{stage}' checkpoint of an older or incomplete format: it lacks "
+                       f"{', '.join(repr(k) for k in missing)}")
     return ckpt
+
+
+def check_same_architecture(ckpt: dict[str, Any], stage: Any, path: str | Path) -> None:
+    """Refuse weights of another architecture, naming each argument that differs (checkpoint vs settings)."""
+    from .models import architecture
+
+    saved, current = architecture(ckpt["model_args"]), stage.architecture()
+    if saved == current:
+        return
+    diff = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} in the settings"
+                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+    raise RunError(f"{path} holds a {stage.name} network of another architecture ({diff}); use the settings it was "
+                   "trained with (the config.yaml in its folder)")
+
+
+def init_weights(stage: Any, path: str | Path, runtime: Runtime) -> None:
+    """``checkpoints.init_from``: the network weights of another run of the same architecture (e.g. trained at a
+    smaller input size); optimizer, epoch, step and output folder start fresh."""
+    ckpt = load_checkpoint(path, expected_stage=stage.name)
+    check_same_architecture(ckpt, stage, path)
+    for name, module in stage.modules.items():
+        if name in ckpt["state_dict"]:
+            load_weights(unwrap(module), ckpt["state_dict"][name], path)
+    runtime.print(f"initialised {', '.join(n for n in stage.modules if n in ckpt['state_dict'])} from {path} "
+                  f"(epoch {ckpt['epoch'] + 1}); optimizer and epoch start fresh")
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict`` with a one-line :class:`RunError` naming the checkpoint when it does not fit."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RunError(f"the weights in {path} do not fit the network it describes: {first}") from None
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -192,8 +263,8 @@ class Stage(Protocol):
     def validation_step(self, batch: Any) -> dict[str, float]:
         """Metrics of one validation batch (averaged by the loop); must contain ``val_loss``."""
 
-    def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Images (C x H x W in [0, 1]) for TensorBoard."""
+    def visualize(self, batch: Any, quick: bool = False) -> dict[str, torch.Tensor]:
+        """Images (C x H x W in [0, 1]) for TensorBoard; ``quick``: the cheapest complete version (fast_dev_run)."""
 
     def describe(self, batch: Any) -> list[str]:
         """Lines printed at start: shapes, factors, parameter counts."""
@@ -201,7 +272,10 @@ class Stage(Protocol):
     def checkpoint_extra(self) -> dict[str, Any]:
         """Stage-specific, self-describing checkpoint content (constructor arguments, scale factor, ...)."""
 
-    def load_extra(self, ckpt: dict[str, Any]) -> None:
+    def architecture(self) -> dict[str, Any]:
+        """The trained network's architecture arguments (what a checkpoint must match to be loaded)."""
+
+    def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
         """Restore stage-specific content on resume."""
 
 
@@ -221,6 +295,7 @@ class LoopConfig:
     log_interval: int = 10
     visualize_interval: int = 1
     resume_from: Path | None = None
+    init_from: Path | None = None
     fast_dev_run: bool = False
     fast_dev_run_batches: int = 2
     settings: dict[str, Any] = field(default_factory=dict)
@@ -245,6 +320,7 @@ def loop_config(settings: Any, section: str, visualize_interval: int | None = No
         log_interval=log.log_interval,
         visualize_interval=visualize_interval or log.visualize_interval,
         resume_from=Path(ckpt.resume_from) if ckpt.resume_from else None,
+        init_from=Path(ckpt.init_from) if ckpt.init_from else None,
         fast_dev_run=t.fast_dev_run,
         fast_dev_run_batches=t.fast_dev_run_batches,
         settings=settings.to_dict(),
@@ -284,6 +360,36 @@ def prepare_output_dir(cfg: LoopConfig, runtime: Runtime) -> None:
         )
 
 
+def start_record(cfg: LoopConfig, runtime: Runtime) -> None:
+    """A plain-text record of the run in its output folder: ``config.yaml`` (the resolved settings, every default
+    filled in) and ``train.log`` (what the run prints, appended on resume). A resume whose settings differ from the
+    folder's ``config.yaml`` writes them beside it as ``config.resume-N.yaml``; nothing is overwritten. Nothing is
+    written by ``fast_dev_run`` or by ranks other than 0."""
+    import yaml
+
+    if cfg.fast_dev_run or not runtime.is_main:
+        return
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.settings, sort_keys=False, default_flow_style=None)
+    target = cfg.output_dir / "config.yaml"
+    if target.exists() and target.read_text(encoding="utf-8") != text:
+        n = 1
+        while (cfg.output_dir / f"config.resume-{n}.yaml").exists():
+            n += 1
+        target = cfg.output_dir / f"config.resume-{n}.yaml"
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    runtime.log = open(cfg.output_dir / "train.log", "a", encoding="utf-8")
+    what = f"resuming {cfg.resume_from}" if cfg.resume_from else "new run"
+    runtime.log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {cfg.section}: {what}; settings in {target.name}; "
+                      f"command: {' '.join(sys.argv)}\n")
+    runtime.log.writelines(line + "\n" for line in runtime.printed)
+    runtime.printed.clear()
+    runtime.log.flush()
+
+
 def _epoch_seed(cfg: LoopConfig, epoch: int, runtime: Runtime) -> int:
     return cfg.seed + 1_000_003 * (epoch + 1) + 7919 * runtime.rank
 
@@ -299,6 +405,71 @@ def _reseed_loader(loader: Iterable, seed: int) -> None:
         transform.set_random_state(seed=seed % (2**32))
 
 
+def train_step(
+    stage: Stage,
+    batch: Any,
+    epoch: int,
+    scalers: dict[str, torch.amp.GradScaler],
+    runtime: Runtime,
+    *,
+    group_size: int = 1,
+    boundary: bool = True,
+    grad_clip_norm: float | None = None,
+    global_step: int = 0,
+    where: str = "",
+) -> dict[str, float]:
+    """The one training step of every stage and every tool that measures one (``plan``, benchmarks).
+
+    Forward and losses under the runtime's autocast, a finite-loss check, backward of each loss divided by
+    ``group_size`` (gradient accumulation; DDP gradient sync is skipped until the group's last batch), and, when
+    ``boundary`` (the last batch of an accumulation group), per optimizer: unscale, clip to ``grad_clip_norm``,
+    step, scaler update; then all gradients are zeroed and the stage's ``after_optimizer_step`` runs (learning-rate
+    schedule, EMA) with the new step count ``global_step + 1``.
+
+    Returns:
+        The stage's scalars to log for this batch.
+
+    Raises:
+        RunError: a loss is not finite (names the loss and ``where``).
+    """
+    sync = contextlib.ExitStack()
+    if runtime.distributed and not boundary:
+        for module in stage.modules.values():
+            if isinstance(module, DistributedDataParallel):
+                sync.enter_context(module.no_sync())
+    with sync:
+        with runtime.autocast():
+            losses, logs = stage.training_step(batch, epoch)
+        for name, loss in losses.items():
+            if not torch.isfinite(loss):
+                raise RunError(
+                    f"{stage.name}: loss '{name}' became {loss.item()}" + (f" at {where}" if where else "")
+                    + ". Lower the learning rate, enable grad_clip_norm, or check the input intensities."
+                )
+            scalers[name].scale(loss / group_size).backward()
+    if boundary:
+        for name, opt in stage.optimizers.items():
+            if name not in losses:
+                continue
+            if grad_clip_norm:
+                scalers[name].unscale_(opt)
+                params = [p for g in opt.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+            scalers[name].step(opt)
+            scalers[name].update()
+        for opt in stage.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if hasattr(stage, "after_optimizer_step"):
+            stage.after_optimizer_step(global_step + 1)
+    return logs
+
+
+def make_scalers(stage: Stage, runtime: Runtime) -> dict[str, torch.amp.GradScaler]:
+    """One gradient scaler per optimizer, active only for fp16 autocast."""
+    enabled = runtime.amp_dtype == torch.float16
+    return {name: torch.amp.GradScaler(runtime.device.type, enabled=enabled) for name in stage.optimizers}
+
+
 def run_loop(
     stage: Stage,
     train_loader: Any,
@@ -310,24 +481,27 @@ def run_loop(
     """Train ``stage`` for ``cfg.n_epochs`` epochs (or a few batches with ``fast_dev_run``)."""
     state = LoopState()
     prepare_output_dir(cfg, runtime)
-    scaler_enabled = runtime.amp_dtype == torch.float16
-    scalers = {name: torch.amp.GradScaler(runtime.device.type, enabled=scaler_enabled) for name in stage.optimizers}
+    scalers = make_scalers(stage, runtime)
 
     if cfg.resume_from is not None:
         ckpt = load_checkpoint(cfg.resume_from, expected_stage=stage.name)
+        check_same_architecture(ckpt, stage, cfg.resume_from)
+        stage.load_extra(ckpt, cfg.resume_from)
         for name, module in stage.modules.items():
-            unwrap(module).load_state_dict(ckpt["state_dict"][name])
+            load_weights(unwrap(module), ckpt["state_dict"][name], cfg.resume_from)
         for name, opt in stage.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         for name, scaler in scalers.items():
             if name in ckpt.get("scalers", {}):
                 scaler.load_state_dict(ckpt["scalers"][name])
-        stage.load_extra(ckpt)
         state = LoopState(ckpt["epoch"] + 1, ckpt["global_step"], ckpt["best_metric"], ckpt.get("history", []))
         runtime.print(f"Resuming {cfg.resume_from} at epoch {state.epoch + 1} (step {state.global_step}).")
         if state.epoch >= cfg.n_epochs:
             runtime.print(f"Checkpoint already finished all {cfg.n_epochs} epochs; nothing to do.")
             return state
+    elif cfg.init_from is not None:
+        init_weights(stage, cfg.init_from, runtime)
+    start_record(cfg, runtime)  # after every check, so that a refused run leaves no files
 
     writer = None
     if runtime.is_main and not cfg.fast_dev_run:
@@ -343,8 +517,8 @@ def run_loop(
     max_batches = cfg.fast_dev_run_batches if cfg.fast_dev_run else None
     accum = cfg.gradient_accumulation_steps
     step_times: list[float] = []
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runtime.device)
+    meter = PeakMeter(runtime.device)
+    step_peak_mib = None
 
     try:
         for epoch in range(state.epoch, n_epochs):
@@ -370,36 +544,16 @@ def run_loop(
                 group_start = (i // accum) * accum
                 group_size = min(accum, n_batches - group_start)
                 boundary = i == group_start + group_size - 1
-                sync = contextlib.ExitStack()
-                if runtime.distributed and not boundary:
-                    for module in stage.modules.values():
-                        if isinstance(module, DistributedDataParallel):
-                            sync.enter_context(module.no_sync())
-                with sync:
-                    with runtime.autocast():
-                        losses, logs = stage.training_step(batch, epoch)
-                    for name, loss in losses.items():
-                        if not torch.isfinite(loss):
-                            raise RunError(
-                                f"{stage.name}: loss '{name}' became {loss.item()} at epoch {epoch + 1}, batch {i + 1}. "
-                                "Lower the learning rate, enable grad_clip_norm, or check the input intensities."
-                            )
-                        scalers[name].scale(loss / group_size).backward()
+                measure = cfg.fast_dev_run and i == n_batches - 1 and (i > 0 or n_batches == 1)
+                if measure:  # the last fast_dev_run step (the first one allocates optimizer states)
+                    meter.start(stage_tensor_bytes(stage, batch))
+                logs = train_step(stage, batch, epoch, scalers, runtime, group_size=group_size, boundary=boundary,
+                                  grad_clip_norm=cfg.grad_clip_norm, global_step=state.global_step,
+                                  where=f"epoch {epoch + 1}, batch {i + 1}")
+                if measure:
+                    step_peak_mib = meter.peak_mib()
                 if boundary:
-                    for name, opt in stage.optimizers.items():
-                        if name not in losses:
-                            continue
-                        if cfg.grad_clip_norm:
-                            scalers[name].unscale_(opt)
-                            params = [p for g in opt.param_groups for p in g["params"]]
-                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-                        scalers[name].step(opt)
-                        scalers[name].update()
-                    for opt in stage.optimizers.values():
-                        opt.zero_grad(set_to_none=True)
                     state.global_step += 1
-                    if hasattr(stage, "after_optimizer_step"):
-                        stage.after_optimizer_step(state.global_step)
                 if runtime.device.type == "cuda":
                     torch.cuda.synchronize(runtime.device)
                 step_times.append(time.perf_counter() - t0)
@@ -420,10 +574,14 @@ def run_loop(
             if run_val:
                 val = validate(stage, val_loader, runtime, max_batches)
                 epoch_logs.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})
-                if writer is not None and (epoch + 1) % cfg.visualize_interval == 0:
-                    first = next(iter(val_loader))
-                    for tag, image in stage.visualize(first).items():
-                        writer.add_image(tag, image, epoch + 1)
+                if runtime.is_main and (cfg.fast_dev_run or (epoch + 1) % cfg.visualize_interval == 0):
+                    with torch.no_grad():
+                        images = stage.visualize(next(iter(val_loader)), quick=cfg.fast_dev_run)
+                    for tag, image in images.items():
+                        if writer is not None:
+                            writer.add_image(tag, image, epoch + 1)
+                    if cfg.fast_dev_run:
+                        runtime.print(f"fast_dev_run: visualisation made {len(images)} image(s)")
             if writer is not None:
                 for key, value in epoch_logs.items():
                     writer.add_scalar(f"epoch/{key}", value, epoch + 1)
@@ -432,7 +590,11 @@ def run_loop(
 
             if cfg.fast_dev_run:
                 state.epoch = epoch + 1
-                _print_dev_run_summary(stage, runtime, step_times)
+                # serialise a checkpoint into memory: what a real run would write, without writing it
+                buffer = io.BytesIO()
+                torch.save(_checkpoint(stage, scalers, state, epoch, cfg), buffer)
+                runtime.print(f"fast_dev_run: checkpoint serialised in memory ({buffer.tell() / 2**20:.1f} MiB)")
+                _print_dev_run_summary(runtime, step_times, step_peak_mib, meter)
                 break
             improved = run_val and epoch_logs["val_loss"] < state.best_metric
             if improved:
@@ -496,9 +658,10 @@ def _checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, cfg: 
     }
 
 
-def _print_dev_run_summary(stage: Stage, runtime: Runtime, step_times: list[float]) -> None:
-    peak, kind = peak_memory_mb(runtime.device)
+def _print_dev_run_summary(runtime: Runtime, step_times: list[float], peak_mib: float | None,
+                           meter: PeakMeter) -> None:
     timed = step_times[1:] or step_times  # the first step includes warm-up
     runtime.print(f"fast_dev_run: {len(step_times)} training step(s), {sum(timed) / max(1, len(timed)):.3f} s/step")
-    runtime.print(f"fast_dev_run: peak memory {peak:.0f} MiB ({kind})")
+    if peak_mib is not None:
+        runtime.print(f"fast_dev_run: peak memory of the last training step {peak_mib:.0f} MiB ({meter.method})")
     runtime.print("fast_dev_run: no checkpoints or logs were written.")

@@ -12,18 +12,20 @@ from tqdm.auto import tqdm
 from generative.networks.nets import AutoencoderKL
 
 from .engine import RunError, load_checkpoint, resolve_precision
-from .models import build_unet
+from .models import autoencoder_from_args, build_unet, load_weights
 from .sampling import Conditioner, build_scheduler, decode_latents, next_free_index, sample_latents, write_sample
 
 
-def load_diffusion(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, AutoencoderKL, dict[str, Any]]:
+def load_diffusion(
+    path: str | Path, use_ema: bool = True, use_flash_attention: bool = False
+) -> tuple[torch.nn.Module, AutoencoderKL, dict[str, Any]]:
     """UNet (EMA weights when present and wanted) and autoencoder of a stage-2 checkpoint, from the checkpoint alone."""
     ckpt = load_checkpoint(path, expected_stage="diffusion")
-    unet = build_unet(ckpt["model_args"])
+    unet = build_unet(ckpt["model_args"], use_flash_attention)
     weights = ckpt["state_dict"].get("ema") if use_ema else None
-    unet.load_state_dict(weights if weights is not None else ckpt["state_dict"]["unet"])
-    autoencoder = AutoencoderKL(**ckpt["autoencoder"]["model_args"])
-    autoencoder.load_state_dict(ckpt["autoencoder"]["state_dict"])
+    load_weights(unet, weights if weights is not None else ckpt["state_dict"]["unet"], path)
+    autoencoder = autoencoder_from_args(ckpt["autoencoder"]["model_args"], use_flash_attention=use_flash_attention)
+    load_weights(autoencoder, ckpt["autoencoder"]["state_dict"], path)
     return unet.eval(), autoencoder.eval(), ckpt
 
 
@@ -38,7 +40,8 @@ def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> lis
     use_cuda = settings.device.use_cuda and torch.cuda.is_available()
     device = torch.device("cuda", settings.device.gpu_id) if use_cuda else torch.device("cpu")
     amp = resolve_precision(settings.device.mixed_precision, device)
-    unet, autoencoder, ckpt = load_diffusion(path, use_ema=cfg.use_ema)
+    unet, autoencoder, ckpt = load_diffusion(path, use_ema=cfg.use_ema,
+                                             use_flash_attention=settings.diffusion.use_flash_attention)
     unet, autoencoder = unet.to(device), autoencoder.to(device)
     conditioner = Conditioner.from_state(ckpt.get("conditioning"))
     if cfg.tile_size is not None:

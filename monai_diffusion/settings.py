@@ -24,7 +24,7 @@ Notes on values:
 
 Public API: :class:`Settings` (and its section dataclasses), :class:`ConfigError`, :func:`load_settings`,
 :func:`settings_from_dict`, :func:`add_config_args`, :func:`settings_from_args`, :func:`total_downsample_factor`,
-:func:`latent_spatial_size`, :func:`resolve_mixed_precision`, :func:`apply_overrides`.
+:func:`unet_fit_problems`, :func:`build_data_settings`, :func:`apply_overrides`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ __all__ = [
     "add_config_args",
     "settings_from_args",
     "total_downsample_factor",
-    "latent_spatial_size",
-    "resolve_mixed_precision",
+    "unet_fit_problems",
+    "build_data_settings",
 ]
 
 
@@ -184,7 +184,9 @@ class DataSettings:
     synthetic: SyntheticDataSettings = _section(SyntheticDataSettings, "built-in synthetic dataset")
     voxel_size: IntList = _f((64, 64, 64), "spatial size fed to the network, one int per spatial axis", ge=1)
     spacing: Optional[Tuple[float, ...]] = _f(None, "target voxel spacing in mm per axis; null = keep spacing", gt=0)
-    orientation: Optional[str] = _f("RAS", "axis codes to reorient to (e.g. RAS, LPS); null = keep orientation")
+    orientation: Optional[str] = _f(
+        "RAS", "axis codes to reorient to (e.g. RAS, LPS; 2D: RA, or the first two of three); null = keep orientation"
+    )
     intensity: IntensitySettings = _section(IntensitySettings, "intensity scaling")
     crop_mode: Literal["resize", "pad_crop", "random_patch"] = _f(
         "resize", "how volumes reach voxel_size: resize | pad_crop (centre) | random_patch (random crop)"
@@ -243,6 +245,10 @@ class CheckpointSettings:
     output_dir: str = _f("runs/autoencoder", "folder of this stage's checkpoints")
     save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
     resume_from: Optional[str] = _f(None, "checkpoint to resume training from; null = start fresh")
+    init_from: Optional[str] = _f(
+        None, "start from the network weights of this checkpoint (same architecture, any input size; optimizer, "
+              "epoch and output folder start fresh), e.g. for progressive resolution; null = random init"
+    )
 
 
 @dataclass(frozen=True)
@@ -253,16 +259,29 @@ class DiffusionCheckpointSettings:
     output_dir: str = _f("runs/diffusion", "folder of this stage's checkpoints")
     save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
     resume_from: Optional[str] = _f(None, "checkpoint to resume training from; null = start fresh")
+    init_from: Optional[str] = _f(
+        None, "start from the network weights of this checkpoint (same architecture, any input size; optimizer, "
+              "epoch and output folder start fresh), e.g. for progressive resolution; null = random init"
+    )
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    """TensorBoard logging of a stage."""
+    """TensorBoard logging of stage 1."""
 
     log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
     log_interval: int = _f(10, "log training losses every N steps", ge=1)
-    visualize_interval: int = _f(1, "log image slices every N epochs", ge=1)
-    num_visualize_samples: int = _f(1, "volumes shown per visualization", ge=0)
+    visualize_interval: int = _f(1, "log input / reconstruction / error slices every N epochs", ge=1)
+    num_visualize_samples: int = _f(1, "validation volumes shown per visualization", ge=0)
+
+
+@dataclass(frozen=True)
+class DiffusionLoggingSettings:
+    """TensorBoard logging of stage 2 (samples: diffusion.training.generate_samples_interval and
+    num_samples_to_generate)."""
+
+    log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
+    log_interval: int = _f(10, "log training losses every N steps", ge=1)
 
 
 @dataclass(frozen=True)
@@ -359,7 +378,7 @@ class DiffusionSettings:
     conditioning: ConditioningSettings = _section(ConditioningSettings, "optional class / covariate conditioning")
     training: DiffusionTrainingSettings = _section(DiffusionTrainingSettings, "stage 2 training")
     checkpoints: DiffusionCheckpointSettings = _section(DiffusionCheckpointSettings, "stage 2 checkpoints")
-    logging: LoggingSettings = _section(LoggingSettings, "stage 2 logging")
+    logging: DiffusionLoggingSettings = _section(DiffusionLoggingSettings, "stage 2 logging")
 
 
 @dataclass(frozen=True)
@@ -389,7 +408,7 @@ class DeviceSettings:
     use_cuda: bool = _f(True, "use a CUDA GPU when one is available (falls back to CPU)")
     gpu_id: int = _f(0, "CUDA device index", ge=0)
     mixed_precision: Union[bool, Literal["fp16", "bf16"]] = _f(
-        False, "true | false | fp16 | bf16; true = fp16 on CUDA, bf16 on CPU (see resolve_mixed_precision)"
+        False, "true | false | fp16 | bf16; true = fp16 on CUDA, bf16 on CPU (see engine.resolve_precision)"
     )
 
 
@@ -730,7 +749,11 @@ def _check_autoencoder(s: Settings, problems: list[tuple[str, str]]) -> Optional
 
 
 def _check_data_shape(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
-    d, dims = s.data, s.autoencoder.spatial_dims
+    _check_data_section(s.data, s.autoencoder.spatial_dims, total, problems)
+
+
+def _check_data_section(d: DataSettings, dims: int, total: Optional[tuple[int, ...]],
+                        problems: list[tuple[str, str]]) -> None:
     if len(d.voxel_size) != dims:
         problems.append(
             ("data.voxel_size", f"expected autoencoder.spatial_dims = {dims} entries (one per axis), "
@@ -753,10 +776,12 @@ def _check_data_shape(s: Settings, total: Optional[tuple[int, ...]], problems: l
         code = d.orientation.upper()
         pairs = [set("LR"), set("AP"), set("SI")]
         used = [next((i for i, p in enumerate(pairs) if c in p), None) for c in code]
-        if len(code) != dims or None in used or len(set(used)) != len(used):
+        # 2D takes two letters, or three of which the first two are used (so the default RAS serves both)
+        if len(code) not in ((2, 3) if dims == 2 else (3,)) or None in used or len(set(used)) != len(used):
             problems.append(
-                ("data.orientation", f"expected {dims} axis codes, one from each of L/R, A/P, S/I "
-                                     f"(e.g. {'RAS'[:dims]!r}), got {d.orientation!r}")
+                ("data.orientation", f"expected {dims} axis codes" + (" (or 3, of which the first 2 are used)"
+                                                                      if dims == 2 else "")
+                 + f", one from each of L/R, A/P, S/I (e.g. {'RAS'[:dims]!r}), got {d.orientation!r}")
             )
     if d.intensity.lower_percentile >= d.intensity.upper_percentile:
         problems.append(
@@ -773,12 +798,6 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
             ("diffusion.spatial_dims",
              f"must equal autoencoder.spatial_dims ({ae.spatial_dims}), got {df.spatial_dims}")
         )
-    for name in ("in_channels", "out_channels"):
-        if getattr(df, name) != ae.latent_channels:
-            problems.append(
-                (f"diffusion.{name}", f"must equal autoencoder.latent_channels ({ae.latent_channels}) because the "
-                                      f"UNet works on latents, got {getattr(df, name)}")
-            )
     _check_unet_lists("diffusion", df.num_channels, df.attention_levels, df.num_res_blocks, df.norm_num_groups,
                       problems)
     levels = len(df.num_channels)
@@ -800,18 +819,9 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
                 problems.append((key, f"must be >= 1 because {why}, got {h}"))
             elif c % h:
                 problems.append((key, f"must divide diffusion.num_channels[{i}] ({c}) because {why}, got {h}"))
-    if (total is not None and len(s.data.voxel_size) == ae.spatial_dims and levels
+    if (total is not None and len(s.data.voxel_size) == ae.spatial_dims
             and all(v % t == 0 for v, t in zip(s.data.voxel_size, total))):
-        latent = [v // t for v, t in zip(s.data.voxel_size, total)]
-        need = 2 ** (levels - 1)
-        bad = [(axis, size) for axis, size in enumerate(latent) if size % need]
-        for axis, size in bad:
-            problems.append(
-                ("diffusion.num_channels",
-                 f"{levels} levels halve the latent {levels - 1} times, so the latent size must be divisible by "
-                 f"{need}; latent axis {axis} is {size} (data.voxel_size {s.data.voxel_size[axis]} / total factor "
-                 f"{total[axis]}); use fewer levels or a different data.voxel_size")
-            )
+        problems += unet_fit_problems(df, ae.latent_channels, ae.spatial_dims, s.data.voxel_size, total)
     cond = df.conditioning
     if (cond.class_key is None) != (cond.num_classes is None):
         problems.append(
@@ -855,6 +865,96 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
              f"must be <= diffusion.scheduler.num_train_timesteps ({sch.num_train_timesteps}), "
              f"got {s.sampling.num_inference_steps}")
         )
+
+
+def _two_adic(n: int) -> int:
+    """Largest k with 2**k dividing n (n > 0)."""
+    k = 0
+    while n > 0 and n % 2 == 0:
+        n //= 2
+        k += 1
+    return k
+
+
+def _set_value(value: Any) -> str:
+    """A value as written after ``--set key=``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_set_value(v) for v in value) + "]"
+    return str(value)
+
+
+def unet_fit_problems(
+    df: DiffusionSettings, latent_channels: int, spatial_dims: int, voxel_size: Sequence[int],
+    total_factor: Sequence[int], autoencoder_source: str = "autoencoder",
+) -> list[tuple[str, str]]:
+    """Does the diffusion UNet fit the autoencoder's latent? One ``(key, message)`` per problem, each with the
+    ``--set`` lines that fix it.
+
+    The one place this is checked: settings validation calls it with the YAML's autoencoder, stage 2 with the
+    autoencoder stored in its checkpoint (``autoencoder_source`` names it in the messages).
+
+    Args:
+        df: the ``diffusion`` settings.
+        latent_channels: channels of the autoencoder's latent.
+        spatial_dims: the autoencoder's number of spatial axes.
+        voxel_size: the volumes' spatial size (divisible by ``total_factor``).
+        total_factor: the autoencoder's total downsample factor per axis.
+        autoencoder_source: how the messages name the autoencoder: ``"autoencoder"`` (the settings section) or
+            e.g. ``"the autoencoder in runs/ae/best_model.pt"``.
+    """
+    problems: list[tuple[str, str]] = []
+
+    def of(name: str) -> str:
+        return f"autoencoder.{name}" if autoencoder_source == "autoencoder" else f"{name} of {autoencoder_source}"
+
+    if df.spatial_dims != spatial_dims:
+        problems.append(("diffusion.spatial_dims", f"must equal {of('spatial_dims')} ({spatial_dims}), got "
+                                                   f"{df.spatial_dims}: --set diffusion.spatial_dims={spatial_dims}"))
+    for name in ("in_channels", "out_channels"):
+        if getattr(df, name) != latent_channels:
+            problems.append((f"diffusion.{name}", f"must equal {of('latent_channels')} ({latent_channels}) because "
+                                                  f"the UNet works on latents, got {getattr(df, name)}: "
+                                                  f"--set diffusion.{name}={latent_channels}"))
+    levels = len(df.num_channels)
+    if not levels:
+        return problems
+    latent = [v // t for v, t in zip(voxel_size, total_factor)]
+    need = 2 ** (levels - 1)
+    bad = [(axis, size) for axis, size in enumerate(latent) if size % need]
+    if not bad:
+        return problems
+    fixes = []
+    keep = 1 + min(_two_adic(n) for n in latent)
+    if keep < levels:
+        channels = list(df.num_channels[:keep])
+        sets = [f"--set diffusion.num_channels={_set_value(channels)}",
+                f"--set diffusion.attention_levels={_set_value(list(df.attention_levels[:keep]))}"]
+        if isinstance(df.num_head_channels, tuple):
+            heads = list(df.num_head_channels[:keep])
+            # the last level always has attention (middle block): its head size must divide its channels
+            if heads[-1] < 1 or channels[-1] % heads[-1]:
+                last = df.num_head_channels[-1]
+                heads[-1] = last if last >= 1 and channels[-1] % last == 0 else channels[-1]
+            sets.append(f"--set diffusion.num_head_channels={_set_value(heads)}")
+        if isinstance(df.num_res_blocks, tuple):
+            sets.append(f"--set diffusion.num_res_blocks={_set_value(list(df.num_res_blocks[:keep]))}")
+        fixes.append(f"use {keep} UNet level(s): " + " ".join(sets))
+    step = [t * need for t in total_factor]
+    sizes = []
+    for v, m in zip(voxel_size, step):
+        lo, hi = (v // m) * m, (v // m + 1) * m
+        sizes.append(lo if lo >= 1 and v - lo <= hi - v else hi)
+    fixes.append(f"or make every latent axis a multiple of {need}: --set data.voxel_size={_set_value(sizes)}")
+    where = ", ".join(f"axis {a} is {n} (data.voxel_size {voxel_size[a]} / total factor {total_factor[a]})"
+                      for a, n in bad)
+    problems.append(("diffusion.num_channels",
+                     f"{levels} UNet levels halve the latent {levels - 1} time(s), so each latent axis must be "
+                     f"divisible by {need}, but latent {where}; " + "; ".join(fixes)))
+    return problems
 
 
 def _check_perceptual(s: Settings, check_paths: bool, problems: list[tuple[str, str]]) -> None:
@@ -926,13 +1026,49 @@ def _check_data_sources(s: Settings, check_paths: bool, require_data: bool, prob
                                   f"JSON datalist, e.g. --set {key}=/path/to/datalist.json"))
 
 
-def _validate(s: Settings, check_paths: bool, require_data: bool) -> None:
+def _check_checkpoints(s: Settings, check_paths: bool, problems: list[tuple[str, str]]) -> None:
+    for section in ("autoencoder", "diffusion"):
+        c = getattr(s, section).checkpoints
+        if c.init_from is not None and c.resume_from is not None:
+            problems.append((f"{section}.checkpoints.init_from",
+                             f"cannot be combined with {section}.checkpoints.resume_from (resuming restores the "
+                             "weights already); set one of them to null"))
+        for name in ("init_from", "resume_from"):
+            path = getattr(c, name)
+            if check_paths and path is not None and not Path(path).expanduser().is_file():
+                problems.append((f"{section}.checkpoints.{name}",
+                                 f"file not found: {path!r} (resolved to {Path(path).expanduser().resolve()})"))
+
+
+def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems: list[tuple[str, str]]) -> None:
+    """Checks that only one command needs: stage 2 learns whole volumes from a stage-1 checkpoint."""
+    if stage != "diffusion":
+        return
+    if s.data.crop_mode == "random_patch":
+        problems.append(("data.crop_mode", "random_patch is for stage 1 only: the diffusion model learns whole "
+                                           "volumes; use --set data.crop_mode=resize or pad_crop"))
+    path = s.diffusion.checkpoints.autoencoder_path
+    key = "diffusion.checkpoints.autoencoder_path"
+    if path is None:
+        problems.append((key, f"is not set: point it at the stage-1 checkpoint, e.g. --set {key}="
+                              f"{Path(s.autoencoder.checkpoints.output_dir) / 'best_model.pt'}"))
+    elif check_paths and not Path(path).expanduser().is_file():
+        problems.append((key, f"file not found: {path!r} (resolved to {Path(path).expanduser().resolve()}); "
+                              "train stage 1 first, or point it at its best_model.pt"))
+
+
+STAGES = ("autoencoder", "diffusion", "sampling")
+
+
+def _validate(s: Settings, check_paths: bool, require_data: bool, stage: Optional[str] = None) -> None:
     problems: list[tuple[str, str]] = []
     total = _check_autoencoder(s, problems)
     _check_data_shape(s, total, problems)
     _check_diffusion(s, total, problems)
     _check_perceptual(s, check_paths, problems)
     _check_data_sources(s, check_paths, require_data, problems)
+    _check_checkpoints(s, check_paths, problems)
+    _check_stage(s, stage, check_paths, problems)
     if problems:
         raise ConfigError(problems=problems)
 
@@ -942,7 +1078,9 @@ def _validate(s: Settings, check_paths: bool, require_data: bool) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def settings_from_dict(d: Mapping[str, Any] | None, check_paths: bool = True, *, require_data: bool = True) -> Settings:
+def settings_from_dict(
+    d: Mapping[str, Any] | None, check_paths: bool = True, *, require_data: bool = True, stage: Optional[str] = None
+) -> Settings:
     """Validate a plain (YAML-like) dict and build typed settings.
 
     Args:
@@ -951,15 +1089,20 @@ def settings_from_dict(d: Mapping[str, Any] | None, check_paths: bool = True, *,
             source is given at all. False validates the document only (no filesystem access).
         require_data: False skips the data-source presence and existence checks (for tools that read no data,
             like sampling); conflicting sources are still an error.
+        stage: the command the settings are for (``"autoencoder"``, ``"diffusion"``, ``"sampling"``) or None;
+            ``"diffusion"`` adds stage 2's own checks (no ``random_patch``, the stage-1 checkpoint is given and
+            exists).
 
     Raises:
         ConfigError: listing every problem found (key path, given value, expected value).
     """
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
     problems: list[tuple[str, str]] = []
     settings = _build(Settings, d, "", problems)
     if problems:
         raise ConfigError(problems=problems)
-    _validate(settings, check_paths, require_data)
+    _validate(settings, check_paths, require_data, stage)
     return settings
 
 
@@ -1055,7 +1198,8 @@ def apply_overrides(d: Mapping[str, Any] | None, overrides: Sequence[str]) -> di
 
 
 def load_settings(
-    path: str | Path | None, overrides: Sequence[str] = (), check_paths: bool = True, *, require_data: bool = True
+    path: str | Path | None, overrides: Sequence[str] = (), check_paths: bool = True, *, require_data: bool = True,
+    stage: Optional[str] = None,
 ) -> Settings:
     """Read a YAML config, apply ``--set`` overrides, validate, and return typed settings.
 
@@ -1065,6 +1209,7 @@ def load_settings(
             (``5``, ``true``, ``[4, 2]``, ``null``, ``1e-4``).
         check_paths: see :func:`settings_from_dict`.
         require_data: see :func:`settings_from_dict`.
+        stage: see :func:`settings_from_dict`.
 
     Raises:
         ConfigError: for an unreadable file, an unknown override key, or any invalid value (the file is named).
@@ -1072,7 +1217,7 @@ def load_settings(
     raw = {} if path is None else _read_yaml(Path(path).expanduser())
     try:
         raw = apply_overrides(raw, overrides)
-        return settings_from_dict(raw, check_paths=check_paths, require_data=require_data)
+        return settings_from_dict(raw, check_paths=check_paths, require_data=require_data, stage=stage)
     except ConfigError as e:
         if path is not None and e.source is None:
             raise e.with_source(path) from None
@@ -1091,11 +1236,29 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def settings_from_args(
-    args: argparse.Namespace, check_paths: bool = True, *, require_data: bool = True
+    args: argparse.Namespace, check_paths: bool = True, *, require_data: bool = True, stage: Optional[str] = None
 ) -> Settings:
     """Settings from the ``--config`` / ``--set`` arguments added by :func:`add_config_args`."""
     return load_settings(getattr(args, "config", None), getattr(args, "set", None) or (),
-                         check_paths=check_paths, require_data=require_data)
+                         check_paths=check_paths, require_data=require_data, stage=stage)
+
+
+def build_data_settings(raw: Mapping[str, Any] | None = None, spatial_dims: int = 3) -> DataSettings:
+    """The ``data`` section alone, validated with the same schema and checks as in :func:`settings_from_dict`
+    (shape, orientation, spacing and intensity checks for ``spatial_dims`` axes; no autoencoder, no paths).
+
+    For tools and tests that read volumes without a whole config (``evaluate --real``).
+
+    Raises:
+        ConfigError: naming each ``data.*`` key that is wrong.
+    """
+    problems: list[tuple[str, str]] = []
+    data = _build(DataSettings, raw, "data", problems)
+    if not problems:
+        _check_data_section(data, spatial_dims, None, problems)
+    if problems:
+        raise ConfigError(problems=problems)
+    return data
 
 
 def total_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]:
@@ -1106,25 +1269,6 @@ def total_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]
         return (2**levels,) * dims
     per_level = [(f,) * dims if isinstance(f, int) else tuple(f) for f in autoencoder.downsample_factors]
     return _prod(per_level, dims)
-
-
-def latent_spatial_size(settings: Settings) -> tuple[int, ...]:
-    """Spatial size of the latent: data.voxel_size divided by the total downsample factor per axis."""
-    total = total_downsample_factor(settings.autoencoder)
-    return tuple(v // t for v, t in zip(settings.data.voxel_size, total))
-
-
-def resolve_mixed_precision(mixed_precision: bool | str, on_cuda: bool) -> Optional[str]:
-    """Autocast dtype name for ``device.mixed_precision``: None (off), "fp16" or "bf16".
-
-    ``true`` means fp16 on CUDA and bf16 on CPU. An explicit "fp16" is returned as is even without CUDA; the trainer
-    decides what to do with it (e.g. warn and use bf16).
-    """
-    if mixed_precision is False or mixed_precision is None:
-        return None
-    if mixed_precision is True:
-        return "fp16" if on_cuda else "bf16"
-    return str(mixed_precision)
 
 
 def settings_reference() -> str:

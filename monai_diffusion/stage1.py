@@ -33,7 +33,8 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
-from .models import build_autoencoder
+from .models import architecture, build_autoencoder
+from .settings import total_downsample_factor
 from .visualize import orthogonal_slices
 
 
@@ -173,10 +174,11 @@ class AutoencoderStage:
         }
 
     @torch.no_grad()
-    def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Input | reconstruction | error, as three orthogonal mid-slices, for ``num_visualize`` volumes."""
+    def visualize(self, batch: Any, quick: bool = False) -> dict[str, torch.Tensor]:
+        """Input | reconstruction | error, as three orthogonal mid-slices, for ``num_visualize`` volumes (one when
+        ``quick``)."""
         out = {}
-        images = self._images(batch)[: self.num_visualize]
+        images = self._images(batch)[: 1 if quick else self.num_visualize]
         for i in range(images.shape[0]):
             image = images[i : i + 1]
             with self.runtime.autocast():
@@ -189,18 +191,15 @@ class AutoencoderStage:
     def checkpoint_extra(self) -> dict[str, Any]:
         return {
             "model_class": "generative.networks.nets.AutoencoderKL",
-            "model_args": dict(self.autoencoder.init_args),
+            "model_args": self.architecture(),
             "data_info": self.data_info,
         }
 
-    def load_extra(self, ckpt: dict[str, Any]) -> None:
-        saved = ckpt.get("model_args")
-        if saved is not None and saved != self.autoencoder.init_args:
-            diff = {k: (saved.get(k), v) for k, v in self.autoencoder.init_args.items() if saved.get(k) != v}
-            raise ValueError(
-                "autoencoder.checkpoints.resume_from was trained with other autoencoder arguments "
-                f"(checkpoint vs config): {diff}. Resume with the settings stored in the checkpoint."
-            )
+    def architecture(self) -> dict[str, Any]:
+        return architecture(self.autoencoder.init_args)
+
+    def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        """Nothing beyond the weights and optimizer states (restored by the loop)."""
 
 
 def build_discriminator(spatial_dims: int, in_channels: int, num_layers_d: int, num_channels: int) -> PatchDiscriminator:
@@ -230,6 +229,43 @@ def build_perceptual_loss(training: Any, spatial_dims: int) -> nn.Module | None:
         ) from exc
 
 
+def build_autoencoder_stage(
+    settings: Any,
+    runtime: Runtime,
+    perceptual: nn.Module | None = None,
+    data_info: dict[str, Any] | None = None,
+    val_tile: tuple[int, ...] | None = None,
+) -> AutoencoderStage:
+    """Stage 1's networks and optimizers from the settings, seeded so every rank starts from the same weights,
+    wrapped in DDP under ``torchrun``. Used by training and by ``plan`` alike."""
+    ae_cfg, t = settings.autoencoder, settings.autoencoder.training
+    seed_everything(settings.seed if settings.seed is not None else 0)
+    autoencoder = build_autoencoder(ae_cfg).to(runtime.device)
+    discriminator = build_discriminator(
+        ae_cfg.spatial_dims, ae_cfg.out_channels, t.discriminator.num_layers_d, t.discriminator.num_channels
+    ).to(runtime.device)
+    if perceptual is not None:
+        perceptual = perceptual.to(runtime.device)
+    optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=t.learning_rate)
+    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=t.discriminator.learning_rate or t.learning_rate)
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        autoencoder = DistributedDataParallel(autoencoder, device_ids=ids)
+        discriminator = DistributedDataParallel(discriminator, device_ids=ids)
+    return AutoencoderStage(
+        autoencoder,
+        discriminator,
+        optimizer_g,
+        optimizer_d,
+        t,
+        runtime,
+        perceptual_loss=perceptual,
+        data_info=data_info,
+        val_tile=val_tile,
+        num_visualize=ae_cfg.logging.num_visualize_samples,
+    )
+
+
 def train_autoencoder(settings: Any) -> LoopState:
     """Stage 1 end to end: checks, data, networks, then the shared loop. Returns the final loop state."""
     ae_cfg, t = settings.autoencoder, settings.autoencoder.training
@@ -243,17 +279,14 @@ def train_autoencoder(settings: Any) -> LoopState:
             load_checkpoint(loop_cfg.resume_from, expected_stage="autoencoder")
         perceptual = build_perceptual_loss(t, ae_cfg.spatial_dims)
 
-        seed_everything(seed)  # identical initial weights on every rank
-        autoencoder = build_autoencoder(ae_cfg).to(runtime.device)
-        factor = autoencoder.total_downsample_factor
         random_patch = settings.data.crop_mode == "random_patch"
         with _rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
-                settings.to_dict()["data"],
+                settings.data,
                 spatial_dims=ae_cfg.spatial_dims,
                 in_channels=ae_cfg.in_channels,
                 work_dir=output_dir.parent,
-                divisible_by=factor if random_patch else None,
+                divisible_by=total_downsample_factor(ae_cfg) if random_patch else None,
             )
         runtime.print(f"data: {info.get('source', '')} ({info.get('n_train')} training, {info.get('n_val')} validation volumes)")
         train_loader, val_loader = build_loaders(
@@ -268,28 +301,9 @@ def train_autoencoder(settings: Any) -> LoopState:
             rank=runtime.rank if runtime.distributed else None,
             val_batch_size=1 if random_patch else None,
         )
-        discriminator = build_discriminator(
-            ae_cfg.spatial_dims, ae_cfg.out_channels, t.discriminator.num_layers_d, t.discriminator.num_channels
-        ).to(runtime.device)
-        if perceptual is not None:
-            perceptual = perceptual.to(runtime.device)
-        optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=t.learning_rate)
-        optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=t.discriminator.learning_rate or t.learning_rate)
-        if runtime.distributed:
-            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            autoencoder = DistributedDataParallel(autoencoder, device_ids=ids)
-            discriminator = DistributedDataParallel(discriminator, device_ids=ids)
-        stage = AutoencoderStage(
-            autoencoder,
-            discriminator,
-            optimizer_g,
-            optimizer_d,
-            t,
-            runtime,
-            perceptual_loss=perceptual,
-            data_info=_json_safe(info),
+        stage = build_autoencoder_stage(
+            settings, runtime, perceptual=perceptual, data_info=_json_safe(info),
             val_tile=tuple(settings.data.voxel_size) if random_patch else None,
-            num_visualize=ae_cfg.logging.num_visualize_samples,
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run:

@@ -30,7 +30,8 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
-from .models import build_unet, load_autoencoder, unet_args
+from .models import architecture, build_unet, load_autoencoder, unet_args
+from .settings import ConfigError, unet_fit_problems
 from .sampling import Conditioner, build_scheduler, decode_latents, sample_latents
 from .stage1 import _json_safe, _rank0_first
 from .visualize import orthogonal_slices
@@ -178,8 +179,9 @@ class DiffusionStage:
         return {"val_loss": loss.item(), "mse": loss.item()}
 
     @torch.no_grad()
-    def generate(self, n: int, batch: Any | None = None, seed: int = 0) -> torch.Tensor:
-        """``n`` decoded samples (conditions taken from ``batch`` when the model is conditioned)."""
+    def generate(self, n: int, batch: Any | None = None, seed: int = 0, steps: int | None = None) -> torch.Tensor:
+        """``n`` decoded samples (conditions taken from ``batch`` when the model is conditioned), with DDIM in
+        ``steps`` steps (default ``sampling.num_inference_steps``)."""
         net = self.ema if self.ema is not None else unwrap(self.modules["unet"])
         latent_shape = self.extra["latent_shape"]
         generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
@@ -189,16 +191,18 @@ class DiffusionStage:
             cond = {k: v[:n] for k, v in self.conditioner.from_batch(batch, self.runtime.device).items()}
             noise = noise[: next(iter(cond.values())).shape[0]]
         scheduler = build_scheduler(self.scheduler_args, "ddim")
-        scheduler.set_timesteps(min(self.sampling.num_inference_steps, self.scheduler_args["num_train_timesteps"]))
+        steps = self.sampling.num_inference_steps if steps is None else steps
+        scheduler.set_timesteps(min(steps, self.scheduler_args["num_train_timesteps"]))
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
             return decode_latents(self.autoencoder, z.float(), self.scale_factor, None).float()
 
-    def visualize(self, batch: Any) -> dict[str, torch.Tensor]:
-        n = self.extra["num_samples_to_generate"]
+    def visualize(self, batch: Any, quick: bool = False) -> dict[str, torch.Tensor]:
+        """Mid-slices of ``num_samples_to_generate`` samples; ``quick``: one sample in 2 DDIM steps."""
+        n = 1 if quick else self.extra["num_samples_to_generate"]
         if n == 0:
             return {}
-        samples = self.generate(n, batch)
+        samples = self.generate(n, batch, steps=2 if quick else None)
         images = {}
         for i in range(samples.shape[0]):
             for axis, image in orthogonal_slices([samples[i : i + 1]]).items():
@@ -220,12 +224,10 @@ class DiffusionStage:
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
 
-    def load_extra(self, ckpt: dict[str, Any]) -> None:
-        if ckpt.get("model_args") != self.extra["model_args"]:
-            raise RunError(
-                "diffusion.checkpoints.resume_from was trained with another UNet "
-                f"(checkpoint {ckpt.get('model_args')} vs config {self.extra['model_args']})."
-            )
+    def architecture(self) -> dict[str, Any]:
+        return architecture(self.extra["model_args"])
+
+    def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
         self.scale_factor = float(ckpt["scale_factor"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
 
@@ -261,28 +263,25 @@ def estimate_scale_factor(stage_encode, latent, loader, batches: int, runtime: R
     return 1.0 / std
 
 
-def check_unet_fits(ae_args: dict[str, Any], latent_spatial: tuple[int, ...], args: dict[str, Any], ckpt_path: Path) -> None:
-    """Refuse a UNet that cannot run on this autoencoder's latents, saying what to change."""
-    latent_channels = ae_args["latent_channels"]
-    problems = []
-    for key in ("in_channels", "out_channels"):
-        if args[key] != latent_channels:
-            problems.append(
-                f"diffusion.{key} is {args[key]} but the autoencoder in {ckpt_path} has latent_channels="
-                f"{latent_channels}: set diffusion.{key}={latent_channels}"
-            )
-    if ae_args["spatial_dims"] != args["spatial_dims"]:
-        problems.append(f"diffusion.spatial_dims is {args['spatial_dims']}, the autoencoder's is {ae_args['spatial_dims']}")
-    need = 2 ** (len(args["channels"]) - 1)
-    for axis, size in enumerate(latent_spatial):
-        if size % need:
-            problems.append(
-                f"latent axis {axis} has {size} voxels, not divisible by {need} (the UNet's {len(args['channels'])} "
-                f"levels halve it {len(args['channels']) - 1} times): use fewer diffusion.num_channels levels or "
-                "a data.voxel_size whose latent is divisible"
-            )
+def check_unet_fits(settings: Any, autoencoder: nn.Module, ae_path: Path) -> tuple[int, ...]:
+    """Refuse volumes or a UNet that do not fit the autoencoder stored in ``ae_path`` (the same check settings
+    validation runs against the YAML's autoencoder section), with the ``--set`` lines that fix it.
+
+    Returns:
+        The latent's spatial size.
+    """
+    voxel_size = tuple(settings.data.voxel_size)
+    try:
+        latent_spatial = autoencoder.latent_shape(voxel_size)
+    except ValueError as exc:
+        raise ConfigError(f"{list(voxel_size)} does not fit the autoencoder in {ae_path}: {exc}",
+                          key="data.voxel_size") from None
+    problems = unet_fit_problems(settings.diffusion, autoencoder.latent_channels, autoencoder.spatial_dims,
+                                 voxel_size, autoencoder.total_downsample_factor,
+                                 autoencoder_source=f"the autoencoder in {ae_path}")
     if problems:
-        raise RunError("The diffusion UNet does not fit the latent:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(problems=problems)
+    return tuple(latent_spatial)
 
 
 def _covariate_stats(datalist: str | None, keys: list[str]) -> dict[str, list[float]]:
@@ -314,14 +313,57 @@ def _cache_latents(stage: DiffusionStage, dataset: Any, runtime: Runtime, keep: 
 
 
 # ----------------------------------------------------------------------------------------------------- driver
+def build_diffusion_stage(
+    settings: Any,
+    runtime: Runtime,
+    autoencoder: nn.Module,
+    conditioner: Conditioner,
+    steps_per_epoch: int,
+    data_info: dict[str, Any] | None = None,
+    autoencoder_source: str = "",
+) -> DiffusionStage:
+    """Stage 2's UNet (+ EMA copy), optimizer and learning-rate schedule from the settings, around a frozen
+    ``autoencoder``; seeded so every rank starts from the same weights, DDP-wrapped under ``torchrun``. Used by
+    training and by ``plan`` alike. The latent scale factor starts at 1 (training estimates it)."""
+    df, t = settings.diffusion, settings.diffusion.training
+    latent_spatial = autoencoder.latent_shape(tuple(settings.data.voxel_size))
+    args = unet_args(df, df.conditioning.num_classes, len(df.conditioning.covariate_keys))
+    seed_everything(settings.seed if settings.seed is not None else 0)
+    unet = build_unet(args, df.use_flash_attention).to(runtime.device)
+    ema = copy.deepcopy(unet).requires_grad_(False) if t.ema_decay else None
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_warmup_steps, t.lr_schedule, steps_per_epoch * t.n_epochs)
+    )
+    if runtime.distributed:
+        unet = DistributedDataParallel(unet, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    scheduler_args = {
+        "num_train_timesteps": df.scheduler.num_train_timesteps,
+        "schedule": df.scheduler.schedule,
+        "beta_start": df.scheduler.beta_start,
+        "beta_end": df.scheduler.beta_end,
+        "prediction_type": df.scheduler.prediction_type,
+    }
+    extra = {
+        "model_args": args,
+        "latent_shape": [autoencoder.latent_channels, *latent_spatial],
+        "autoencoder": {"model_args": architecture(autoencoder.init_args), "state_dict": autoencoder.state_dict(),
+                        "source": autoencoder_source},
+        "data_info": data_info or {},
+        "conditioning_dropout": df.conditioning.dropout,
+        "num_samples_to_generate": t.num_samples_to_generate,
+    }
+    return DiffusionStage(
+        unet, ema, optimizer, lr_scheduler, autoencoder, scheduler_args, 1.0, conditioner, settings, runtime, extra
+    )
+
+
 def train_diffusion(settings: Any) -> LoopState:
     """Stage 2 end to end: checks, autoencoder from its checkpoint, data, UNet, then the shared loop."""
     df, t = settings.diffusion, settings.diffusion.training
     # samples are what stage 2 shows in TensorBoard, every generate_samples_interval epochs
     loop_cfg = loop_config(settings, "diffusion", visualize_interval=t.generate_samples_interval)
     seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
-    if df.checkpoints.autoencoder_path is None:
-        raise RunError("diffusion.checkpoints.autoencoder_path is not set: point it at the stage-1 best_model.pt.")
     ae_path = Path(df.checkpoints.autoencoder_path)
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
@@ -329,14 +371,10 @@ def train_diffusion(settings: Any) -> LoopState:
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="diffusion")
         # the autoencoder comes from its checkpoint alone, never from the YAML's autoencoder section
-        autoencoder, ae_ckpt = load_autoencoder(ae_path)
+        autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
         autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
         ae_args = ae_ckpt["model_args"]
-        voxel_size = tuple(settings.data.voxel_size)
-        try:
-            latent_spatial = autoencoder.latent_shape(voxel_size)
-        except ValueError as exc:
-            raise RunError(f"data.voxel_size {list(voxel_size)} does not fit the autoencoder in {ae_path}: {exc}") from exc
+        latent_spatial = check_unet_fits(settings, autoencoder, ae_path)
         cond_cfg = df.conditioning
         conditioner = Conditioner(
             cond_cfg.class_key,
@@ -344,25 +382,12 @@ def train_diffusion(settings: Any) -> LoopState:
             cond_cfg.covariate_keys,
             _covariate_stats(settings.data.datalist, list(cond_cfg.covariate_keys)),
         )
-        args = unet_args(df, cond_cfg.num_classes, len(cond_cfg.covariate_keys))
-        check_unet_fits(ae_args, latent_spatial, args, ae_path)
-
-        seed_everything(seed)
-        unet = build_unet(args).to(runtime.device)
-        ema = copy.deepcopy(unet).requires_grad_(False) if t.ema_decay else None
-        random_patch = settings.data.crop_mode == "random_patch"
         with _rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
-                settings.to_dict()["data"],
+                settings.data,
                 spatial_dims=ae_args["spatial_dims"],
                 in_channels=ae_args["in_channels"],
                 work_dir=output_dir.parent,
-                divisible_by=autoencoder.total_downsample_factor if random_patch else None,
-            )
-        if random_patch:
-            raise RunError(
-                "data.crop_mode=random_patch is not supported in stage 2: the diffusion model learns whole "
-                "volumes; use resize or pad_crop."
             )
         loader_args = dict(
             batch_size=t.batch_size,
@@ -374,30 +399,10 @@ def train_diffusion(settings: Any) -> LoopState:
             rank=runtime.rank if runtime.distributed else None,
         )
         train_loader, val_loader = build_loaders(train_ds, val_ds, **loader_args)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate)
         steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(t.lr_warmup_steps, t.lr_schedule, steps_per_epoch * t.n_epochs)
-        )
-        if runtime.distributed:
-            unet = DistributedDataParallel(unet, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        scheduler_args = {
-            "num_train_timesteps": df.scheduler.num_train_timesteps,
-            "schedule": df.scheduler.schedule,
-            "beta_start": df.scheduler.beta_start,
-            "beta_end": df.scheduler.beta_end,
-            "prediction_type": df.scheduler.prediction_type,
-        }
-        extra = {
-            "model_args": args,
-            "latent_shape": [ae_args["latent_channels"], *latent_spatial],
-            "autoencoder": {"model_args": ae_args, "state_dict": autoencoder.state_dict(), "source": str(ae_path)},
-            "data_info": _json_safe(ae_ckpt.get("data_info") or info),
-            "conditioning_dropout": cond_cfg.dropout,
-            "num_samples_to_generate": t.num_samples_to_generate,
-        }
-        stage = DiffusionStage(
-            unet, ema, optimizer, lr_scheduler, autoencoder, scheduler_args, 1.0, conditioner, settings, runtime, extra
+        stage = build_diffusion_stage(
+            settings, runtime, autoencoder, conditioner, steps_per_epoch,
+            data_info=_json_safe(ae_ckpt.get("data_info") or info), autoencoder_source=str(ae_path),
         )
         if t.cache_latents:
             if settings.data.augmentation.enabled:

@@ -14,7 +14,6 @@ import torch
 from nibabel.testing import data_path
 
 from monai_diffusion.data import (
-    DataConfig,
     DataError,
     build_datasets,
     build_loaders,
@@ -24,6 +23,7 @@ from monai_diffusion.data import (
     load_datalist,
     make_synthetic_dataset,
 )
+from monai_diffusion.settings import ConfigError, build_data_settings, settings_from_dict
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")  # 33x41x25, LAS, 2 mm voxels
 
@@ -36,29 +36,29 @@ def _write(path, data, affine=None):
 def _cfg(**kw):
     base = {"voxel_size": [16, 16, 16], "cache_rate": 0.0}
     base.update(kw)
-    return DataConfig(**base)
+    return build_data_settings(base, spatial_dims=len(base["voxel_size"]))
 
 
 # ------------------------------------------------------------------------------------------- config
 
 
-def test_config_accepts_settings_dict_and_rejects_bad_values():
-    d = DataConfig().to_dict()
-    assert set(d) == {
-        "train_data_dir", "val_data_dir", "datalist", "synthetic", "voxel_size", "spacing", "orientation",
-        "intensity", "crop_mode", "cache_rate", "cache_dir", "num_workers", "pin_memory", "on_read_error",
-        "augmentation",
-    }
-    assert d["synthetic"] == {"enabled": False, "num_train": 16, "num_val": 4, "seed": 0}
-    assert DataConfig(**d) == DataConfig()
-    with pytest.raises(DataError, match="crop_mode"):
-        DataConfig(crop_mode="zoom")
-    with pytest.raises(DataError, match=r"data\.intensity.*unknown.*lower"):
-        DataConfig(intensity={"lower": 1})
-    with pytest.raises(DataError, match="data.orientation"):
-        DataConfig(orientation="RAR")
-    with pytest.raises(DataError, match="data.spacing"):
-        DataConfig(spacing=[1.0, 1.0])
+def test_data_section_is_checked_by_the_one_schema():
+    # the data functions take the validated settings section; its checks live in settings only
+    with pytest.raises(ConfigError, match="data.crop_mode"):
+        _cfg(crop_mode="zoom")
+    with pytest.raises(ConfigError, match=r"data\.intensity\.lower.*unknown"):
+        _cfg(intensity={"lower": 1})
+    with pytest.raises(ConfigError, match="data.orientation"):
+        _cfg(orientation="RAR")
+    with pytest.raises(ConfigError, match="data.spacing"):
+        _cfg(spacing=[1.0, 1.0])
+    # orientation has one letter per spatial axis: 2D takes two (this is what used to block 2D training)
+    assert _cfg(voxel_size=[16, 16], orientation="RA").orientation == "RA"
+    assert _cfg(voxel_size=[16, 16]).orientation == "RAS"  # the default: its first two letters are used
+    with pytest.raises(ConfigError, match="data.orientation"):
+        _cfg(voxel_size=[16, 16], orientation="RRS")
+    with pytest.raises(ConfigError, match="data.orientation"):
+        _cfg(voxel_size=[16, 16, 16], orientation="RA")
 
 
 # ---------------------------------------------------------------------------------------- synthetic
@@ -305,13 +305,11 @@ def test_datalist_missing_file_names_entry(tmp_path):
 # --------------------------------------------------------------------------------------------- misc
 
 
-def test_source_errors(tmp_path):
-    with pytest.raises(DataError, match="no data source"):
-        build_datasets(_cfg(), spatial_dims=3, in_channels=1)
-    with pytest.raises(DataError, match="more than one"):
-        build_datasets(_cfg(train_data_dir=str(tmp_path), synthetic={"enabled": True}), 3, 1, work_dir=tmp_path)
-    with pytest.raises(DataError, match="spatial_dims=2"):
-        build_transforms(_cfg(), spatial_dims=2, train=True)
+def test_source_errors_are_settings_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no data source"):
+        settings_from_dict({"data": {"voxel_size": [16, 16, 16]}})
+    with pytest.raises(ConfigError, match="exactly one data source"):
+        settings_from_dict({"data": {"train_data_dir": str(tmp_path), "synthetic": {"enabled": True}}})
 
 
 def test_2d_images(tmp_path):
@@ -332,3 +330,27 @@ def test_2d_images(tmp_path):
         warnings.simplefilter("error")
         out = build_transforms(cfg, 2, train=False)({"image": syn_train[0]})["image"]
     assert tuple(out.shape) == (1, 16, 16)
+
+
+def test_2d_png_jpeg_tiff_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "png").mkdir()
+    for i, ext in enumerate(["png", "jpg", "tif"]):
+        Image.fromarray((rng.random((24, 20)) * 255).astype(np.uint8)).save(tmp_path / "png" / f"im{i}.{ext}")
+    Image.fromarray(np.zeros((24, 20, 3), np.uint8)).save(tmp_path / "rgb.png")
+    files = discover_images(tmp_path / "png", spatial_dims=2)
+    assert [os.path.basename(f) for f in files] == ["im0.png", "im1.jpg", "im2.tif"]
+    with pytest.raises(DataError, match="spatial_dims=2"):
+        discover_images(tmp_path / "png", spatial_dims=3)  # images need 2D settings, and the message says so
+    with pytest.raises(DataError, match=r"rgb\.png.*RGB image with 3 channel"):
+        check_files([str(tmp_path / "rgb.png")], 1, spatial_dims=2)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"bad\.png.*cannot be read as an image"):
+        check_files([str(tmp_path / "bad.png")], 1, spatial_dims=2)
+    cfg = _cfg(train_data_dir=str(tmp_path / "png"), voxel_size=[16, 16], orientation="RA")
+    train_ds, val_ds, info = build_datasets(cfg, spatial_dims=2, in_channels=1)
+    assert info["n_train"] == 2 and info["n_val"] == 1
+    image = train_ds[0]["image"]
+    assert tuple(image.shape) == (1, 16, 16) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0

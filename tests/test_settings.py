@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from monai_diffusion.settings import (
@@ -14,9 +15,7 @@ from monai_diffusion.settings import (
     Settings,
     add_config_args,
     apply_overrides,
-    latent_spatial_size,
     load_settings,
-    resolve_mixed_precision,
     settings_from_args,
     settings_from_dict,
     total_downsample_factor,
@@ -72,7 +71,8 @@ def test_shipped_configs_load_and_are_consistent(path):
 
 def test_shipped_latent_sizes():
     def latent(name):
-        return latent_spatial_size(load_settings(CONFIG_DIR / name, check_paths=False))
+        s = load_settings(CONFIG_DIR / name, check_paths=False)
+        return tuple(v // t for v, t in zip(s.data.voxel_size, total_downsample_factor(s.autoencoder)))
 
     assert latent("ldm_config.yaml") == (32, 32, 16)
     assert latent("examples/ldm_config_8x_downsample.yaml") == (32, 32, 8)
@@ -154,7 +154,6 @@ def test_per_axis_factors_and_total():
     )
     assert s.autoencoder.downsample_factors == ((2, 2, 1), 2)
     assert total_downsample_factor(s.autoencoder) == (4, 4, 2)
-    assert latent_spatial_size(s) == (16, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -250,10 +249,10 @@ def test_enum_case_and_mixed_precision_values():
                            check_paths=False)
     assert s.data.crop_mode == "pad_crop" and s.device.mixed_precision == "bf16"
     assert settings_from_dict({"device": {"mixed_precision": True}}, check_paths=False).device.mixed_precision is True
-    assert resolve_mixed_precision(True, on_cuda=True) == "fp16"
-    assert resolve_mixed_precision(True, on_cuda=False) == "bf16"
-    assert resolve_mixed_precision(False, on_cuda=True) is None
-    assert resolve_mixed_precision("fp16", on_cuda=False) == "fp16"  # resolved later by the trainer
+    from monai_diffusion.engine import resolve_precision
+
+    assert resolve_precision(True, torch.device("cpu")) == torch.bfloat16
+    assert resolve_precision(False, torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize(

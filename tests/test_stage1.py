@@ -171,8 +171,10 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
 
 
 def test_resume_from_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
-    with pytest.raises(RunError, match="Checkpoint not found"):
-        train_autoencoder(settings_for(tmp_path, f"autoencoder.checkpoints.resume_from={tmp_path / 'nope.pt'}"))
+    from monai_diffusion.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"autoencoder\.checkpoints\.resume_from: file not found"):
+        settings_for(tmp_path, f"autoencoder.checkpoints.resume_from={tmp_path / 'nope.pt'}")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(RunError, match="not a monai-diffusion checkpoint"):

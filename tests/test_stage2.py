@@ -13,6 +13,7 @@ import torch
 from nibabel.testing import data_path as NIB_DATA
 
 from monai_diffusion.cli import generate_samples_main, train_diffusion_main
+from monai_diffusion.settings import ConfigError
 from monai_diffusion.engine import RunError, load_checkpoint
 from monai_diffusion.generate import generate_samples
 from monai_diffusion.settings import load_settings
@@ -155,7 +156,8 @@ def test_unet_that_does_not_fit_the_latent_is_rejected(synthetic_ae, tmp_path):
         "diffusion.out_channels=3",
         f"diffusion.checkpoints.output_dir={tmp_path}",
     )
-    with pytest.raises(RunError, match=r"diffusion.in_channels is 3 but the autoencoder .* has latent_channels=2"):
+    with pytest.raises(ConfigError, match=r"diffusion.in_channels: must equal latent_channels of the autoencoder in "
+                                          r".*best_model\.pt \(2\).*--set diffusion.in_channels=2"):
         train_diffusion(settings)
     # the YAML claims 2x (an 8^3 latent); the checkpoint's autoencoder downsamples 4x, so the 4^3 latent cannot be
     # halved three times
@@ -167,7 +169,8 @@ def test_unet_that_does_not_fit_the_latent_is_rejected(synthetic_ae, tmp_path):
         "diffusion.attention_levels=[false, false, false, true]",
         f"diffusion.checkpoints.output_dir={tmp_path}",
     )
-    with pytest.raises(RunError, match="latent axis 0 has 4 voxels, not divisible by 8"):
+    with pytest.raises(ConfigError, match=r"divisible by 8, but latent axis 0 is 4 .*"
+                                          r"--set diffusion.num_channels=\[8, 8, 8\]"):
         train_diffusion(settings)
     assert not any(tmp_path.glob("*.pt"))
 
