@@ -172,9 +172,21 @@ def next_free_index(folder: Path, prefix: str = "sample_") -> int:
 
 
 def write_sample(
-    volume: torch.Tensor, path_stem: Path, affine: np.ndarray | None, save_format: str = "nifti", png: bool = True
+    volume: torch.Tensor, path_stem: Path, affine: np.ndarray | None, save_format: str = "auto", png: bool = True
 ) -> list[Path]:
-    """Write one (C, *spatial) sample; returns the files written. Refuses to replace an existing file."""
+    """Write one (C, *spatial) sample; returns the files written. Refuses to replace an existing file.
+
+    Args:
+        volume: the sample, channels first.
+        path_stem: file path without extension.
+        affine: the training data's affine (NIfTI header); None = identity.
+        save_format: ``nifti`` (.nii.gz), ``npy``, ``png`` (2D only: the image itself, 8-bit, values in [0, 1]
+            mapped to 0-255, oriented as PIL read the training images) or ``auto`` (png for 2D, nifti for 3D).
+        png: also write a preview PNG of the mid-slices (not needed, and not written, when the sample is a PNG).
+    """
+    spatial_dims = volume.ndim - 1
+    if save_format == "auto":
+        save_format = "png" if spatial_dims == 2 else "nifti"
     array = volume.detach().float().cpu().numpy()
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # channels last, as NIfTI stores them
     written = []
@@ -184,6 +196,18 @@ def write_sample(
         path = path_stem.with_name(path_stem.name + ".nii.gz")
         _refuse_existing(path)
         nib.save(nib.Nifti1Image(array.astype(np.float32), affine if affine is not None else np.eye(4)), str(path))
+    elif save_format == "png":
+        from PIL import Image
+
+        if spatial_dims != 2:
+            raise ValueError(f"save_format png needs 2D samples, got {spatial_dims} spatial axes")
+        path = path_stem.with_name(path_stem.name + ".png")
+        _refuse_existing(path)
+        pixels = np.clip(array, 0.0, 1.0) * 255.0 + 0.5
+        # MONAI's PILReader gives (width, height): transpose back to PIL's (height, width)
+        pixels = np.swapaxes(pixels, 0, 1).astype(np.uint8)
+        Image.fromarray(pixels).save(path)
+        png = False
     else:
         path = path_stem.with_name(path_stem.name + ".npy")
         _refuse_existing(path)

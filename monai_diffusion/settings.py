@@ -389,7 +389,9 @@ class SamplingSettings:
     num_samples: int = _f(4, "volumes to generate", ge=1)
     batch_size: int = _f(1, "volumes generated at once", ge=1)
     output_dir: str = _f("samples", "folder the samples are written to")
-    save_format: Literal["nifti", "npy"] = _f("nifti", "nifti (.nii.gz) | npy")
+    save_format: Literal["auto", "nifti", "npy", "png"] = _f(
+        "auto", "auto (png for 2D, nifti for 3D) | nifti (.nii.gz) | npy | png (2D only, 8-bit)"
+    )
     seed: Optional[int] = _f(None, "sampling seed; null = use the top-level seed", ge=0)
     checkpoint: Optional[str] = _f(None, "stage 2 checkpoint; null = <diffusion.checkpoints.output_dir>/best_model.pt")
     scheduler: Literal["ddim", "ddpm"] = _f("ddim", "sampler: ddim (num_inference_steps) | ddpm (all training steps)")
@@ -849,6 +851,9 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
             ("sampling.class_label", f"must be < diffusion.conditioning.num_classes ({cond.num_classes}), "
                                      f"got {s.sampling.class_label}")
         )
+    if s.sampling.save_format == "png" and ae.spatial_dims != 2:
+        problems.append(("sampling.save_format", f"png holds 2D images, but autoencoder.spatial_dims is "
+                                                 f"{ae.spatial_dims}; use nifti or npy (or auto)"))
     if s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
         problems.append(
             ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
