@@ -130,7 +130,7 @@ class MicrotubuleParams:
     persistence_length_um: float = _p(
         15.0, "stiffness: worm-like-chain persistence length in um (larger = straighter)", gt=0
     )
-    max_tilt_deg: float = _p(15.0, "largest angle between a filament and the lateral plane (3D only)", ge=0, le=90)
+    max_tilt_deg: float = _p(10.0, "largest angle between a filament and the lateral plane (3D only)", ge=0, le=90)
     psf_sigma_nm: float = _p(20.0, "thickness: lateral sigma of the Gaussian PSF in nm", gt=0)
     axial_ratio: float = _p(2.5, "anisotropy: axial PSF sigma / lateral PSF sigma (3D only)", gt=0)
     localizations_per_um: float = _p(150.0, "labelling density: mean localisations per um of filament", gt=0)
@@ -312,6 +312,8 @@ def _worm_like_chains(
     lateral_diag = float(np.linalg.norm(field_nm[:2]))
     steps = int(math.ceil(1.05 * lateral_diag / step_nm)) + 1
     centers = rng.uniform(0.0, 1.0, size=(count, n)) * field_nm
+    if n == 3:  # start in the middle 60% of the depth, so that most of each filament stays in the field
+        centers[:, 2] = rng.uniform(0.2, 0.8, size=count) * field_nm[2]
     phi = rng.uniform(0.0, 2.0 * math.pi, size=count)
     if n == 3:
         max_tilt = math.radians(p.max_tilt_deg)
