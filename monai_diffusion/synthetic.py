@@ -161,9 +161,9 @@ class BrainParams:
     rotate_deg: float = _p(8.0, "largest rotation about each axis, degrees", ge=0, le=180)
     scale: float = _p(0.08, "largest relative change of size along each axis", ge=0, le=0.5)
     translate_mm: float = _p(4.0, "largest shift along each axis, mm", ge=0)
-    elastic_mm: float = _p(2.5, "typical size of the elastic displacement, mm (0 = none)", ge=0)
+    elastic_mm: float = _p(2.5, "elastic displacement, mm: its RMS per axis is drawn in [0.5, 1.5] x this (0 = none)", ge=0)
     elastic_sigma_mm: float = _p(12.0, "smoothness of the elastic displacement (Gaussian sigma), mm", gt=0)
-    bias: float = _p(0.25, "bias field strength (polynomial coefficients drawn in [-bias, bias])", ge=0, le=1)
+    bias: float = _p(0.2, "bias field strength (polynomial coefficients drawn in [-bias, bias])", ge=0, le=1)
     gamma: float = _p(0.25, "gamma drawn in [1 - gamma, 1 + gamma]", ge=0, le=0.9)
     noise: float = _p(0.02, "largest std of the Rician noise, relative to the [0, 1] range", ge=0)
     slice_jitter_mm: float = _p(10.0, "2D only: the axial slice is drawn within +- this of the brain's middle", ge=0)
@@ -305,8 +305,8 @@ def _worm_like_chains(
 
     Each filament passes through a uniform random point of the field and is grown in both directions (two
     chains starting back to back) for about the lateral diagonal of the field. The tangent turns by Gaussian
-    angles of variance ``step / persistence_length`` per perpendicular direction; in 3D its axial component is
-    held to ``sin(max_tilt)`` so filaments run mostly laterally.
+    angles of variance ``step / persistence_length`` per perpendicular direction; in 3D its elevation is held
+    within ``max_tilt_deg`` of the lateral plane, so filaments run mostly laterally.
     """
     n = len(field_nm)
     lateral_diag = float(np.linalg.norm(field_nm[:2]))
@@ -319,7 +319,7 @@ def _worm_like_chains(
         max_tilt = math.radians(p.max_tilt_deg)
         elev = rng.uniform(-max_tilt, max_tilt, size=count)
         t0 = np.stack([np.cos(elev) * np.cos(phi), np.cos(elev) * np.sin(phi), np.sin(elev)], axis=1)
-        zmax = math.sin(max_tilt)
+        zmax = math.tan(max_tilt) if p.max_tilt_deg < 90.0 else None  # largest |t_z| / |t_xy|
     else:
         t0 = np.stack([np.cos(phi), np.sin(phi)], axis=1)
         zmax = None
@@ -335,7 +335,8 @@ def _worm_like_chains(
         xi = xi - np.sum(xi * tan, axis=1, keepdims=True) * tan  # perpendicular kick
         tan = tan + xi
         if zmax is not None:
-            tan[:, 2] = np.clip(tan[:, 2], -zmax * np.linalg.norm(tan[:, :2], axis=1), zmax * np.linalg.norm(tan[:, :2], axis=1))
+            limit = zmax * np.linalg.norm(tan[:, :2], axis=1)
+            tan[:, 2] = np.clip(tan[:, 2], -limit, limit)
         tan = tan / np.linalg.norm(tan, axis=1, keepdims=True)
         pos = pos + step_nm * tan
     return points.transpose(1, 0, 2), tangents.transpose(1, 0, 2)
@@ -471,7 +472,7 @@ def _brain(shape: Sequence[int], spacing_mm: Sequence[float], rng: np.random.Gen
             mode="bilinear", padding_mode="zeros",
         )
     else:
-        # 2D: MONAI moves a control grid (spacing in voxels) by uniform offsets of up to the magnitude.
+        # 2D: MONAI moves a control grid (spacing in voxels) by Gaussian offsets whose std is the magnitude.
         deform = Rand2DElastic(
             spacing=(2.0 * sigma_vox, 2.0 * sigma_vox), magnitude_range=(0.5 * disp_vox, 1.5 * disp_vox),
             prob=1.0, rotate_range=rotate, translate_range=translate, scale_range=scale, spatial_size=shape,
