@@ -71,6 +71,14 @@ def test_unknown_kind_param_and_bad_values(tmp_path):
     assert not out.exists()  # every error is raised before anything is written
 
 
+def test_docs_list_every_kind_and_parameter():
+    doc = open(os.path.join(os.path.dirname(synthetic.__file__), "docs", "datasets.md"), encoding="utf-8").read()
+    for kind, cls in PARAMS.items():
+        assert f"## `{kind}`" in doc
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` | {f.default} |" in doc, f"{kind}.{f.name} (default {f.default}) not in datasets.md"
+
+
 def test_default_spacing():
     assert default_spacing("phantom", 3) == (1.0, 1.0, 1.0) and default_spacing("phantom", 2) == (1.0, 1.0)
     lat, _, ax = default_spacing(MT, 3)
