@@ -101,7 +101,8 @@ def main() -> None:
         _grid(rows).save(out / name, optimize=True)
         print(f"wrote {out / name}")
 
-    print(f"\nseconds per volume ({platform.processor() or platform.machine()}, torch threads={torch.get_num_threads()})")
+    machine = platform.processor() or platform.machine()
+    print(f"\nseconds per volume ({machine}, torch threads={torch.get_num_threads()})")
     print("| kind | voxel_size | spacing (mm) | s / volume |")
     print("|---|---|---|---|")
     for kind, shape in TIMINGS:

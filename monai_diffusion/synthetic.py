@@ -137,7 +137,7 @@ class MicrotubuleParams:
     background_density: float = _p(
         20.0, "unspecific localisations per um^3 (per um^2 in 2D), uniform over the field", ge=0
     )
-    noise: float = _p(0.0, "std of additive Gaussian noise on the [0, 1] image (SMLM renders have none)", ge=0)
+    gaussian_noise: float = _p(0.0, "std of additive Gaussian noise on the [0, 1] image (SMLM renders have none)", ge=0)
 
     def __post_init__(self) -> None:
         _check_bounds(self, "microtubules")
@@ -161,17 +161,21 @@ class BrainParams:
     rotate_deg: float = _p(8.0, "largest rotation about each axis, degrees", ge=0, le=180)
     scale: float = _p(0.08, "largest relative change of size along each axis", ge=0, le=0.5)
     translate_mm: float = _p(4.0, "largest shift along each axis, mm", ge=0)
-    elastic_mm: float = _p(2.5, "elastic displacement, mm: its RMS per axis is drawn in [0.5, 1.5] x this (0 = none)", ge=0)
+    elastic_mm: float = _p(
+        2.5, "elastic displacement, mm: its RMS per axis is drawn in [0.5, 1.5] x this (0 = none)", ge=0
+    )
     elastic_sigma_mm: float = _p(12.0, "smoothness of the elastic displacement (Gaussian sigma), mm", gt=0)
     bias: float = _p(0.2, "bias field strength (polynomial coefficients drawn in [-bias, bias])", ge=0, le=1)
     gamma: float = _p(0.25, "gamma drawn in [1 - gamma, 1 + gamma]", ge=0, le=0.9)
-    noise: float = _p(0.02, "largest std of the Rician noise, relative to the [0, 1] range", ge=0)
+    rician_noise: float = _p(0.02, "largest std of the Rician noise, relative to the [0, 1] range", ge=0)
     slice_jitter_mm: float = _p(10.0, "2D only: the axial slice is drawn within +- this of the brain's middle", ge=0)
 
     def __post_init__(self) -> None:
         _check_bounds(self, "brain")
 
 
+# Parameter names are unique across kinds (and distinct from enabled/num_train/num_val/seed/kind), so that the
+# settings can hold them all flat under ``data.synthetic``.
 PARAMS: dict[str, type] = {"phantom": PhantomParams, "microtubules": MicrotubuleParams, "brain": BrainParams}
 
 
@@ -381,8 +385,8 @@ def _microtubules(shape: Sequence[int], spacing_mm: Sequence[float], rng: np.ran
     for s in sigma_vox[1:]:
         reference *= _unit_gaussian_peak(float(s))
     img = 1.0 - np.exp(-math.log(4.0) * np.clip(img, 0.0, None) / reference)  # 0.75 at the reference peak
-    if p.noise > 0:
-        img = img + rng.normal(0.0, p.noise, size=img.shape).astype(np.float32)
+    if p.gaussian_noise > 0:
+        img = img + rng.normal(0.0, p.gaussian_noise, size=img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
@@ -467,7 +471,7 @@ def _brain(shape: Sequence[int], spacing_mm: Sequence[float], rng: np.random.Gen
         field_std = math.sqrt(1.0 / 3.0) * (2.0 * math.sqrt(math.pi) * sigma_vox) ** -1.5
         mag = disp_vox / field_std
         deform = Rand3DElastic(
-            sigma_range=(0.8 * sigma_vox, 1.2 * sigma_vox), magnitude_range=(0.5 * mag, 1.5 * mag) if mag > 0 else (0.0, 0.0),
+            sigma_range=(0.8 * sigma_vox, 1.2 * sigma_vox), magnitude_range=(0.5 * mag, 1.5 * mag),
             prob=1.0, rotate_range=rotate, translate_range=translate, scale_range=scale, spatial_size=shape,
             mode="bilinear", padding_mode="zeros",
         )
@@ -480,7 +484,7 @@ def _brain(shape: Sequence[int], spacing_mm: Sequence[float], rng: np.random.Gen
         )
     bias = RandBiasField(degree=3, coeff_range=(-p.bias, p.bias) if p.bias > 0 else (0.0, 0.0), prob=1.0)
     contrast = RandAdjustContrast(prob=1.0, gamma=(1.0 - p.gamma, 1.0 + p.gamma) if p.gamma > 0 else (1.0, 1.0))
-    noise = RandRicianNoise(prob=1.0 if p.noise > 0 else 0.0, std=max(p.noise, 1e-12), sample_std=True)
+    noise = RandRicianNoise(prob=1.0 if p.rician_noise > 0 else 0.0, std=max(p.rician_noise, 1e-12), sample_std=True)
     for t, s in zip((deform, bias, contrast, noise), seeds):
         t.set_random_state(seed=int(s))
 
@@ -491,7 +495,8 @@ def _brain(shape: Sequence[int], spacing_mm: Sequence[float], rng: np.random.Gen
         img = bias(img) * mask
         img = contrast(img)
         brain_vals = img[mask]
-        top = float(torch.quantile(brain_vals[:: max(1, brain_vals.numel() // 200_000)], 0.995)) if brain_vals.numel() else 1.0
+        brain_vals = brain_vals[:: max(1, brain_vals.numel() // 200_000)]  # torch.quantile limits the input size
+        top = float(torch.quantile(brain_vals, 0.995)) if brain_vals.numel() else 1.0
         img = img / max(top, 1e-6)
         img = noise(img.clamp(0.0, 1.0))
     return np.clip(np.asarray(torch.as_tensor(img)[0], dtype=np.float32), 0.0, 1.0)
