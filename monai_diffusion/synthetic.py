@@ -530,6 +530,32 @@ def _check_spacing(spacing: Any, kind: str, shape: Sequence[int]) -> list[float]
     return values
 
 
+# Limits that catch a spacing in the wrong unit before it costs minutes or all the memory.
+_MAX_LOCALIZATIONS = 20_000_000
+_MIN_BRAIN_SPACING_MM = 0.5
+
+
+def _check_feasible(kind: str, shape: Sequence[int], spacing: Sequence[float], p: Any) -> None:
+    """Raise before generating when ``spacing`` would make the generator unreasonably large."""
+    if kind == "microtubules":
+        field_um = np.asarray(shape, dtype=np.float64) * np.asarray(spacing) * (_NM_PER_MM / 1000.0)
+        chain_um = 2.0 * 1.05 * float(np.linalg.norm(field_um[:2]))  # both halves of one filament
+        expected = p.max_filaments * chain_um * p.localizations_per_um + p.background_density * float(np.prod(field_um))
+        if expected > _MAX_LOCALIZATIONS:
+            raise _error(
+                f"synthetic microtubules: spacing {list(spacing)} mm makes a field of "
+                f"{' x '.join(f'{v:g}' for v in field_um)} um, about {expected:.3g} localisations (limit "
+                f"{_MAX_LOCALIZATIONS:.0e}); SMLM spacings are tens of nm, e.g. "
+                f"{list(default_spacing(kind, len(shape)))} mm"
+            )
+    elif kind == "brain" and min(spacing) < _MIN_BRAIN_SPACING_MM:
+        raise _error(
+            f"synthetic brain: spacing {list(spacing)} mm is finer than {_MIN_BRAIN_SPACING_MM} mm; the template has "
+            f"1 mm voxels, so use >= {_MIN_BRAIN_SPACING_MM} mm (default for this voxel_size: "
+            f"{list(default_spacing(kind, len(shape), shape))} mm)"
+        )
+
+
 def _rng(kind: str, seed: int, split: str, index: int) -> np.random.Generator:
     """The generator's random stream for one volume (the phantom keeps its original seeding)."""
     key = [int(seed), _SPLIT_CODES[split], int(index)]
@@ -575,6 +601,7 @@ def generate_volume(
     spacing_l = _check_spacing(spacing, kind, shape)
     if split not in _SPLIT_CODES:
         raise _error(f"split must be one of {list(_SPLIT_CODES)}, got {split!r}")
+    _check_feasible(kind, shape, spacing_l, p)
     if kind == "brain":
         _require_nilearn()
     return _generate(kind, shape, spacing_l, p, _rng(kind, seed, split, index))
@@ -660,6 +687,7 @@ def make_synthetic_dataset(
     spacing_l = _check_spacing(spacing, kind, shape)
     if isinstance(num_train, bool) or isinstance(num_val, bool) or int(num_train) < 1 or int(num_val) < 0:
         raise _error(f"synthetic dataset needs num_train >= 1 and num_val >= 0, got {num_train!r}, {num_val!r}")
+    _check_feasible(kind, shape, spacing_l, p)
     if kind == "brain":
         _require_nilearn()
     gen_params = dataclasses.asdict(p)

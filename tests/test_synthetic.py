@@ -71,6 +71,11 @@ def test_unknown_kind_param_and_bad_values(tmp_path):
         make_synthetic_dataset(out, 1, 0, [8], seed=0, kind=MT)
     with pytest.raises(DataError, match=r"spacing.*3 positive"):
         make_synthetic_dataset(out, 1, 0, MT_SHAPE, seed=0, kind=MT, spacing=[1.0, 0.0, 1.0])
+    # A spacing in the wrong unit (1 mm voxels of a microscopy field; 20 nm voxels of a brain) is caught early.
+    with pytest.raises(DataError, match=r"microtubules: spacing \[1\.0, 1\.0, 1\.0\] mm.*localisations"):
+        make_synthetic_dataset(out, 1, 0, MT_SHAPE, seed=0, kind=MT, spacing=[1.0, 1.0, 1.0])
+    with pytest.raises(DataError, match=r"brain: spacing \[2e-05, 2e-05\] mm.*0\.5 mm"):
+        generate_volume("brain", [16, 16], spacing=[2e-5, 2e-5])
     assert not out.exists()  # every error is raised before anything is written
 
 
@@ -212,6 +217,8 @@ def test_brain_without_nilearn_says_how_to_install(tmp_path, monkeypatch):
 
 def test_brain_subjects(tmp_path):
     pytest.importorskip("nilearn")
+    data, _ = synthetic._mni_template()
+    assert data.shape == synthetic._MNI_BRAIN_EXTENT_MM  # the constant behind default_spacing is the template's
     shape = [24, 28, 24]
     train, val = make_synthetic_dataset(tmp_path / "a", 2, 1, shape, seed=0, kind="brain")
     again, _ = make_synthetic_dataset(tmp_path / "b", 1, 0, shape, seed=0, kind="brain")
