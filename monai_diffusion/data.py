@@ -34,6 +34,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .synthetic import make_synthetic_dataset
+
 if TYPE_CHECKING:  # the settings module validates; this one only reads the validated section
     from .settings import DataSettings
 
@@ -56,9 +58,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 READ_ERROR_POLICIES = ("fail", "skip")
 # Bump when the transform chain changes in a way that invalidates PersistentDataset caches.
 _TRANSFORM_VERSION = 1
-# Bump when the phantom generator changes; recorded in the synthetic manifest.
-_PHANTOM_VERSION = 1
-_SYNTHETIC_MANIFEST = "synthetic_manifest.json"
 _MAX_LISTED_PROBLEMS = 20
 # nibabel affines map to RAS+ world coordinates.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -194,172 +193,6 @@ def load_datalist(path: str | os.PathLike, key: str, missing_ok: bool = False) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic phantoms
-# ----------------------------------------------------------------------------------------------
-
-
-def _random_rotation(rng: np.random.Generator, n: int) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(n, n)))
-    q = q * np.sign(np.diag(r))
-    return q
-
-
-def _soft_ellipsoid(coords: np.ndarray, center, radii, rot, sharpness: float) -> np.ndarray:
-    """Smooth indicator of an ellipsoid; coords has shape (N, *spatial)."""
-    n = coords.shape[0]
-    d = coords - np.asarray(center, dtype=np.float32).reshape((n,) + (1,) * n)
-    local = np.tensordot(rot.T.astype(np.float32), d, axes=1)
-    r = np.sqrt(sum((local[i] / radii[i]) ** 2 for i in range(n)))
-    return 0.5 * (1.0 + np.tanh((1.0 - r) * (sharpness / 2.0)))
-
-
-def _phantom(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """A head-like phantom: a soft ellipsoid with a bright rim, bright and dark blobs, mild noise."""
-    n = len(shape)
-    axes = [np.linspace(-1.0, 1.0, s, dtype=np.float32) if s > 1 else np.zeros(1, np.float32) for s in shape]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
-    sharp = 0.6 * max(shape)  # edge width of about two voxels
-    rot = _random_rotation(rng, n)
-    center = rng.normal(0.0, 0.04, size=n)
-    radii = rng.uniform(0.62, 0.82, size=n)
-    outer = _soft_ellipsoid(coords, center, radii * 1.1, rot, sharp)
-    head = _soft_ellipsoid(coords, center, radii, rot, sharp)
-    img = 0.85 * (outer - head) + rng.uniform(0.3, 0.4) * head
-    for k in range(int(rng.integers(3, 7))):
-        offset = rot @ (rng.uniform(-0.45, 0.45, size=n) * radii)
-        b_radii = rng.uniform(0.12, 0.3, size=n) * radii
-        level = rng.uniform(0.05, 0.15) if k == 0 else rng.uniform(0.55, 1.0)
-        blob = _soft_ellipsoid(coords, center + offset, b_radii, _random_rotation(rng, n), sharp)
-        img = img * (1.0 - blob * head) + level * blob * head
-    img = img + rng.normal(0.0, 0.02, size=img.shape) * (0.25 + outer)
-    return np.clip(img, 0.0, None).astype(np.float32)
-
-
-def _phantom_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
-    affine = np.eye(4)
-    for i, (s, sp) in enumerate(zip(shape, spacing)):
-        affine[i, i] = sp
-        affine[i, 3] = -(s - 1) / 2.0 * sp
-    return affine
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def make_synthetic_dataset(
-    out_dir: str | os.PathLike,
-    num_train: int,
-    num_val: int,
-    voxel_size: Sequence[int],
-    seed: int,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-) -> tuple[list[str], list[str]]:
-    """Write deterministic phantom volumes ``train_000.nii.gz``... and ``val_000.nii.gz``... into ``out_dir``.
-
-    Each volume depends only on ``(seed, split, index, voxel_size, spacing)``, so asking for more volumes
-    later keeps the existing ones. A manifest (``synthetic_manifest.json``) records the parameters and
-    checksums; existing files made with the same parameters are reused without being rewritten. An existing
-    file that differs from what would be written is never overwritten: a :class:`DataError` names it.
-
-    Args:
-        out_dir: folder to write into (created if needed).
-        num_train: number of training volumes (>= 1).
-        num_val: number of validation volumes (>= 0).
-        voxel_size: spatial shape, 2 or 3 ints (2 -> 2D images).
-        seed: base random seed.
-        spacing: voxel spacing in mm written to the header (only the first ``len(voxel_size)`` values are used).
-
-    Returns:
-        ``(train_files, val_files)``: absolute paths.
-    """
-    shape = [int(v) for v in voxel_size]
-    if len(shape) not in (2, 3) or min(shape) < 1:
-        raise DataError(f"synthetic voxel_size must be 2 or 3 positive ints, got {list(voxel_size)!r}")
-    spacing = [float(s) for s in spacing][: len(shape)]
-    if len(spacing) != len(shape) or min(spacing) <= 0:
-        raise DataError(f"synthetic spacing must have {len(shape)} positive values, got {list(spacing)!r}")
-    if int(num_train) < 1 or int(num_val) < 0:
-        raise DataError(f"synthetic dataset needs num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
-
-    out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / _SYNTHETIC_MANIFEST
-    manifest: dict = {"generator": f"monai_diffusion.data phantom v{_PHANTOM_VERSION}", "files": {}}
-    if manifest_path.is_file():
-        try:
-            with open(manifest_path, encoding="utf-8") as f:
-                loaded = json.load(f)
-            if isinstance(loaded, dict) and isinstance(loaded.get("files"), dict):
-                manifest["files"].update(loaded["files"])
-        except (OSError, json.JSONDecodeError):
-            warnings.warn(f"synthetic manifest {str(manifest_path)!r} is unreadable; existing files will be verified")
-
-    changed = False
-    result: dict[str, list[str]] = {"train": [], "val": []}
-    for split, count, split_code in (("train", int(num_train), 0), ("val", int(num_val), 1)):
-        for index in range(count):
-            name = f"{split}_{index:03d}.nii.gz"
-            path = out / name
-            params = {
-                "version": _PHANTOM_VERSION,
-                "seed": int(seed),
-                "split": split,
-                "index": index,
-                "voxel_size": shape,
-                "spacing": spacing,
-            }
-            record = manifest["files"].get(name)
-            if path.is_file() and record and record.get("params") == params and record.get("sha256") == _sha256(path):
-                result[split].append(str(path))
-                continue
-            rng = np.random.default_rng([int(seed), split_code, index])
-            data = _phantom(shape, rng)
-            affine = _phantom_affine(shape, spacing)
-            if path.exists():
-                # Not recorded with these parameters: reuse only if it holds exactly what we would write.
-                same = False
-                try:
-                    existing = nib.load(str(path))
-                    same = (
-                        tuple(existing.shape) == tuple(shape)
-                        and np.allclose(existing.affine, affine)
-                        and np.array_equal(np.asarray(existing.dataobj, dtype=np.float32), data)
-                    )
-                except Exception:  # unreadable -> different
-                    same = False
-                if not same:
-                    raise DataError(
-                        f"synthetic data file {str(path)!r} already exists and differs from the phantom "
-                        f"make_synthetic_dataset would write (seed={seed}, voxel_size={shape}, spacing={spacing}); "
-                        "refusing to overwrite it: delete it or choose another output folder"
-                    )
-            else:
-                img = nib.Nifti1Image(data, affine)
-                img.header.set_xyzt_units("mm")
-                tmp = out / f".{split}_{index:03d}.{os.getpid()}.tmp.nii.gz"
-                nib.save(img, str(tmp))
-                os.replace(tmp, path)
-            manifest["files"][name] = {"params": params, "sha256": _sha256(path)}
-            changed = True
-            result[split].append(str(path))
-    if changed:
-        _atomic_write_json(manifest_path, manifest)
-    return result["train"], result["val"]
-
-
-# ----------------------------------------------------------------------------------------------
 # Header checks
 # ----------------------------------------------------------------------------------------------
 
@@ -458,7 +291,11 @@ def _header_problem(path: Path, in_channels: int, spatial_dims: int) -> str | No
     if any(s < 1 for s in shape):
         return f"has an empty dimension, shape {shape}"
     rank = min(len(shape), 3)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:rank, :rank])) < 1e-12:
+    # degenerate = a zero or non-finite voxel size, or axes that (nearly) coincide; scale-free, so that microscopy
+    # voxels of a few nm written in mm (determinant ~1e-14) are fine
+    norms = np.linalg.norm(affine[:rank, :rank], axis=0)
+    if (not np.all(np.isfinite(affine)) or np.any(norms <= 0)
+            or abs(np.linalg.det(affine[:rank, :rank])) / np.prod(norms) < 1e-6):
         return f"has a degenerate affine (zero voxel size?):\n{affine}"
     channels, reason = _layout(shape, spatial_dims)
     if reason is not None:
@@ -653,17 +490,18 @@ def build_transforms(
         xforms.append(Orientationd(keys=keys, axcodes=cfg.orientation[:spatial_dims], labels=_RAS_LABELS))
     if cfg.spacing is not None:
         xforms.append(Spacingd(keys=keys, pixdim=list(cfg.spacing), mode="bilinear"))
-    xforms.append(
-        ScaleIntensityRangePercentilesd(
-            keys=keys,
-            lower=float(cfg.intensity.lower_percentile),
-            upper=float(cfg.intensity.upper_percentile),
-            b_min=0.0,
-            b_max=1.0,
-            clip=bool(cfg.intensity.clip),
-            channel_wise=True,
+    if not cfg.synthetic.enabled:  # the built-in datasets are made in [0, 1] already
+        xforms.append(
+            ScaleIntensityRangePercentilesd(
+                keys=keys,
+                lower=float(cfg.intensity.lower_percentile),
+                upper=float(cfg.intensity.upper_percentile),
+                b_min=0.0,
+                b_max=1.0,
+                clip=bool(cfg.intensity.clip),
+                channel_wise=True,
+            )
         )
-    )
     if cfg.crop_mode == "resize":
         xforms.append(
             Resized(
@@ -704,7 +542,7 @@ def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_
         "voxel_size": list(cfg.voxel_size),
         "spacing": None if cfg.spacing is None else list(cfg.spacing),
         "orientation": cfg.orientation,
-        "intensity": dataclasses.asdict(cfg.intensity),
+        "intensity": None if cfg.synthetic.enabled else dataclasses.asdict(cfg.intensity),
         "crop_mode": cfg.crop_mode,
     }
     digest = hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -785,22 +623,23 @@ def build_datasets(
     """
     in_channels = int(in_channels)
     if cfg.synthetic.enabled:
-        if in_channels != 1:
-            raise DataError(f"the synthetic dataset (data.synthetic.enabled) has 1 channel, but in_channels={in_channels}")
+        from .settings import synthetic_params
+
         base = Path(work_dir) if work_dir is not None else (Path(cfg.cache_dir) if cfg.cache_dir else None)
         if base is None:
-            raise DataError("data.synthetic.enabled needs a place to write the phantoms: pass work_dir or set data.cache_dir")
+            raise DataError("data.synthetic.enabled needs a place to write the volumes: pass work_dir or set "
+                            "data.cache_dir")
         out_dir = base.expanduser() / "synthetic_data"
         syn = cfg.synthetic
         train_paths, val_paths = make_synthetic_dataset(
-            out_dir, syn.num_train, syn.num_val, cfg.voxel_size, syn.seed, spacing=(1.0,) * spatial_dims
+            out_dir, syn.num_train, syn.num_val, cfg.voxel_size, syn.seed, kind=syn.kind, params=synthetic_params(syn)
         )
         source = "synthetic"
         train_entries = [{"image": p} for p in train_paths]
         val_entries = [{"image": p} for p in val_paths]
         description = (
-            f"synthetic phantoms in {os.path.abspath(out_dir)!r} (seed={syn.seed}, {len(train_paths)} train, "
-            f"{len(val_paths)} val, {'x'.join(map(str, cfg.voxel_size))} voxels of 1 mm)"
+            f"built-in {syn.kind} volumes in {os.path.abspath(out_dir)!r} (seed={syn.seed}, {len(train_paths)} train, "
+            f"{len(val_paths)} val, {'x'.join(map(str, cfg.voxel_size))} voxels)"
         )
     elif cfg.datalist:
         source = "datalist"
@@ -873,14 +712,15 @@ def _reference_geometry(path: str, cfg: DataSettings, spatial_dims: int) -> dict
     """Run one file through the deterministic transforms (one load): the spacing after reorientation (and
     resampling), and the affine/shape of the result. ``random_patch`` is treated as a center ``voxel_size``
     patch."""
-    from monai.transforms import ScaleIntensityRangePercentilesd
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
     ref_cfg = dataclasses.replace(cfg, crop_mode="pad_crop" if cfg.crop_mode == "random_patch" else cfg.crop_mode)
     item: Any = {"image": path}
     input_spacing = None
-    geometric = True  # load, channel first, orientation, spacing: everything before intensity scaling
+    geometric = True  # load, channel first, (2D squeeze,) orientation, spacing: the input's own geometry
     for t in build_transforms(ref_cfg, spatial_dims, train=False).transforms:
-        geometric = geometric and not isinstance(t, ScaleIntensityRangePercentilesd)
+        geometric = geometric and (isinstance(t, (LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd))
+                                   or type(t).__name__ == "_SqueezeTrailingSpatiald")
         item = t(item)
         if geometric:
             input_spacing = _spacing_from_affine(np.asarray(item["image"].affine), spatial_dims)

@@ -145,14 +145,39 @@ Factor = Union[int, Tuple[int, ...]]
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SyntheticDataSettings:
-    """Built-in synthetic dataset (random smooth blobs generated in memory; nothing is downloaded)."""
+def _synthetic_settings_class() -> type:
+    """``data.synthetic``: the switch, the kind, counts and seed, then every generator parameter of every kind
+    (their names are unique across kinds; only the chosen kind's are used), taken from ``synthetic.PARAMS``."""
+    from .synthetic import KINDS, PARAMS
 
-    enabled: bool = _f(False, "use the built-in synthetic dataset instead of folders or a datalist")
-    num_train: int = _f(16, "number of synthetic training volumes", ge=1)
-    num_val: int = _f(4, "number of synthetic validation volumes", ge=1)
-    seed: int = _f(0, "seed of the synthetic generator (same seed -> same volumes)", ge=0)
+    base = [
+        ("enabled", bool, _f(False, "use a built-in synthetic dataset instead of folders or a datalist")),
+        ("kind", Literal[KINDS], _f("phantom", "which one: " + " | ".join(KINDS) + " (see docs/datasets.md)")),
+        ("num_train", int, _f(16, "number of synthetic training volumes", ge=1)),
+        ("num_val", int, _f(4, "number of synthetic validation volumes", ge=1)),
+        ("seed", int, _f(0, "seed of the synthetic generator (same seed -> same volumes)", ge=0)),
+    ]
+    params = []
+    for kind, cls in PARAMS.items():
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            params.append((f.name, type(f.default), _f(f.default, f"{kind}: {meta['doc']}", ge=meta.get("ge"),
+                                                       gt=meta.get("gt"), le=meta.get("le"))))
+    cls = dataclasses.make_dataclass("SyntheticDataSettings", base + params, frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = ("Built-in synthetic dataset, written as NIfTI under the run folder: phantom, microtubules or "
+                   "brain, with the chosen kind's generator parameters.")
+    return cls
+
+
+SyntheticDataSettings = _synthetic_settings_class()
+
+
+def synthetic_params(synthetic: Any) -> dict[str, Any]:
+    """The generator parameters of the chosen ``data.synthetic.kind``, from the ``data.synthetic`` settings."""
+    from .synthetic import PARAMS
+
+    return {f.name: getattr(synthetic, f.name) for f in dataclasses.fields(PARAMS[synthetic.kind])}
 
 
 @dataclass(frozen=True)
@@ -996,6 +1021,16 @@ _HOW_TO_GIVE_DATA = (
 
 def _check_data_sources(s: Settings, check_paths: bool, require_data: bool, problems: list[tuple[str, str]]) -> None:
     d = s.data
+    if d.synthetic.enabled:
+        from .synthetic import make_params
+
+        try:  # cross-parameter checks of the chosen kind (e.g. min_filaments <= max_filaments)
+            make_params(d.synthetic.kind, synthetic_params(d.synthetic))
+        except ValueError as exc:
+            problems.append(("data.synthetic", str(exc)))
+        if s.autoencoder.in_channels != 1:
+            problems.append(("autoencoder.in_channels", f"the built-in datasets have 1 channel, got "
+                                                        f"{s.autoencoder.in_channels}"))
     given = [name for name, on in (("data.train_data_dir", d.train_data_dir is not None),
                                    ("data.datalist", d.datalist is not None),
                                    ("data.synthetic.enabled", d.synthetic.enabled)) if on]
