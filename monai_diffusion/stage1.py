@@ -274,9 +274,9 @@ def train_autoencoder(settings: Any) -> LoopState:
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
         # everything that can fail cheaply fails before data is read or networks are built
-        prepare_output_dir(loop_cfg, runtime)
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="autoencoder")
+        prepare_output_dir(loop_cfg, runtime)
         perceptual = build_perceptual_loss(t, ae_cfg.spatial_dims)
 
         random_patch = settings.data.crop_mode == "random_patch"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from .data import build_datasets, build_loaders, load_datalist
+from .data import DataError, build_datasets, build_loaders, load_datalist
 from .engine import (
     LoopState,
     RunError,
@@ -284,19 +284,30 @@ def check_unet_fits(settings: Any, autoencoder: nn.Module, ae_path: Path) -> tup
     return tuple(latent_spatial)
 
 
-def _covariate_stats(datalist: str | None, keys: list[str]) -> dict[str, list[float]]:
-    if not keys:
+def _covariate_stats(datalist: str | None, keys: list[str], class_key: str | None = None,
+                     num_classes: int | None = None) -> dict[str, list[float]]:
+    """Mean and std of each covariate over the training entries; checks, before anything is trained, that every
+    entry (training and validation) has each condition and that class labels are integers in [0, num_classes)."""
+    if not keys and class_key is None:
         return {}
-    entries = load_datalist(datalist, "training")
+    lists = {"training": load_datalist(datalist, "training"),
+             "validation": load_datalist(datalist, "validation", missing_ok=True)}
+    for name, entries in lists.items():
+        for i, entry in enumerate(entries):
+            for key in [*keys, *([class_key] if class_key else [])]:
+                if key not in entry:
+                    raise DataError(f"datalist {datalist}: {name}[{i}] has no '{key}' (named in "
+                                    "diffusion.conditioning)")
+            if class_key is not None:
+                label = entry[class_key]
+                if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+                    raise DataError(f"datalist {datalist}: {name}[{i}] has {class_key}={label!r}, but class labels "
+                                    f"must be integers 0..{num_classes - 1} (diffusion.conditioning.num_classes="
+                                    f"{num_classes})")
     stats = {}
     for key in keys:
-        values = []
-        for i, entry in enumerate(entries):
-            if key not in entry:
-                raise RunError(f"datalist {datalist}: training[{i}] has no '{key}' (diffusion.conditioning.covariate_keys)")
-            values.append(float(entry[key]))
-        t = torch.tensor(values, dtype=torch.float64)
-        stats[key] = [float(t.mean()), float(t.std()) if len(values) > 1 and float(t.std()) > 0 else 1.0]
+        t = torch.tensor([float(e[key]) for e in lists["training"]], dtype=torch.float64)
+        stats[key] = [float(t.mean()), float(t.std()) if len(t) > 1 and float(t.std()) > 0 else 1.0]
     return stats
 
 
@@ -367,9 +378,9 @@ def train_diffusion(settings: Any) -> LoopState:
     ae_path = Path(df.checkpoints.autoencoder_path)
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
-        prepare_output_dir(loop_cfg, runtime)
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="diffusion")
+        prepare_output_dir(loop_cfg, runtime)
         # the autoencoder comes from its checkpoint alone, never from the YAML's autoencoder section
         autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
         autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
@@ -380,7 +391,8 @@ def train_diffusion(settings: Any) -> LoopState:
             cond_cfg.class_key,
             cond_cfg.num_classes,
             cond_cfg.covariate_keys,
-            _covariate_stats(settings.data.datalist, list(cond_cfg.covariate_keys)),
+            _covariate_stats(settings.data.datalist, list(cond_cfg.covariate_keys), cond_cfg.class_key,
+                             cond_cfg.num_classes),
         )
         with _rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(

@@ -188,14 +188,6 @@ def test_downsample_reaches_every_voxel_and_divides_exactly(stride):
     assert int((x.grad == 0).sum()) == 0
 
 
-def test_legacy_kernel3_stride4_would_skip_voxels():
-    """Sanity check of the coverage test itself: a kernel-3, stride-4 convolution leaves voxels unused."""
-    conv = nn.Conv3d(1, 1, kernel_size=3, stride=4)
-    x = torch.randn(1, 1, 24, 24, 24, requires_grad=True)
-    conv(x).sum().backward()
-    assert int((x.grad == 0).sum()) > 0
-
-
 @pytest.mark.parametrize("use_convtranspose", [False, True])
 @pytest.mark.parametrize("scale", [2, 4, 8, (4, 2, 1)])
 def test_upsample_multiplies_exactly_and_every_output_voxel_gets_input(scale, use_convtranspose):

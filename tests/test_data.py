@@ -96,16 +96,6 @@ def test_synthetic_deterministic_reused_and_transformed(tmp_path):
     assert float(out.max()) > 0.5 and float(out.min()) == pytest.approx(0.0, abs=1e-3)
 
 
-def test_synthetic_fast():
-    import tempfile
-    import time
-
-    with tempfile.TemporaryDirectory() as d:
-        t = time.perf_counter()
-        make_synthetic_dataset(d, 6, 2, [32, 32, 32], seed=0)
-        assert time.perf_counter() - t < 1.5  # about 0.25 s on one core
-
-
 def test_build_datasets_synthetic_and_loaders(tmp_path):
     cfg = _cfg(synthetic={"enabled": True, "num_train": 4, "num_val": 2, "seed": 1}, cache_rate=1.0)
     train_ds, val_ds, info = build_datasets(cfg, spatial_dims=3, in_channels=1, work_dir=tmp_path)
