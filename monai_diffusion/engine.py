@@ -125,13 +125,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -652,7 +645,6 @@ def _checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, cfg: 
         "state_dict": {name: unwrap(m).state_dict() for name, m in stage.modules.items()},
         "optimizers": {name: opt.state_dict() for name, opt in stage.optimizers.items()},
         "scalers": {name: s.state_dict() for name, s in scalers.items()},
-        "rng": rng_state(),
         "settings": cfg.settings,
         **stage.checkpoint_extra(),
     }

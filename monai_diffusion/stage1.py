@@ -190,7 +190,6 @@ class AutoencoderStage:
     # --------------------------------------------------------------------------------------------- checkpoints
     def checkpoint_extra(self) -> dict[str, Any]:
         return {
-            "model_class": "generative.networks.nets.AutoencoderKL",
             "model_args": self.architecture(),
             "data_info": self.data_info,
         }

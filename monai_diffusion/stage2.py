@@ -212,7 +212,6 @@ class DiffusionStage:
     # --------------------------------------------------------------------------------------------- checkpoints
     def checkpoint_extra(self) -> dict[str, Any]:
         return {
-            "model_class": "monai.networks.nets.DiffusionModelUNet",
             "model_args": self.extra["model_args"],
             "scheduler_args": self.scheduler_args,
             "scale_factor": self.scale_factor,
@@ -220,7 +219,6 @@ class DiffusionStage:
             "autoencoder": self.extra["autoencoder"],
             "data_info": self.extra["data_info"],
             "conditioning": self.conditioner.state(),
-            "ema_decay": self.training.ema_decay,
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
 
