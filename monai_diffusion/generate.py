@@ -13,7 +13,16 @@ from generative.networks.nets import AutoencoderKL
 
 from .engine import RunError, load_checkpoint, resolve_precision
 from .models import autoencoder_from_args, build_unet, load_weights
-from .sampling import Conditioner, build_scheduler, decode_latents, next_free_index, sample_latents, write_sample
+from .sampling import (
+    Conditioner,
+    build_scheduler,
+    decode_latents,
+    next_free_index,
+    resolve_sampler,
+    sample_latents,
+    set_sampling_steps,
+    write_sample,
+)
 
 
 def load_diffusion(
@@ -29,6 +38,101 @@ def load_diffusion(
     return unet.eval(), autoencoder.eval(), ckpt
 
 
+def sampling_device(settings: Any) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype that sampling and evaluation run with."""
+    use_cuda = settings.device.use_cuda and torch.cuda.is_available()
+    device = torch.device("cuda", settings.device.gpu_id) if use_cuda else torch.device("cpu")
+    return device, resolve_precision(settings.device.mixed_precision, device)
+
+
+def checkpoint_path(settings: Any, checkpoint: str | Path | None = None) -> Path:
+    """The stage-2 checkpoint to sample from: the argument, else ``sampling.checkpoint``, else the stage's
+    ``best_model.pt``."""
+    return Path(checkpoint or settings.sampling.checkpoint
+                or Path(settings.diffusion.checkpoints.output_dir) / "best_model.pt")
+
+
+class Sampler:
+    """Draws decoded samples from a stage-2 checkpoint with the ``sampling`` settings (scheduler, steps, guidance,
+    condition, tiled decoding).
+
+    Args:
+        settings: the settings (``sampling``, ``device``, ``diffusion.use_flash_attention``).
+        path: the stage-2 checkpoint.
+    """
+
+    def __init__(self, settings: Any, path: str | Path) -> None:
+        cfg = settings.sampling
+        self.cfg = cfg
+        self.path = Path(path)
+        self.device, self.amp = sampling_device(settings)
+        unet, autoencoder, ckpt = load_diffusion(path, use_ema=cfg.use_ema,
+                                                 use_flash_attention=settings.diffusion.use_flash_attention)
+        self.unet, self.autoencoder, self.ckpt = unet.to(self.device), autoencoder.to(self.device), ckpt
+        self.conditioner = Conditioner.from_state(ckpt.get("conditioning"))
+        if cfg.tile_size is not None:
+            try:  # fail before sampling
+                autoencoder._check_tiling(tuple(cfg.tile_size), None)
+            except ValueError as exc:
+                raise RunError(f"sampling.tile_size: {exc}") from exc
+        if self.conditioner.covariate_keys and cfg.covariates is None:
+            raise RunError(
+                f"{path} is conditioned on covariates {self.conditioner.covariate_keys}: set sampling.covariates "
+                "(one value per key, in that order)."
+            )
+        if (cfg.class_label is not None and self.conditioner.num_classes is not None
+                and cfg.class_label >= self.conditioner.num_classes):
+            raise RunError(f"sampling.class_label {cfg.class_label} is not a class of {path} "
+                           f"(classes 0..{self.conditioner.num_classes - 1})")
+        args = ckpt["scheduler_args"]
+        try:
+            self.sampler = resolve_sampler(args, cfg.scheduler, where=str(path))
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        self.scheduler = build_scheduler(args, self.sampler)
+        self.steps = args["num_train_timesteps"] if self.sampler == "ddpm" else cfg.num_inference_steps
+        if self.steps > args["num_train_timesteps"]:
+            raise RunError(f"sampling.num_inference_steps={self.steps} is more than the {args['num_train_timesteps']} "
+                           f"timesteps {path} was trained with")
+        self.latent_shape = tuple(ckpt["latent_shape"])
+        set_sampling_steps(self.scheduler, self.steps, self.latent_shape[1:], self.device)
+        info = ckpt.get("data_info") or {}
+        self.affine = np.asarray(info["affine"], dtype=np.float64) if info.get("affine") is not None else None
+
+    def describe(self) -> str:
+        return f"{self.sampler.upper()} ({self.steps} steps) on {self.device}"
+
+    @torch.no_grad()
+    def batches(self, n: int, seed: int, progress: bool = True):
+        """Yield ``(first index, decoded batch)`` for ``n`` samples, ``sampling.batch_size`` at a time; sample
+        ``i`` depends only on ``seed`` and its batch, so the same seed gives the same volumes."""
+        cfg, device = self.cfg, self.device
+        for first in tqdm(range(0, n, cfg.batch_size), desc="sampling", disable=not progress):
+            count = min(cfg.batch_size, n - first)
+            generator = torch.Generator(device=device).manual_seed(seed + first)
+            noise = torch.randn((count, *self.latent_shape), generator=generator, device=device)
+            cond: dict[str, torch.Tensor] = {}
+            if self.conditioner.class_key is not None:
+                if cfg.class_label is not None:
+                    labels = torch.full((count,), cfg.class_label, dtype=torch.long)
+                else:
+                    labels = torch.randint(0, self.conditioner.num_classes, (count,),
+                                           generator=torch.Generator().manual_seed(seed + first))
+                cond["class_labels"] = labels.to(device)
+            if self.conditioner.covariate_keys:
+                cond["context"] = self.conditioner.context(torch.tensor([list(cfg.covariates)] * count), device)
+            with _autocast(device, self.amp):
+                z = sample_latents(self.unet, self.scheduler, noise, cond, self.conditioner, cfg.guidance_scale,
+                                   generator)
+                images = decode_latents(self.autoencoder, z.float(), float(self.ckpt["scale_factor"]),
+                                        cfg.tile_size).float()
+            yield first, images
+
+    def sample(self, n: int, seed: int, progress: bool = True) -> torch.Tensor:
+        """``n`` decoded samples on the CPU, ``(n, C, *spatial)``."""
+        return torch.cat([images.cpu() for _, images in self.batches(n, seed, progress)])
+
+
 def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> list[Path]:
     """Write ``sampling.num_samples`` samples to ``sampling.output_dir``; returns the files written.
 
@@ -36,55 +140,18 @@ def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> lis
     are numbered after any samples already in the folder, and never replace an existing file.
     """
     cfg = settings.sampling
-    path = Path(checkpoint or cfg.checkpoint or Path(settings.diffusion.checkpoints.output_dir) / "best_model.pt")
-    use_cuda = settings.device.use_cuda and torch.cuda.is_available()
-    device = torch.device("cuda", settings.device.gpu_id) if use_cuda else torch.device("cpu")
-    amp = resolve_precision(settings.device.mixed_precision, device)
-    unet, autoencoder, ckpt = load_diffusion(path, use_ema=cfg.use_ema,
-                                             use_flash_attention=settings.diffusion.use_flash_attention)
-    unet, autoencoder = unet.to(device), autoencoder.to(device)
-    conditioner = Conditioner.from_state(ckpt.get("conditioning"))
-    if cfg.tile_size is not None:
-        try:  # fail before sampling
-            autoencoder._check_tiling(tuple(cfg.tile_size), None)
-        except ValueError as exc:
-            raise RunError(f"sampling.tile_size: {exc}") from exc
-    if conditioner.covariate_keys and cfg.covariates is None:
-        raise RunError(
-            f"{path} is conditioned on covariates {conditioner.covariate_keys}: set sampling.covariates "
-            "(one value per key, in that order)."
-        )
-    scheduler = build_scheduler(ckpt["scheduler_args"], cfg.scheduler)
-    steps = ckpt["scheduler_args"]["num_train_timesteps"] if cfg.scheduler == "ddpm" else cfg.num_inference_steps
-    scheduler.set_timesteps(steps, device=device)
-    info = ckpt.get("data_info") or {}
-    affine = np.asarray(info["affine"], dtype=np.float64) if info.get("affine") is not None else None
+    path = checkpoint_path(settings, checkpoint)
+    sampler = Sampler(settings, path)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = next_free_index(out_dir)
     seed = cfg.seed if cfg.seed is not None else (settings.seed or 0)
-    latent_shape = tuple(ckpt["latent_shape"])
     written: list[Path] = []
-    print(f"sampling {cfg.num_samples} volume(s) from {path} with {cfg.scheduler.upper()} ({steps} steps) on {device}")
-    for first in tqdm(range(0, cfg.num_samples, cfg.batch_size), desc="batches"):
-        n = min(cfg.batch_size, cfg.num_samples - first)
-        generator = torch.Generator(device=device).manual_seed(seed + first)
-        noise = torch.randn((n, *latent_shape), generator=generator, device=device)
-        cond: dict[str, torch.Tensor] = {}
-        if conditioner.class_key is not None:
-            if cfg.class_label is not None:
-                labels = torch.full((n,), cfg.class_label, dtype=torch.long)
-            else:
-                labels = torch.randint(0, conditioner.num_classes, (n,), generator=torch.Generator().manual_seed(seed + first))
-            cond["class_labels"] = labels.to(device)
-        if conditioner.covariate_keys:
-            cond["context"] = conditioner.context(torch.tensor([list(cfg.covariates)] * n), device)
-        with torch.no_grad(), _autocast(device, amp):
-            z = sample_latents(unet, scheduler, noise, cond, conditioner, cfg.guidance_scale, generator)
-            images = decode_latents(autoencoder, z.float(), float(ckpt["scale_factor"]), cfg.tile_size).float()
-        for i in range(n):
+    print(f"sampling {cfg.num_samples} volume(s) from {path} with {sampler.describe()}")
+    for first, images in sampler.batches(cfg.num_samples, seed):
+        for i in range(images.shape[0]):
             stem = out_dir / f"sample_{start + first + i:04d}"
-            written += write_sample(images[i], stem, affine, cfg.save_format, cfg.save_png)
+            written += write_sample(images[i], stem, sampler.affine, cfg.save_format, cfg.save_png)
     print(f"wrote {len(written)} file(s) to {out_dir}")
     return written
 

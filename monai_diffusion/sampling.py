@@ -9,17 +9,60 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from tqdm.auto import tqdm
 
 from .visualize import orthogonal_slices
 
 
-def build_scheduler(args: dict[str, Any], kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
-    """MONAI core scheduler from stored scheduler arguments (``num_train_timesteps``, ``schedule``, betas, ...).
+# the samplers that are valid for each training objective, the first being the default ("auto")
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
 
-    Latents are not bounded, so sample clipping is off.
+
+def objective(args: dict[str, Any]) -> str:
+    """The training objective stored in a checkpoint's scheduler arguments (older checkpoints: ``ddpm``)."""
+    return args.get("type", "ddpm")
+
+
+def resolve_sampler(args: dict[str, Any], sampler: str, where: str = "") -> str:
+    """The sampler to use for a model trained with ``args``: ``auto`` picks the default for its objective; an
+    invalid pairing is a :class:`ValueError` naming both."""
+    kind = objective(args)
+    if sampler == "auto":
+        return SAMPLERS[kind][0]
+    if sampler not in SAMPLERS[kind]:
+        raise ValueError(
+            f"sampling.scheduler={sampler} cannot sample a model trained with diffusion.scheduler.type={kind}"
+            + (f" ({where})" if where else "") + f"; use one of {', '.join(('auto',) + SAMPLERS[kind])}"
+        )
+    return sampler
+
+
+def build_scheduler(args: dict[str, Any], kind: str = "train") -> DDPMScheduler | DDIMScheduler | RFlowScheduler:
+    """MONAI core scheduler from stored scheduler arguments.
+
+    Args:
+        args: ``num_train_timesteps`` and ``type`` (``ddpm``: plus ``schedule``, betas and ``prediction_type``;
+            ``rflow``: plus ``sample_method``, ``use_timestep_transform`` and ``spatial_dims``).
+        kind: ``train`` (the objective's training scheduler), or a sampler: ``ddpm`` / ``ddim`` for DDPM-trained
+            models, ``rflow`` for rectified-flow ones.
+
+    Latents are not bounded, so DDPM/DDIM sample clipping is off. Rectified flow uses MONAI's ``RFlowScheduler``
+    with discrete timesteps; its timestep transform, when on, shifts timesteps by the latent's size relative to
+    32 voxels per axis.
     """
+    if objective(args) == "rflow":
+        if kind not in ("train", "rflow"):
+            resolve_sampler(args, kind)
+        dims = int(args.get("spatial_dims", 3))
+        return RFlowScheduler(
+            num_train_timesteps=args["num_train_timesteps"],
+            use_discrete_timesteps=True,
+            sample_method=args.get("sample_method", "uniform"),
+            use_timestep_transform=bool(args.get("use_timestep_transform", True)),
+            base_img_size_numel=32**dims,
+            spatial_dim=dims,
+        )
     common = {
         "num_train_timesteps": args["num_train_timesteps"],
         "schedule": args["schedule"],
@@ -30,9 +73,18 @@ def build_scheduler(args: dict[str, Any], kind: str = "ddpm") -> DDPMScheduler |
         common.update(beta_start=args["beta_start"], beta_end=args["beta_end"])
     if kind == "ddim":
         return DDIMScheduler(**common)
-    if kind == "ddpm":
+    if kind in ("ddpm", "train"):
         return DDPMScheduler(**common)
-    raise ValueError(f"sampling.scheduler must be 'ddim' or 'ddpm', got {kind!r}")
+    resolve_sampler(args, kind)
+    raise ValueError(f"unknown sampler {kind!r}")
+
+
+def set_sampling_steps(scheduler: Any, steps: int, latent_spatial: Sequence[int], device: Any = None) -> None:
+    """``scheduler.set_timesteps`` for ``steps`` steps (rectified flow also takes the latent size)."""
+    if isinstance(scheduler, RFlowScheduler):
+        scheduler.set_timesteps(steps, device=device, input_img_size_numel=int(np.prod(latent_spatial)))
+    else:
+        scheduler.set_timesteps(steps, device=device)
 
 
 class Conditioner:
@@ -128,7 +180,7 @@ class Conditioner:
 @torch.no_grad()
 def sample_latents(
     unet: nn.Module,
-    scheduler: DDPMScheduler | DDIMScheduler,
+    scheduler: DDPMScheduler | DDIMScheduler | RFlowScheduler,
     noise: torch.Tensor,
     cond: dict[str, torch.Tensor] | None = None,
     conditioner: Conditioner | None = None,
@@ -143,16 +195,20 @@ def sample_latents(
         null = conditioner.null_like(cond)
         both = {k: torch.cat([null[k], v]) for k, v in cond.items()}
     x = noise
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        timesteps = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    times = [int(t) for t in scheduler.timesteps]
+    for i, t in enumerate(tqdm(times, desc="sampling", disable=not progress, leave=False)):
+        timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         if guided:
             out = unet(torch.cat([x, x]), torch.cat([timesteps, timesteps]), **both)
             uncond, conditional = out.chunk(2)
             out = uncond + guidance_scale * (conditional - uncond)
         else:
             out = unet(x, timesteps, **cond)
-        kwargs = {"generator": generator} if isinstance(scheduler, DDIMScheduler) else {}
-        x, _ = scheduler.step(out.float(), int(t), x, **kwargs)
+        if isinstance(scheduler, RFlowScheduler):  # the step goes to the next (possibly transformed) timestep
+            x, _ = scheduler.step(out.float(), t, x, next_timestep=times[i + 1] if i + 1 < len(times) else 0)
+        else:
+            kwargs = {"generator": generator} if isinstance(scheduler, DDIMScheduler) else {}
+            x, _ = scheduler.step(out.float(), t, x, **kwargs)
     return x
 
 

@@ -338,9 +338,20 @@ class AutoencoderSettings:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    """DDPM noise scheduler (MONAI DDPMScheduler; DDIM reuses it for sampling)."""
+    """The training objective: DDPM (MONAI DDPMScheduler; DDIM samples it too) or rectified flow (MONAI
+    RFlowScheduler: velocity prediction, few sampling steps)."""
 
+    type: Literal["ddpm", "rflow"] = _f(
+        "ddpm", "ddpm (noise schedule + prediction_type) | rflow (rectified flow; schedule, betas and "
+                "prediction_type unused)"
+    )
     num_train_timesteps: int = _f(1000, "diffusion timesteps during training", ge=1)
+    sample_method: Literal["uniform", "logit-normal"] = _f(
+        "uniform", "rflow: how training timesteps are drawn (logit-normal favours the middle)"
+    )
+    use_timestep_transform: bool = _f(
+        True, "rflow: shift timesteps by the latent's size relative to 32 voxels per axis (as MAISI does)"
+    )
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = _f(
         "scaled_linear_beta", "beta schedule"
     )
@@ -419,7 +430,10 @@ class SamplingSettings:
     )
     seed: Optional[int] = _f(None, "sampling seed; null = use the top-level seed", ge=0)
     checkpoint: Optional[str] = _f(None, "stage 2 checkpoint; null = <diffusion.checkpoints.output_dir>/best_model.pt")
-    scheduler: Literal["ddim", "ddpm"] = _f("ddim", "sampler: ddim (num_inference_steps) | ddpm (all training steps)")
+    scheduler: Literal["auto", "ddim", "ddpm", "rflow"] = _f(
+        "auto", "sampler: auto (ddim for ddpm-trained, rflow for rflow-trained models) | ddim (num_inference_steps) "
+                "| ddpm (all training steps) | rflow (num_inference_steps)"
+    )
     use_ema: bool = _f(True, "sample with the EMA weights when the checkpoint has them")
     guidance_scale: float = _f(1.0, "classifier-free guidance scale (1 = plain conditional sampling)", ge=0)
     class_label: Optional[int] = _f(None, "class to generate (conditioned models); null = sample classes uniformly", ge=0)
@@ -884,6 +898,14 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
             ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
         )
     sch = df.scheduler
+    from .sampling import SAMPLERS
+
+    if s.sampling.scheduler != "auto" and s.sampling.scheduler not in SAMPLERS[sch.type]:
+        problems.append(
+            ("sampling.scheduler", f"{s.sampling.scheduler} cannot sample a model trained with "
+                                   f"diffusion.scheduler.type={sch.type}; use one of "
+                                   f"{', '.join(('auto',) + SAMPLERS[sch.type])}")
+        )
     if sch.beta_start >= sch.beta_end:
         problems.append(
             ("diffusion.scheduler.beta_start",

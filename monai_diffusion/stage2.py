@@ -32,7 +32,17 @@ from .engine import (
 )
 from .models import architecture, build_unet, load_autoencoder, unet_args
 from .settings import ConfigError, unet_fit_problems
-from .sampling import Conditioner, build_scheduler, decode_latents, sample_latents
+from monai.networks.schedulers import RFlowScheduler
+
+from .sampling import (
+    Conditioner,
+    build_scheduler,
+    decode_latents,
+    objective,
+    resolve_sampler,
+    sample_latents,
+    set_sampling_steps,
+)
 from .stage1 import _json_safe, _rank0_first
 from .visualize import orthogonal_slices
 
@@ -89,7 +99,7 @@ class DiffusionStage:
         self.lr_scheduler = lr_scheduler
         self.autoencoder = autoencoder
         self.scheduler_args = scheduler_args
-        self.noise_scheduler = build_scheduler(scheduler_args, "ddpm")
+        self.noise_scheduler = build_scheduler(scheduler_args, "train")
         self.scale_factor = scale_factor
         self.conditioner = conditioner
         self.training = settings.diffusion.training
@@ -127,17 +137,29 @@ class DiffusionStage:
         ]
 
     # ----------------------------------------------------------------------------------------------- training
+    def _timesteps(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Training timesteps, one per item: uniform integers (DDPM), or rectified flow's own sampling (uniform or
+        logit-normal, shifted by the latent size), drawn from ``generator`` when one is given."""
+        sched = self.noise_scheduler
+        if not isinstance(sched, RFlowScheduler):
+            return torch.randint(0, sched.num_train_timesteps, (z.shape[0],), generator=generator, device=z.device)
+        if generator is None:
+            return sched.sample_timesteps(z).long()
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return sched.sample_timesteps(z).long()
+
     def _loss(self, unet: nn.Module, z: torch.Tensor, cond: dict, generator: torch.Generator | None = None):
         noise = torch.randn(z.shape, generator=generator, device=z.device)
-        t = torch.randint(
-            0, self.noise_scheduler.num_train_timesteps, (z.shape[0],), generator=generator, device=z.device
-        )
+        t = self._timesteps(z, generator)
         noisy = self.noise_scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
         prediction = unet(noisy, t, **cond)
-        kind = self.scheduler_args["prediction_type"]
-        if kind == "epsilon":
+        if objective(self.scheduler_args) == "rflow":
+            target = z - noise  # the velocity that carries noise (t = T) to data (t = 0)
+        elif self.scheduler_args["prediction_type"] == "epsilon":
             target = noise
-        elif kind == "v_prediction":
+        elif self.scheduler_args["prediction_type"] == "v_prediction":
             target = self.noise_scheduler.get_velocity(z, noise, t)
         else:
             target = z
@@ -190,9 +212,13 @@ class DiffusionStage:
         if self.conditioner.active and batch is not None:
             cond = {k: v[:n] for k, v in self.conditioner.from_batch(batch, self.runtime.device).items()}
             noise = noise[: next(iter(cond.values())).shape[0]]
-        scheduler = build_scheduler(self.scheduler_args, "ddim")
+        sampler = resolve_sampler(self.scheduler_args, self.sampling.scheduler)
+        if sampler == "ddpm":  # in training, preview with the fast sampler of the same objective
+            sampler = "ddim"
+        scheduler = build_scheduler(self.scheduler_args, sampler)
         steps = self.sampling.num_inference_steps if steps is None else steps
-        scheduler.set_timesteps(min(steps, self.scheduler_args["num_train_timesteps"]))
+        set_sampling_steps(scheduler, min(steps, self.scheduler_args["num_train_timesteps"]), latent_shape[1:],
+                           self.runtime.device)
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
             return decode_latents(self.autoencoder, z.float(), self.scale_factor, None).float()
@@ -346,13 +372,15 @@ def build_diffusion_stage(
     )
     if runtime.distributed:
         unet = DistributedDataParallel(unet, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    scheduler_args = {
-        "num_train_timesteps": df.scheduler.num_train_timesteps,
-        "schedule": df.scheduler.schedule,
-        "beta_start": df.scheduler.beta_start,
-        "beta_end": df.scheduler.beta_end,
-        "prediction_type": df.scheduler.prediction_type,
-    }
+    sch = df.scheduler
+    if sch.type == "rflow":
+        scheduler_args = {"type": "rflow", "num_train_timesteps": sch.num_train_timesteps,
+                          "sample_method": sch.sample_method, "use_timestep_transform": sch.use_timestep_transform,
+                          "spatial_dims": df.spatial_dims}
+    else:
+        scheduler_args = {"type": "ddpm", "num_train_timesteps": sch.num_train_timesteps, "schedule": sch.schedule,
+                          "beta_start": sch.beta_start, "beta_end": sch.beta_end,
+                          "prediction_type": sch.prediction_type}
     extra = {
         "model_args": args,
         "latent_shape": [autoencoder.latent_channels, *latent_spatial],

@@ -1,0 +1,156 @@
+"""``evaluate --config``: measure a trained pipeline (stage 1 reconstruction and stage 2 generation) on its data.
+
+The real volumes are the training volumes of ``data`` through the deterministic (validation) transforms; the
+reconstructions are the stage-1 autoencoder's (the one stored in the stage-2 checkpoint) of those same volumes; the
+samples are drawn from the stage-2 checkpoint with the ``sampling`` settings (or read from a folder). Generation
+metrics compare samples with real volumes and with the reconstructions (the best a latent model can do, so that
+stage 2 is judged apart from stage 1); reconstruction metrics are reported on the validation volumes, whole, through
+sliding windows of ``data.voxel_size`` when they are larger.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import build_datasets, build_transforms
+from .engine import RunError
+from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, reconstruction_metrics, write_report
+from .generate import Sampler, checkpoint_path
+
+
+def default_report_path(settings: Any) -> Path:
+    """``evaluation.json`` beside the stage-2 output folder (e.g. ``runs/quickstart/evaluation.json``)."""
+    return Path(settings.diffusion.checkpoints.output_dir).expanduser().parent / "evaluation.json"
+
+
+def _load(transform, files: list[str], what: str) -> list[torch.Tensor]:
+    out = []
+    for f in tqdm(files, desc=f"loading {what}", leave=False):
+        out.append(transform({"image": f})["image"].as_subclass(torch.Tensor).float())
+    return out
+
+
+@torch.no_grad()
+def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi: tuple[int, ...],
+                 device: torch.device, what: str) -> list[torch.Tensor]:
+    """Each volume through the whole autoencoder; volumes larger than ``roi`` through MONAI sliding windows."""
+    from monai.inferers import sliding_window_inference
+
+    out = []
+    for v in tqdm(volumes, desc=f"reconstructing {what}", leave=False):
+        x = v.unsqueeze(0).to(device)
+        if tuple(x.shape[2:]) == roi:
+            y = autoencoder.reconstruct(x)
+        else:
+            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=autoencoder.reconstruct,
+                                         overlap=0.25, mode="gaussian")
+        out.append(y.float().cpu()[0])
+    return out
+
+
+def _validation_metrics(val: list[torch.Tensor], recon: list[torch.Tensor], roi: tuple[int, ...]) -> dict[str, Any]:
+    """Reconstruction metrics of the validation volumes (of one size: together; of several: one by one, merged)."""
+    if len({tuple(v.shape) for v in val}) == 1:
+        result = reconstruction_metrics(torch.stack(val), torch.stack(recon))
+    else:
+        parts = [reconstruction_metrics(v.unsqueeze(0), r.unsqueeze(0)) for v, r in zip(val, recon)]
+        per_volume = {k: [x for p in parts for x in p["per_volume"][k]] for k in parts[0]["per_volume"]}
+        result = {k: sum(v) / len(v) for k, v in per_volume.items()}
+        result.update(per_volume=per_volume, count=len(val), data_range=1.0, ms_ssim_settings="per volume")
+    result["sliding_window"] = any(tuple(v.shape[1:]) != roi for v in val)
+    return result
+
+
+def evaluate_pipeline(
+    settings: Any,
+    checkpoint: str | Path | None = None,
+    *,
+    num_samples: int | None = None,
+    samples_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    c2st: C2STSettings | None = None,
+    fid_weights: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Evaluate a trained pipeline and write the report (JSON, Markdown, PNG grid).
+
+    Args:
+        settings: validated settings of the run (its ``data``, ``diffusion.checkpoints`` and ``sampling``).
+        checkpoint: stage-2 checkpoint (default: ``sampling.checkpoint``, else ``best_model.pt`` of stage 2).
+        num_samples: samples to draw (default: as many as there are real volumes, so that C2ST is balanced).
+        samples_dir: take the samples from this folder instead of drawing them.
+        out: report path ending in ``.json`` (default :func:`default_report_path`).
+        seed: seed of the sampling noise, the C2ST and the diversity pairs.
+        c2st: settings of the classifier two-sample test.
+        fid_weights: local feature-extractor file for the optional FID.
+        overwrite: replace an existing report.
+
+    Returns:
+        ``(report, files written)``.
+    """
+    started = time.perf_counter()
+    out = Path(out).expanduser() if out is not None else default_report_path(settings)
+    if out.suffix.lower() != ".json":
+        raise EvaluateError(f"--out must name a .json file, got {str(out)!r}")
+    if not overwrite:
+        for p in (out, out.with_suffix(".md"), out.with_suffix(".png")):
+            if p.exists():
+                raise EvaluateError(f"report file {str(p)!r} already exists; choose another --out or pass --overwrite")
+    path = checkpoint_path(settings, checkpoint)
+    if not path.is_file():
+        raise RunError(f"stage-2 checkpoint not found: {path} (train stage 2 first, or pass --checkpoint)")
+    sampler = Sampler(settings, path)
+    autoencoder = sampler.autoencoder
+    ae_args = sampler.ckpt["autoencoder"]["model_args"]
+    dims = ae_args["spatial_dims"]
+    roi = tuple(settings.data.voxel_size)
+    random_patch = settings.data.crop_mode == "random_patch"
+    _, _, info = build_datasets(settings.data, spatial_dims=dims, in_channels=ae_args["in_channels"],
+                                work_dir=Path(settings.autoencoder.checkpoints.output_dir).expanduser().parent)
+    val_tf = build_transforms(settings.data, dims, train=False,
+                              divisible_by=autoencoder.total_downsample_factor if random_patch else None)
+    if random_patch:  # whole volumes of any size: generation is compared on centre crops of the network size
+        import dataclasses
+
+        real_tf = build_transforms(dataclasses.replace(settings.data, crop_mode="pad_crop"), dims, train=False)
+    else:
+        real_tf = val_tf
+    real = torch.stack(_load(real_tf, info["train_files"], "training volumes"))
+    val = _load(val_tf, info["val_files"], "validation volumes")
+    device = sampler.device
+    recon = torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes"))
+    val_recon = _reconstruct(autoencoder, val, roi, device, "validation volumes")
+    if samples_dir is not None:
+        samples, samples_meta = load_volume_folder(samples_dir, what="samples")
+        how = f"read from {samples_dir}"
+    else:
+        n = num_samples if num_samples is not None else real.shape[0]
+        if n < 2:
+            raise EvaluateError(f"--num-samples must be at least 2, got {n}")
+        print(f"drawing {n} samples from {path} with {sampler.describe()}")
+        samples, samples_meta = sampler.sample(n, seed), None
+        how = f"drawn from {path}"
+    names = {"real": f"training volumes of {info['source_description']}", "samples": f"samples {how}",
+             "recon": "reconstructions of the training volumes"}
+    report = compare_sets(real, samples, recon=recon, seed=seed, c2st=c2st, fid_weights=fid_weights, names=names,
+                          meta={"samples": samples_meta} if samples_meta else None)
+    report["stage1_validation"] = _validation_metrics(val, val_recon, roi)
+    report["stage1_validation"]["files"] = info["val_files"]
+    report["pipeline"] = {
+        "checkpoint": str(path),
+        "autoencoder": sampler.ckpt["autoencoder"].get("source"),
+        "sampler": sampler.sampler,
+        "steps": sampler.steps,
+        "guidance_scale": sampler.cfg.guidance_scale,
+        "sampling_seed": seed,
+        "samples": how,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    written = write_report(report, out, real=real, recon=recon, samples=samples, overwrite=overwrite)
+    return report, written
