@@ -1082,7 +1082,8 @@ def picture_grid(rows: Sequence[tuple[str, torch.Tensor]], window: tuple[float, 
     """A labelled PIL image: one row per set, up to ``max_columns`` volumes each, mid-slices in every plane.
 
     All panels share one intensity window (the real data's range), so brightness differences and values outside
-    the range (clipped) show. Small panels are enlarged by an integer factor with nearest-neighbour sampling.
+    the range (clipped) show. Slices are shown with square pixels (spacing is ignored), the slice's first remaining
+    axis horizontal; small panels are enlarged by an integer factor with nearest-neighbour sampling.
     """
     from PIL import Image, ImageDraw
 
@@ -1102,11 +1103,17 @@ def picture_grid(rows: Sequence[tuple[str, torch.Tensor]], window: tuple[float, 
             row.append(None)  # wider gap between volumes
         tiles.append(row[:-1])
     height = panel_h * zoom
+    header = 16
     widths = [sum(t.shape[1] + gap if t is not None else 3 * gap for t in row) for row in tiles]
-    canvas = Image.new("L", (label_w + max(widths), len(tiles) * (height + gap) + gap), color=32)
+    canvas = Image.new("L", (label_w + max(widths), header + len(tiles) * (height + gap) + gap), color=32)
     draw = ImageDraw.Draw(canvas)
+    planes = ["image"] if rows[0][1].ndim == 4 else ["axis 0 (sag.)", "axis 1 (cor.)", "axis 2 (ax.)"]
+    left = label_w
+    for name, t in zip(planes, tiles[0]):
+        draw.text((left + 2, 2), name, fill=200)
+        left += t.shape[1] + gap
     for r, ((title, x), row) in enumerate(zip(rows, tiles)):
-        top = gap + r * (height + gap)
+        top = header + gap + r * (height + gap)
         draw.text((6, top + height // 2 - 6), f"{title} ({x.shape[0]})", fill=255)
         left = label_w
         for t in row:
