@@ -44,6 +44,8 @@ __all__ = [
     "fid",
     "generation_metrics",
     "compare_sets",
+    "summary_table",
+    "picture_grid",
     "write_report",
     "evaluate_pipeline",
 ]
