@@ -397,10 +397,11 @@ def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) 
     Each volume is mapped to two channels: its intensities and its local high-frequency amplitude
     (``sqrt(area_downsample((x - gauss_sigma1(x))**2))``, which blur lowers and noise raises), both
     area-downsampled so that the largest side is at most ``max_side`` (32 for 3D, 64 for 2D). Each feature
-    channel is standardised with the mean and standard deviation of the ``real`` set's channel (over all its
-    volumes and voxels). The MMD of these features is divided by their number: a mean squared difference of the two
-    sets' mean features in units of the real set's standard deviation, 0 in expectation for two draws from one
-    distribution (the unbiased estimate can be slightly negative).
+    channel is standardised with the mean and standard deviation of that channel over both sets together (all
+    volumes and voxels), so the value is symmetric and comparable between comparisons. The MMD of these features
+    is divided by their number: a mean squared difference of the two sets' mean features in units of their pooled
+    standard deviation, 0 in expectation for two draws from one distribution (the unbiased estimate can be
+    slightly negative) and at most about 4.
 
     Args:
         real: reference volumes, at least 2.
@@ -415,8 +416,8 @@ def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) 
     side = max_side or MMD_SIZE[real.ndim - 2]
     with torch.no_grad():
         fr, fs = _mmd_features(real, side).double(), _mmd_features(samples, side).double()
-        dims = [0] + list(range(2, fr.ndim))
-        mean, std = fr.mean(dim=dims, keepdim=True), fr.std(dim=dims, keepdim=True).clamp_min(1e-8)
+        both, dims = torch.cat([fr, fs]), [0] + list(range(2, fr.ndim))
+        mean, std = both.mean(dim=dims, keepdim=True), both.std(dim=dims, keepdim=True).clamp_min(1e-8)
         value = MMDMetric()((fr - mean) / std, (fs - mean) / std)
     return float(value) / fr[0].numel()
 
@@ -473,8 +474,8 @@ def histogram_w1(real: torch.Tensor, samples: torch.Tensor, quantiles: int = 409
 
 def _rms_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """(len(a), len(b)) root-mean-square voxel differences."""
-    fa = a.reshape(a.shape[0], -1).double()
-    fb = b.reshape(b.shape[0], -1).double()
+    fa = a.reshape(a.shape[0], -1).float()
+    fb = b.reshape(b.shape[0], -1).float()
     rows = [torch.cdist(fa[i : i + chunk], fb, compute_mode="donot_use_mm_for_euclid_dist") for i in range(0, fa.shape[0], chunk)]
     return torch.cat(rows) / math.sqrt(fa.shape[1])
 
