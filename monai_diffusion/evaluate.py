@@ -438,7 +438,7 @@ def ms_ssim_diversity(volumes: torch.Tensor, data_range: float = 1.0, seed: int 
     metric = _ms_ssim_metric(volumes.shape[2:], data_range)
     pairs = _pairs(volumes.shape[0], max_pairs, seed)
     values: list[float] = []
-    chunk = 64
+    chunk = max(1, min(64, (1 << 24) // volumes[0].numel()))  # about 64 MiB per side of a chunk
     with torch.no_grad():
         for k in tqdm(range(0, len(pairs), chunk), desc="ms-ssim diversity", leave=False, disable=len(pairs) < 256):
             block = pairs[k : k + chunk]

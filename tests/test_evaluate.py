@@ -157,6 +157,18 @@ def test_fid_from_local_files_only(tmp_path, sets_2d):
     assert E.fid(real, bad, extractor) > E.fid(real, real, extractor)
 
 
+def test_compare_sets_with_perfect_reconstructions(sets_2d):
+    real, other, _ = sets_2d
+    report = E.compare_sets(real[:8], other[:8] + 2.0, recon=real[:8].clone(), c2st=E.C2STSettings(epochs=0))
+    rec = report["recon_vs_real"]
+    assert rec["nn_ratio"] == 0.0 and rec["histogram_w1"] == 0.0 and rec["reconstruction"]["l1"] == 0.0
+    assert rec["c2st_accuracy"] is None and report["settings"]["c2st"]["epochs"] == 0
+    assert report["samples"]["fraction_outside_real_range"] > 0.99 and report["samples"]["min"] > 1.9
+    assert report["samples_vs_recon"]["histogram_w1"] == pytest.approx(report["samples_vs_real"]["histogram_w1"])
+    with pytest.raises(E.EvaluateError, match=r"reconstructions \(3 volumes .*must pair up with real \(8 volumes"):
+        E.compare_sets(real[:8], other[:8], recon=real[:3])
+
+
 # ------------------------------------------------------------------------------------- folders
 
 
