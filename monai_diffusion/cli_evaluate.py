@@ -26,7 +26,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--real", required=True, help="folder of real volumes (NIfTI, or 2D images)")
     parser.add_argument("--samples", required=True, help="folder of generated volumes, same shape as the real ones")
     parser.add_argument(
-        "--recon", help="folder of the autoencoder's reconstructions of the real volumes, same names in sorted order"
+        "--recon",
+        help="folder of the autoencoder's reconstructions of the real volumes, one per real volume in the same sorted order",
     )
     parser.add_argument(
         "--out", help="report JSON path (default: <samples folder>_evaluation.json next to the samples folder); "

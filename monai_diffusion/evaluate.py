@@ -44,6 +44,8 @@ __all__ = [
     "fid",
     "generation_metrics",
     "compare_sets",
+    "summary_table",
+    "picture_grid",
     "write_report",
     "evaluate_pipeline",
 ]
@@ -395,10 +397,11 @@ def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) 
     Each volume is mapped to two channels: its intensities and its local high-frequency amplitude
     (``sqrt(area_downsample((x - gauss_sigma1(x))**2))``, which blur lowers and noise raises), both
     area-downsampled so that the largest side is at most ``max_side`` (32 for 3D, 64 for 2D). Each feature
-    channel is standardised with the mean and standard deviation of the ``real`` set's channel (over all its
-    volumes and voxels). The MMD of these features is divided by their number: a mean squared difference of the two
-    sets' mean features in units of the real set's standard deviation, 0 in expectation for two draws from one
-    distribution (the unbiased estimate can be slightly negative).
+    channel is standardised with the mean and standard deviation of that channel over both sets together (all
+    volumes and voxels), so the value is symmetric and comparable between comparisons. The MMD of these features
+    is divided by their number: a mean squared difference of the two sets' mean features in units of their pooled
+    standard deviation, 0 in expectation for two draws from one distribution (the unbiased estimate can be
+    slightly negative) and at most about 4.
 
     Args:
         real: reference volumes, at least 2.
@@ -413,8 +416,8 @@ def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) 
     side = max_side or MMD_SIZE[real.ndim - 2]
     with torch.no_grad():
         fr, fs = _mmd_features(real, side).double(), _mmd_features(samples, side).double()
-        dims = [0] + list(range(2, fr.ndim))
-        mean, std = fr.mean(dim=dims, keepdim=True), fr.std(dim=dims, keepdim=True).clamp_min(1e-8)
+        both, dims = torch.cat([fr, fs]), [0] + list(range(2, fr.ndim))
+        mean, std = both.mean(dim=dims, keepdim=True), both.std(dim=dims, keepdim=True).clamp_min(1e-8)
         value = MMDMetric()((fr - mean) / std, (fs - mean) / std)
     return float(value) / fr[0].numel()
 
@@ -435,7 +438,7 @@ def ms_ssim_diversity(volumes: torch.Tensor, data_range: float = 1.0, seed: int 
     metric = _ms_ssim_metric(volumes.shape[2:], data_range)
     pairs = _pairs(volumes.shape[0], max_pairs, seed)
     values: list[float] = []
-    chunk = 64
+    chunk = max(1, min(64, (1 << 24) // volumes[0].numel()))  # about 64 MiB per side of a chunk
     with torch.no_grad():
         for k in tqdm(range(0, len(pairs), chunk), desc="ms-ssim diversity", leave=False, disable=len(pairs) < 256):
             block = pairs[k : k + chunk]
@@ -471,8 +474,8 @@ def histogram_w1(real: torch.Tensor, samples: torch.Tensor, quantiles: int = 409
 
 def _rms_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """(len(a), len(b)) root-mean-square voxel differences."""
-    fa = a.reshape(a.shape[0], -1).double()
-    fb = b.reshape(b.shape[0], -1).double()
+    fa = a.reshape(a.shape[0], -1).float()
+    fb = b.reshape(b.shape[0], -1).float()
     rows = [torch.cdist(fa[i : i + chunk], fb, compute_mode="donot_use_mm_for_euclid_dist") for i in range(0, fa.shape[0], chunk)]
     return torch.cat(rows) / math.sqrt(fa.shape[1])
 
@@ -1082,7 +1085,8 @@ def picture_grid(rows: Sequence[tuple[str, torch.Tensor]], window: tuple[float, 
     """A labelled PIL image: one row per set, up to ``max_columns`` volumes each, mid-slices in every plane.
 
     All panels share one intensity window (the real data's range), so brightness differences and values outside
-    the range (clipped) show. Small panels are enlarged by an integer factor with nearest-neighbour sampling.
+    the range (clipped) show. Slices are shown with square pixels (spacing is ignored), the slice's first remaining
+    axis horizontal; small panels are enlarged by an integer factor with nearest-neighbour sampling.
     """
     from PIL import Image, ImageDraw
 
@@ -1102,11 +1106,17 @@ def picture_grid(rows: Sequence[tuple[str, torch.Tensor]], window: tuple[float, 
             row.append(None)  # wider gap between volumes
         tiles.append(row[:-1])
     height = panel_h * zoom
+    header = 16
     widths = [sum(t.shape[1] + gap if t is not None else 3 * gap for t in row) for row in tiles]
-    canvas = Image.new("L", (label_w + max(widths), len(tiles) * (height + gap) + gap), color=32)
+    canvas = Image.new("L", (label_w + max(widths), header + len(tiles) * (height + gap) + gap), color=32)
     draw = ImageDraw.Draw(canvas)
+    planes = ["image"] if rows[0][1].ndim == 4 else ["axis 0 (sag.)", "axis 1 (cor.)", "axis 2 (ax.)"]
+    left = label_w
+    for name, t in zip(planes, tiles[0]):
+        draw.text((left + 2, 2), name, fill=200)
+        left += t.shape[1] + gap
     for r, ((title, x), row) in enumerate(zip(rows, tiles)):
-        top = gap + r * (height + gap)
+        top = header + gap + r * (height + gap)
         draw.text((6, top + height // 2 - 6), f"{title} ({x.shape[0]})", fill=255)
         left = label_w
         for t in row:
