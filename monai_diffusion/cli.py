@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from .data import DataError
 from .engine import RunError
@@ -25,11 +27,11 @@ def one_line(exc: BaseException) -> str:
     return text.replace(":;", ":")
 
 
-def run_command(work: Callable[[], object]) -> int:
+def run_command(work: Callable[[], object], extra_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run ``work``; a user error becomes ``error: <one line>`` on stderr and exit code 2."""
     try:
         work()
-    except USER_ERRORS as exc:
+    except USER_ERRORS + extra_errors as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -114,3 +116,120 @@ def generate_samples_main(argv: Sequence[str] | None = None) -> int:
         generate_samples(settings, args.checkpoint)
 
     return run_command(work)
+
+
+# ------------------------------------------------------------------------------------------------------ evaluate
+class _OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one ``error: ...`` line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="evaluate",
+        description="Measure generation quality: a trained pipeline (--config: stage-1 reconstruction of the "
+        "validation volumes, and samples against the training volumes and their reconstructions), or two folders "
+        "(--real and --samples). Writes a JSON report, a Markdown summary and a PNG grid of mid-slices "
+        "(definitions: monai_diffusion/docs/evaluate.md).",
+    )
+    add_config_args(parser)
+    parser.add_argument("--checkpoint", help="with --config: the stage-2 checkpoint (default: sampling.checkpoint, "
+                                             "else <diffusion output_dir>/best_model.pt)")
+    parser.add_argument("--num-samples", type=int, help="with --config: samples to draw (default: as many as there "
+                                                        "are training volumes)")
+    parser.add_argument("--real", help="folder of real volumes (NIfTI, or 2D images); folder mode")
+    parser.add_argument("--samples", help="folder of generated volumes, same shape as the real ones (with --config: "
+                                          "take these instead of drawing new ones)")
+    parser.add_argument(
+        "--recon", help="folder mode: the autoencoder's reconstructions of the real volumes, same order"
+    )
+    parser.add_argument(
+        "--out", help="report JSON path (--config: <diffusion output_dir>/../evaluation.json; folder mode: "
+        "<samples folder>_evaluation.json); the .md and .png are written next to it"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise, the C2ST split and classifier "
+                                                            "(default 0)")
+    parser.add_argument(
+        "--c2st-epochs", type=int, default=None, help="epochs of the C2ST classifier (default 30; 0 skips the test)"
+    )
+    parser.add_argument("--fid-weights", help="local feature-extractor file for FID (TorchScript or ResNet state dict)")
+    return parser
+
+
+def _print_evaluation(report: dict, written: Sequence[Path]) -> None:
+    from .evaluate import summary_table
+
+    s = report["samples"]
+    print(
+        f"real: {report['real']['count']} x {report['real']['shape']}, samples: {s['count']} x {s['shape']}, "
+        f"sample range [{s['min']:.4g}, {s['max']:.4g}], {100 * s['fraction_outside_real_range']:.3g}% of voxels "
+        "outside the real range"
+    )
+    if "stage1_validation" in report:
+        v = report["stage1_validation"]
+        print(f"stage 1 on {v['count']} validation volume(s): PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.3f}, "
+              f"MS-SSIM {v['ms_ssim']:.3f}, L1 {v['l1']:.4f}")
+    print(summary_table(report))
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``evaluate.py --config FILE [--checkpoint PATH] [--num-samples N]`` or ``evaluate.py --real DIR --samples
+    DIR``: write an evaluation report."""
+    parser = evaluate_parser()
+    args = parser.parse_args(argv)
+    if args.config is None and not (args.real and args.samples):
+        parser.error("give --config (evaluate a trained pipeline) or both --real and --samples (compare two folders)")
+    if args.config is not None and (args.real or args.recon):
+        parser.error("--real and --recon belong to the folder mode; with --config the real volumes come from the "
+                     "config's data")
+    from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, write_report
+
+    result: dict = {}
+
+    def work() -> None:
+        c2st = C2STSettings() if args.c2st_epochs is None else C2STSettings(epochs=args.c2st_epochs)
+        if args.config is not None:
+            from .evaluate_run import evaluate_pipeline
+
+            settings = settings_from_args(args, stage="sampling")
+            result["report"], result["written"] = evaluate_pipeline(
+                settings, args.checkpoint, num_samples=args.num_samples, samples_dir=args.samples, out=args.out,
+                seed=args.seed, c2st=c2st, fid_weights=args.fid_weights, overwrite=args.overwrite,
+            )
+            return
+        out = Path(args.out).expanduser() if args.out else _default_report(args.samples)
+        if out.suffix.lower() != ".json":
+            raise EvaluateError(f"--out must name a .json file, got {str(out)!r}")
+        if not args.overwrite:
+            for path in (out, out.with_suffix(".md"), out.with_suffix(".png")):
+                if path.exists():
+                    raise EvaluateError(f"report file {str(path)!r} already exists; choose another --out or pass "
+                                        "--overwrite")
+        real, real_meta = load_volume_folder(args.real, what="real")
+        samples, samples_meta = load_volume_folder(args.samples, what="samples")
+        meta = {"real": real_meta, "samples": samples_meta}
+        names = {"real": f"real folder {args.real!r}", "samples": f"samples folder {args.samples!r}"}
+        recon = None
+        if args.recon:
+            recon, meta["recon"] = load_volume_folder(args.recon, what="reconstructions")
+            names["recon"] = f"reconstructions folder {args.recon!r}"
+        report = compare_sets(
+            real, samples, recon=recon, seed=args.seed, c2st=c2st, fid_weights=args.fid_weights, names=names, meta=meta
+        )
+        result["report"] = report
+        result["written"] = write_report(report, out, real=real, recon=recon, samples=samples, overwrite=args.overwrite)
+
+    code = run_command(work, extra_errors=(EvaluateError,))
+    if code == 0:
+        _print_evaluation(result["report"], result["written"])
+    return code
+
+
+def _default_report(samples: str) -> Path:
+    folder = Path(samples).expanduser().resolve()
+    return folder.with_name(folder.name + "_evaluation.json")

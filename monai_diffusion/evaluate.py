@@ -47,7 +47,6 @@ __all__ = [
     "summary_table",
     "picture_grid",
     "write_report",
-    "evaluate_pipeline",
 ]
 
 REPORT_VERSION = 1
@@ -959,16 +958,6 @@ def compare_sets(
         progress.update()
     progress.close()
     return report
-
-
-def evaluate_pipeline(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """TODO(lead): the ``--config`` mode.
-
-    Generate N samples from a trained pipeline (or take ``--samples DIR``), reconstruct the validation volumes
-    with the autoencoder (sliding windows when larger than ``voxel_size``), then call
-    ``compare_sets(real, samples, recon=recon, ...)`` and :func:`write_report`.
-    """
-    raise NotImplementedError("evaluate_pipeline (the --config mode) is not implemented yet")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from monai.networks.layers import GaussianFilter
 from PIL import Image
 
 from monai_diffusion import evaluate as E
-from monai_diffusion.cli_evaluate import evaluate_main
+from monai_diffusion.cli import evaluate_main
 
 
 def blobs(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
