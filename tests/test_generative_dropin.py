@@ -299,6 +299,13 @@ def test_spadenet_returns_023s_image_and_kld():
         net(seg)
 
 
+def test_spadenet_gan_mode_returns_a_one_tuple():
+    net = SPADENet(3, 1, 2, 2, (8, 8, 8), [4, 4], is_vae=False, spade_intermediate_channels=4).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 8, 8, 8))
+    assert len(out) == 1 and out[0].shape == (1, 2, 8, 8, 8)
+
+
 def test_kld_loss_known_values():
     zeros = torch.zeros(2, 3)
     assert KLDLoss()(zeros, zeros) == 0.0  # N(0, 1) against itself
@@ -494,3 +501,69 @@ def test_vqvae_transformer_inferer_with_fork_models():
         likelihood = VQVAETransformerInferer().get_likelihood(images, vqvae, transformer, ordering)
     assert logits.shape == (2, 16, 9) and target.shape == (2, 16)
     assert likelihood.shape == (2, 4, 4)
+
+
+# --------------------------------------------------------------------------------------- ControlNet inferers
+
+
+def _controlnet_models(mode: str):
+    from generative.networks.nets import ControlNet, DiffusionModelUNet
+
+    common = dict(spatial_dims=2, num_res_blocks=1, num_channels=(8, 8), attention_levels=(False, True),
+                  norm_num_groups=8, num_head_channels=4)
+    cross = dict(with_conditioning=True, cross_attention_dim=3) if mode == "crossattn" else {}
+    unet = DiffusionModelUNet(in_channels=2 if mode == "concat" else 1, out_channels=1, **common, **cross).eval()
+    # as in 0.2.3 tutorials: the ControlNet takes the image channels only and has no cross-attention
+    controlnet = ControlNet(in_channels=1, conditioning_embedding_num_channels=(8,), **common).eval()
+    condition = torch.randn(1, 1, 8, 8) if mode == "concat" else torch.randn(1, 2, 3)
+    return unet, controlnet, condition
+
+
+@pytest.mark.parametrize("mode", ["concat", "crossattn"])
+def test_controlnet_inferer_calls_the_controlnet_as_023_did(mode):
+    import monai.inferers
+
+    from generative.inferers import ControlNetDiffusionInferer
+    from generative.networks.schedulers import DDPMScheduler
+
+    unet, controlnet, condition = _controlnet_models(mode)
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    inputs, noise, cn_cond = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    timesteps = torch.tensor([3])
+    inferer = ControlNetDiffusionInferer(scheduler)
+    with torch.no_grad():
+        prediction = inferer(inputs, unet, controlnet, noise, timesteps, cn_cond, condition=condition, mode=mode)
+        scheduler.set_timesteps(2)
+        sample = inferer.sample(noise, unet, controlnet=controlnet, cn_cond=cn_cond, scheduler=scheduler,
+                                conditioning=condition, mode=mode, verbose=False)
+    assert prediction.shape == sample.shape == (1, 1, 8, 8)
+    with pytest.raises((RuntimeError, ValueError)):  # core gives the ControlNet the condition too
+        with torch.no_grad():
+            monai.inferers.ControlNetDiffusionInferer(scheduler)(
+                inputs, unet, controlnet, noise, timesteps, cn_cond, condition=condition, mode=mode
+            )
+
+
+def test_controlnet_latent_inferer_concat_with_a_023_controlnet():
+    from generative.inferers import ControlNetLatentDiffusionInferer
+    from generative.networks.schedulers import DDPMScheduler
+
+    unet, controlnet, _ = _controlnet_models("concat")
+    vqvae = VQVAE(spatial_dims=2, in_channels=1, out_channels=1, num_channels=(4,), num_res_layers=1,
+                  num_res_channels=4, downsample_parameters=(2, 4, 1, 1), upsample_parameters=(2, 4, 1, 1, 0),
+                  num_embeddings=8, embedding_dim=1).eval()
+    inferer = ControlNetLatentDiffusionInferer(DDPMScheduler(num_train_timesteps=10), scale_factor=1.0)
+    images, noise = torch.randn(1, 1, 16, 16), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        prediction = inferer(images, vqvae, unet, controlnet, noise, torch.tensor([2]), torch.randn(1, 1, 16, 16),
+                             condition=torch.randn(1, 1, 8, 8), mode="concat")
+    assert prediction.shape == (1, 1, 8, 8)
+
+
+def test_023_error_types_and_paths_kept():
+    from generative.utils.ordering import OrderingType as FromOrdering
+
+    assert FromOrdering is OrderingType
+    for kwargs in (dict(method="none"), dict(n_stages=-1)):
+        with pytest.raises(AssertionError):  # 0.2.3 used assert
+            SpatialRescaler(**kwargs)

@@ -12,6 +12,7 @@ The arguments, their order and the orderings produced are 0.2.3's. Core's defaul
 
 from __future__ import annotations
 
+from monai.utils.enums import OrderingTransformations, OrderingType
 from monai.utils.ordering import Ordering
 
-__all__ = ["Ordering"]
+__all__ = ["Ordering", "OrderingTransformations", "OrderingType"]

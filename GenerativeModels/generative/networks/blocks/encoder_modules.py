@@ -7,8 +7,9 @@
 monai-generative 0.2.3's ``SpatialRescaler`` (resize a conditioning image, optionally remapping its channels).
 
 MONAI core has no such block, so this is the fork's own implementation with 0.2.3's arguments, defaults and
-``state_dict`` keys (``channel_mapper.conv.*``). It raises ``ValueError`` where 0.2.3 used ``assert`` and does not
-print when it maps channels.
+``state_dict`` keys (``channel_mapper.conv.*``). Its argument errors are ``ValueError``s with a message; they are
+also ``AssertionError``s, which 0.2.3 raised (with ``assert``), so that 0.2.3 code catching those keeps working. It
+does not print when it maps channels.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-__all__ = ["SpatialRescaler"]
+__all__ = ["SpatialRescaler", "SpatialRescalerArgumentError"]
 
 _METHODS = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
+
+
+class SpatialRescalerArgumentError(ValueError, AssertionError):
+    """A wrong ``SpatialRescaler`` argument: a ``ValueError``, and an ``AssertionError`` as 0.2.3 raised."""
 
 
 class SpatialRescaler(nn.Module):
@@ -54,9 +59,9 @@ class SpatialRescaler(nn.Module):
     ) -> None:
         super().__init__()
         if n_stages < 0:
-            raise ValueError(f"SpatialRescaler: n_stages={n_stages} must be >= 0.")
+            raise SpatialRescalerArgumentError(f"SpatialRescaler: n_stages={n_stages} must be >= 0.")
         if method not in _METHODS:
-            raise ValueError(f"SpatialRescaler: method={method!r} is not one of {_METHODS}.")
+            raise SpatialRescalerArgumentError(f"SpatialRescaler: method={method!r} is not one of {_METHODS}.")
         if size is not None and n_stages != 1:
             raise ValueError(f"SpatialRescaler: size={size} needs n_stages=1, got n_stages={n_stages}.")
         if size is not None and multiplier is not None:

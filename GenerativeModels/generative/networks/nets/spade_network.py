@@ -93,7 +93,7 @@ class SPADENet(_CoreSPADENet):
             out_channels=out_channels,
             label_nc=label_nc,
             input_shape=input_shape,
-            channels=list(channels),
+            channels=list(channels) if isinstance(channels, Sequence) else channels,  # core's checks report others
             z_dim=z_dim,
             is_vae=is_vae,
             spade_intermediate_channels=spade_intermediate_channels,
