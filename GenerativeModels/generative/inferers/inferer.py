@@ -47,8 +47,10 @@ class _ControlNet023Call:
 
     def __init__(self, controlnet: Any) -> None:
         self.controlnet = controlnet
-        conv_in = getattr(controlnet, "conv_in", None)
-        self.in_channels = int(getattr(controlnet, "in_channels", None) or conv_in.conv.in_channels)
+        in_channels = getattr(controlnet, "in_channels", None)
+        if in_channels is None and hasattr(getattr(controlnet, "conv_in", None), "conv"):
+            in_channels = controlnet.conv_in.conv.in_channels
+        self.in_channels: int | None = in_channels  # None: a model of unknown input size gets ``x`` unchanged
 
     def __call__(
         self,
@@ -58,9 +60,17 @@ class _ControlNet023Call:
         context: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[Any, torch.Tensor]:
-        return self.controlnet(
-            x=x[:, : self.in_channels], timesteps=timesteps, controlnet_cond=controlnet_cond, **kwargs
-        )
+        """
+        Args:
+            x: the diffusion model's input; only its first ``in_channels`` channels reach the ControlNet.
+            timesteps: diffusion timesteps.
+            controlnet_cond: the control image.
+            context: cross-attention context, dropped (0.2.3 never gave it to the ControlNet).
+            kwargs: passed on (e.g. ``conditioning_scale``).
+        """
+        if self.in_channels is not None:
+            x = x[:, : self.in_channels]
+        return self.controlnet(x=x, timesteps=timesteps, controlnet_cond=controlnet_cond, **kwargs)
 
 
 def _wrap_controlnet(args: tuple, kwargs: dict, position: int) -> tuple[tuple, dict]:
