@@ -544,6 +544,27 @@ def test_controlnet_inferer_calls_the_controlnet_as_023_did(mode):
             )
 
 
+INFERER_FIXTURE = Path(__file__).parent / "data" / "legacy_controlnet_inferer_0_2_3.pt"
+
+
+@pytest.mark.parametrize("mode", ["concat", "crossattn"])
+def test_controlnet_inferer_gives_023_outputs(mode):
+    """Same models, inputs and noise schedule as 0.2.3's inferer (tests/data/make_legacy_inferer_fixture.py)."""
+    from generative.inferers import ControlNetDiffusionInferer
+    from generative.networks.nets import ControlNet, DiffusionModelUNet
+    from generative.networks.schedulers import DDPMScheduler
+
+    fixture = torch.load(INFERER_FIXTURE, weights_only=False)[mode]
+    unet = DiffusionModelUNet(**fixture["unet_kwargs"]).eval()
+    unet.load_state_dict(fixture["unet"])
+    controlnet = ControlNet(**fixture["controlnet_kwargs"]).eval()
+    controlnet.load_state_dict(fixture["controlnet"])
+    inferer = ControlNetDiffusionInferer(DDPMScheduler(num_train_timesteps=fixture["num_train_timesteps"]))
+    with torch.no_grad():
+        output = inferer(diffusion_model=unet, controlnet=controlnet, **fixture["inputs"])
+    torch.testing.assert_close(output, fixture["output"], rtol=0, atol=1e-5)
+
+
 def test_controlnet_latent_inferer_concat_with_a_023_controlnet():
     from generative.inferers import ControlNetLatentDiffusionInferer
     from generative.networks.schedulers import DDPMScheduler
