@@ -92,7 +92,13 @@ PUBLIC_023 = {
     "generative.networks.nets.spade_network": ["SPADENet", "KLDLoss"],
     "generative.networks.nets.transformer": ["DecoderOnlyTransformer"],
     "generative.networks.nets.vqvae": ["VQVAE"],
-    "generative.networks.schedulers": ["DDIMScheduler", "DDPMScheduler", "NoiseSchedules", "PNDMScheduler", "Scheduler"],
+    "generative.networks.schedulers": [
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "NoiseSchedules",
+        "PNDMScheduler",
+        "Scheduler",
+    ],
     "generative.networks.schedulers.ddim": ["DDIMScheduler"],
     "generative.networks.schedulers.ddpm": ["DDPMScheduler", "DDPMPredictionType", "DDPMVarianceType"],
     "generative.networks.schedulers.pndm": ["PNDMScheduler"],
@@ -105,9 +111,14 @@ PUBLIC_023 = {
         "unsqueeze_right",
     ],
     "generative.utils.component_store": ["ComponentStore"],
-    "generative.utils.enums": ["AdversarialIterationEvents", "AdversarialKeys", "OrderingTransformations", "OrderingType"],
+    "generative.utils.enums": [
+        "AdversarialIterationEvents",
+        "AdversarialKeys",
+        "OrderingTransformations",
+        "OrderingType",
+    ],
     "generative.utils.misc": ["unsqueeze_left", "unsqueeze_right"],
-    "generative.utils.ordering": ["Ordering"],
+    "generative.utils.ordering": ["Ordering", "OrderingType", "OrderingTransformations"],
 }
 
 
@@ -415,7 +426,11 @@ def test_vector_quantizer_layers_are_cores():
     quantizer = VectorQuantizer(EMAQuantizer(spatial_dims=2, num_embeddings=8, embedding_dim=4)).eval()
     loss, quantized = quantizer(torch.randn(2, 4, 3, 3))
     assert quantized.shape == (2, 4, 3, 3) and loss.ndim == 0
-    assert sorted(quantizer.state_dict()) == ["quantizer.ema_cluster_size", "quantizer.ema_w", "quantizer.embedding.weight"]
+    assert sorted(quantizer.state_dict()) == [
+        "quantizer.ema_cluster_size",
+        "quantizer.ema_w",
+        "quantizer.embedding.weight",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- metrics

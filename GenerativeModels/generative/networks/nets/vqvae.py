@@ -82,7 +82,9 @@ class VQVAE(_CoreVQVAE):
         *,
         channels: Sequence[int] | None = None,
     ) -> None:
-        channels = pick_renamed_arg(type(self).__name__, "num_channels", num_channels, "channels", channels, (96, 96, 192))
+        channels = pick_renamed_arg(
+            type(self).__name__, "num_channels", num_channels, "channels", channels, (96, 96, 192)
+        )
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
