@@ -58,14 +58,22 @@ _RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.to_out\.0\.(weight|bias)$"), r".out_proj.\1"),
     # upsampling convolution after interpolation was renamed ``postconv``
     (re.compile(r"\.upsampler\.conv\.conv\.(weight|bias)$"), r".upsampler.postconv.conv.\1"),
+    # the same renaming in the upsampling blocks of SPADEAutoencoderKL's decoder
+    (re.compile(r"\.conv\.conv\.(weight|bias)$"), r".postconv.conv.\1"),
+    # SPADE: 0.2.3 wrapped the parameter-free norm in an ADN block (sub-module ``N``), core holds the norm itself
+    (re.compile(r"\.param_free_norm\.N\.(weight|bias|running_mean|running_var|num_batches_tracked)$"),
+     r".param_free_norm.\1"),
 )
+# transformer blocks: 0.2.3 had norm1 (self-attention), norm2 (cross-attention), norm3 (MLP); core has norm1,
+# norm_cross_attn and norm2 (MLP)
+_NORM3 = re.compile(r"\.norm3\.(weight|bias)$")
 _PROJ_ATTN = re.compile(r"\.proj_attn\.(weight|bias)$")
 
 
 def upgrade_generative_023_keys(state_dict: MutableMapping[str, Any], expected: set[str], prefix: str = "") -> None:
     """
-    Rewrite, in place, the keys of a monai-generative 0.2.3 ``DiffusionModelUNet``/``ControlNet`` state dict to the
-    MONAI core layout.
+    Rewrite, in place, the keys of a monai-generative 0.2.3 state dict (``DiffusionModelUNet``, ``ControlNet``, the
+    SPADE networks, ``DecoderOnlyTransformer``, ``TransformerBlock``) to the MONAI core layout.
 
     0.2.3's self-attention block created a ``proj_attn`` linear layer but never applied it in ``forward``; core's
     block applies its ``out_proj``. To keep the outputs of an old checkpoint unchanged, ``proj_attn`` is therefore not
@@ -77,26 +85,55 @@ def upgrade_generative_023_keys(state_dict: MutableMapping[str, Any], expected: 
         expected: the full key names (``prefix`` included) that the target model expects.
         prefix: the target model's prefix inside ``state_dict`` (non-empty when it is a sub-module).
     """
+    _upgrade_transformer_norms(state_dict, expected, prefix)
     for key in [k for k in state_dict if k.startswith(prefix) and k not in expected]:
-        proj = _PROJ_ATTN.search(key)
+        dotted = "." + key  # so that the patterns also match keys of a module loaded on its own (no parent prefix)
+        proj = _PROJ_ATTN.search(dotted)
         if proj is not None:
-            block = key[: proj.start()]
-            target = f"{block}.attn.out_proj.{proj.group(1)}"
+            block = dotted[1 : proj.start()]
+            target = _join(block, f"attn.out_proj.{proj.group(1)}")
             old = state_dict.pop(key)
             if target in expected and target not in state_dict:
                 if proj.group(1) == "weight":
                     state_dict[target] = torch.eye(old.shape[0], old.shape[1], dtype=old.dtype, device=old.device)
                 else:
                     state_dict[target] = torch.zeros_like(old)
-            elif target in expected or not any(k.startswith(f"{block}.attn.") for k in expected):
+            elif target in expected or not any(k.startswith(_join(block, "attn.")) for k in expected):
                 state_dict[key] = old  # not a 0.2.3 self-attention block after all: let the normal checks report it
             # otherwise: a core attention block built with include_fc=False, where the unused weights just go
             continue
         for pattern, replacement in _RENAMES:
-            new_key = pattern.sub(replacement, key)
+            new_key = pattern.sub(replacement, dotted)[1:]
             if new_key != key and new_key in expected and new_key not in state_dict:
                 state_dict[new_key] = state_dict.pop(key)
                 break
+
+
+def _join(block: str, rest: str) -> str:
+    """``block.rest``, or ``rest`` when ``block`` is the module itself (empty)."""
+    return f"{block}.{rest}" if block else rest
+
+
+def _upgrade_transformer_norms(state_dict: MutableMapping[str, Any], expected: set[str], prefix: str) -> None:
+    """Rename 0.2.3 transformer-block norms (``norm2`` -> ``norm_cross_attn``, ``norm3`` -> ``norm2``) in place."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in expected]:
+        dotted = "." + key
+        match = _NORM3.search(dotted)
+        if match is None:
+            continue
+        block, param = dotted[1 : match.start()], match.group(1)
+        mlp_norm, cross_norm = _join(block, f"norm2.{param}"), _join(block, f"norm_cross_attn.{param}")
+        if mlp_norm not in expected:
+            continue  # not a 0.2.3 transformer block: let the normal checks report the key
+        if mlp_norm in state_dict:
+            if cross_norm not in expected:
+                continue  # a cross-attention norm the target has no place for: leave it to the normal checks
+            state_dict[cross_norm] = state_dict.pop(mlp_norm)
+        elif cross_norm in expected and cross_norm not in state_dict:
+            # core always creates ``norm_cross_attn``; without cross-attention it is unused: LayerNorm's initial values
+            norm3 = state_dict[key]
+            state_dict[cross_norm] = torch.ones_like(norm3) if param == "weight" else torch.zeros_like(norm3)
+        state_dict[mlp_norm] = state_dict.pop(key)
 
 
 def _load_hook(
@@ -118,6 +155,6 @@ def add_generative_023_load_hook(module: nn.Module) -> None:
     Make ``module.load_state_dict`` (and that of any model holding ``module``) accept 0.2.3 checkpoint keys.
 
     Args:
-        module: a MONAI core ``DiffusionModelUNet`` or ``ControlNet`` (or a subclass).
+        module: a MONAI core network or block (or a subclass) whose 0.2.3 keys ``upgrade_generative_023_keys`` knows.
     """
     module.register_load_state_dict_pre_hook(_load_hook)

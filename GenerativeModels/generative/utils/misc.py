@@ -1,0 +1,12 @@
+# Copyright (c) monai-diffusion contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+"""monai-generative 0.2.3's ``unsqueeze_left`` / ``unsqueeze_right``: MONAI core's functions, same behaviour."""
+
+from __future__ import annotations
+
+from monai.utils.misc import unsqueeze_left, unsqueeze_right
+
+__all__ = ["unsqueeze_left", "unsqueeze_right"]
