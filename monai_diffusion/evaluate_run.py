@@ -126,6 +126,7 @@ def evaluate_pipeline(
     device = sampler.device
     recon = torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes"))
     val_recon = _reconstruct(autoencoder, val, roi, device, "validation volumes")
+    sampling_seconds = None
     if samples_dir is not None:
         samples, samples_meta = load_volume_folder(samples_dir, what="samples")
         how = f"read from {samples_dir}"
@@ -134,7 +135,9 @@ def evaluate_pipeline(
         if n < 2:
             raise EvaluateError(f"--num-samples must be at least 2, got {n}")
         print(f"drawing {n} samples from {path} with {sampler.describe()}")
+        t0 = time.perf_counter()
         samples, samples_meta = sampler.sample(n, seed), None
+        sampling_seconds = time.perf_counter() - t0
         how = f"drawn from {path}"
     names = {"real": f"training volumes of {info['source_description']}", "samples": f"samples {how}",
              "recon": "reconstructions of the training volumes"}
@@ -150,6 +153,7 @@ def evaluate_pipeline(
         "guidance_scale": sampler.cfg.guidance_scale,
         "sampling_seed": seed,
         "samples": how,
+        "sampling_seconds": None if sampling_seconds is None else round(sampling_seconds, 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
     written = write_report(report, out, real=real, recon=recon, samples=samples, overwrite=overwrite)
