@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import torch
 from monai_diffusion.cli import train_autoencoder_main
 from monai_diffusion.engine import Runtime
 from monai_diffusion.plan import apply_budget, format_plan, make_plan, plan_main
-from monai_diffusion.plan.measure import build_stage, measure_stage
+from monai_diffusion.memory import CLEAN_MALLOC_ENV
+from monai_diffusion.plan.measure import build_stage, measure_stage, worker_env
 from monai_diffusion.settings import load_settings
-from monai_diffusion.stage1 import train_autoencoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_stage1 import tiny  # noqa: E402 - the shared tiny-config helper
@@ -144,11 +145,16 @@ def test_measured_plan_of_a_tiny_config(measured):
     assert "peak memory" in text and "step time" in text and "method:" in text
 
 
-def test_measured_peak_matches_fast_dev_run(measured, capsys):
+def test_measured_peak_matches_fast_dev_run(measured):
+    # fast_dev_run as a user runs it: the training command in its own process, nothing set in its environment
     overrides, _, plan = measured
-    settings = load_settings(QUICKSTART, [*overrides, "autoencoder.training.fast_dev_run=true"])
-    train_autoencoder(settings)
-    found = re.search(r"fast_dev_run: peak memory of the last training step (\d+) MiB", capsys.readouterr().out)
+    env = {k: v for k, v in worker_env().items() if k not in CLEAN_MALLOC_ENV}
+    script = REPO / "monai_diffusion" / "3d_ldm" / "train_autoencoder.py"
+    args = [sys.executable, str(script), "--config", str(QUICKSTART), "--fast-dev-run"]
+    run = subprocess.run(args + [a for o in overrides for a in ("--set", o)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r"fast_dev_run: peak memory of the last training step (\d+) MiB", run.stdout)
     assert found, "fast_dev_run printed no peak"
     fast_dev_run_mib = float(found.group(1))
     plan_mib = plan["autoencoder"]["measurement"]["peak_mib"]

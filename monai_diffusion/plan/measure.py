@@ -35,9 +35,6 @@ from typing import Any
 
 from ..settings import Settings
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
 # ------------------------------------------------------------------------------------------------ parent side
 def worker_env() -> dict[str, str]:
     """The environment of a measurement process: this one, with the folders this process imported both packages
