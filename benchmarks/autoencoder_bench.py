@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,10 +21,12 @@ from typing import Any
 
 import torch
 
+# the one memory meter; CLEAN_MALLOC_ENV is used through this module by compression.py and max_volume.py
+from monai_diffusion.memory import CLEAN_MALLOC_ENV, MIB, PeakMeter  # noqa: F401
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-MIB = 2**20
 
 # Architecture shared by every compared model; only the resampling factors (and the implementation) change.
 CHANNELS = (32, 64, 64)
@@ -150,18 +151,6 @@ def train_step(model, optimizer, x, precision: str, scaler=None, kl_weight: floa
     return loss.detach(), z_mu.detach()
 
 
-def current_rss_mib() -> float:
-    """Resident set size of this process now (from /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
-def peak_rss_mib() -> float:
-    """Highest resident set size this process has had (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -229,9 +218,10 @@ def measure_training(
     one more forward pass afterwards records what it saves for backward (``saved_activation_breakdown``).
 
     Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` after the model, optimizer and input exist,
-    minus what was allocated at that point; on CPU the process' peak RSS (``ru_maxrss``) minus its RSS at that
-    point. Either way the number is what the training step adds: activations, gradients, optimizer state and
-    temporary buffers (plus, on CPU, allocator and library overhead). Call this in a fresh process.
+    minus what was allocated at that point; on CPU the process' peak RSS from that point on (``VmHWM``, reset then
+    by ``monai_diffusion.memory.PeakMeter``) minus its RSS at that point. Either way the number is what the training
+    step adds: activations, gradients, optimizer state and temporary buffers (plus, on CPU, allocator and library
+    overhead). Call this in a fresh process.
     """
     flags = parse_variant(variant)
     dev = torch.device(device)
@@ -244,11 +234,9 @@ def measure_training(
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((batch, 1, *size), generator=gen).to(dev)
     sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev) / MIB
-    else:
-        base = current_rss_mib()
+    meter = PeakMeter(dev)
+    meter.start()
+    base = torch.cuda.memory_allocated(dev) / MIB if meter.cuda else meter.rss_mib()
     times, cpu_times, loss, z_mu = [], [], None, None
     for i in range(warmup + steps):
         sync(dev)
@@ -258,10 +246,7 @@ def measure_training(
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
-    if dev.type == "cuda":
-        peak_total = torch.cuda.max_memory_allocated(dev) / MIB
-    else:
-        peak_total = peak_rss_mib()
+    peak_total = meter.peak_mib() if meter.cuda else base + meter.rise_mib()
     breakdown = None
     if anatomy and not flags["ckpt"]:
         f = total_factor(FACTOR_SETTINGS[setting][1])
@@ -297,10 +282,6 @@ def measure_training(
         "saved_for_backward_mib": breakdown,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-# glibc: serve every allocation above 128 KiB with its own mmap, returned to the system on free (see README)
-CLEAN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def adam_state_mib(parameters: int) -> float:

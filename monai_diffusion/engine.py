@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .memory import PeakMeter, tensor_bytes
+from .memory import PeakMeter, tensor_bytes, use_clean_malloc
 
 CHECKPOINT_FORMAT = "monai-diffusion-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: model_args hold the architecture only (no execution knobs)
@@ -511,6 +511,8 @@ def run_loop(
     accum = cfg.gradient_accumulation_steps
     step_times: list[float] = []
     meter = PeakMeter(runtime.device)
+    if cfg.fast_dev_run and not meter.cuda:
+        use_clean_malloc()  # measure as plan's fresh processes do (memory.py)
     step_peak_mib = None
 
     try:
