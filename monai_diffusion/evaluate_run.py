@@ -37,8 +37,9 @@ def _load(transform, files: list[str], what: str) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi: tuple[int, ...],
-                 device: torch.device, what: str) -> list[torch.Tensor]:
-    """Each volume through the whole autoencoder; volumes larger than ``roi`` through MONAI sliding windows."""
+                 device: torch.device, what: str, clip: bool) -> list[torch.Tensor]:
+    """Each volume through the whole autoencoder; volumes larger than ``roi`` through MONAI sliding windows; clipped
+    to [0, 1] like the samples when ``clip`` (``sampling.clip``)."""
     from monai.inferers import sliding_window_inference
 
     out = []
@@ -49,7 +50,8 @@ def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi:
         else:
             y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=autoencoder.reconstruct,
                                          overlap=0.25, mode="gaussian")
-        out.append(y.float().cpu()[0])
+        y = y.float().cpu()[0]
+        out.append(y.clamp(0.0, 1.0) if clip else y)
     return out
 
 
@@ -124,8 +126,9 @@ def evaluate_pipeline(
     real = torch.stack(_load(real_tf, info["train_files"], "training volumes"))
     val = _load(val_tf, info["val_files"], "validation volumes")
     device = sampler.device
-    recon = torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes"))
-    val_recon = _reconstruct(autoencoder, val, roi, device, "validation volumes")
+    clip = settings.sampling.clip
+    recon = torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes", clip))
+    val_recon = _reconstruct(autoencoder, val, roi, device, "validation volumes", clip)
     sampling_seconds = None
     if samples_dir is not None:
         samples, samples_meta = load_volume_folder(samples_dir, what="samples")

@@ -126,7 +126,7 @@ class Sampler:
                                    generator)
                 images = decode_latents(self.autoencoder, z.float(), float(self.ckpt["scale_factor"]),
                                         cfg.tile_size).float()
-            yield first, images
+            yield first, images.clamp(0.0, 1.0) if cfg.clip else images
 
     def sample(self, n: int, seed: int, progress: bool = True) -> torch.Tensor:
         """``n`` decoded samples on the CPU, ``(n, C, *spatial)``."""

@@ -439,6 +439,7 @@ class SamplingSettings:
     class_label: Optional[int] = _f(None, "class to generate (conditioned models); null = sample classes uniformly", ge=0)
     covariates: Optional[Tuple[float, ...]] = _f(None, "covariate values in diffusion.conditioning.covariate_keys order")
     save_png: bool = _f(True, "also write a PNG of three orthogonal mid-slices per sample")
+    clip: bool = _f(True, "clip decoded samples to [0, 1], the range the data is scaled to; false = raw decoder output")
     tile_size: Optional[IntList] = _f(None, "decode the latent in tiles of this many voxels (large volumes)", ge=1)
 
 

@@ -91,9 +91,11 @@ def test_8x_recipe_is_low_memory():
 
 def test_quickstart_loads_with_path_checks():
     s = load_settings(QUICKSTART)  # synthetic data: nothing on disk needed
-    assert s.data.synthetic.enabled and s.data.synthetic.num_train == 16 and s.data.synthetic.num_val == 2
-    assert s.data.voxel_size == (32, 32, 32)
-    assert s.autoencoder.training.n_epochs == 15 and s.diffusion.training.n_epochs == 40
+    assert s.data.synthetic.enabled and s.data.voxel_size == (32, 32, 32)
+    # evaluate's classifier two-sample test needs at least 8 training volumes per set
+    from monai_diffusion.evaluate import c2st_min_count
+
+    assert s.data.synthetic.num_train >= c2st_min_count()
     assert s.autoencoder.checkpoints.output_dir == "runs/quickstart/autoencoder"
     assert s.diffusion.checkpoints.autoencoder_path == "runs/quickstart/autoencoder/best_model.pt"
     assert s.diffusion.checkpoints.output_dir == "runs/quickstart/diffusion"
