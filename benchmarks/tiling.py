@@ -8,7 +8,8 @@ halo their kernels need, GroupNorm with whole-volume statistics gathered tile by
   do not divide the volume, the mean and max |tiled - untiled| divided by the std of the untiled result, fp32, for
   encode (``z_mu``) and decode (of the untiled ``z_mu``);
 * **memory**: peak memory of one encode and one decode pass, untiled and tiled, against the volume size, each in a
-  fresh process. CPU: peak RSS (``ru_maxrss``) minus the RSS after the model and input exist, with
+  fresh process. CPU: peak RSS (``VmHWM``, as ``ru_maxrss`` but not inherited from the parent) minus the RSS after
+  the model and input exist, with
   ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the RSS; CUDA: ``torch.cuda.max_memory_allocated``
   minus the allocation before the pass. Wall and CPU time are reported too (wall time is meaningless on a shared
   machine).
@@ -29,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,13 @@ def measure_errors() -> list[list[Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------- memory
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (``VmHWM``). Unlike ``ru_maxrss``, which Linux carries over from the
+    parent across ``execve``, it starts afresh in a new process."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"^VmHWM:\s+(\d+)", f.read(), re.MULTILINE).group(1)) / 1024
+
+
 def worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One pass in this (fresh) process: build, measure the baseline, run, report peak increase and time."""
     device = torch.device(payload["device"])
@@ -138,7 +146,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss_mib() - base
     return {"peak_mib": peak, "pass_wall_s": time.perf_counter() - t0, "pass_cpu_s": time.process_time() - c0,
             "output_mib": out.numel() * out.element_size() / 2**20, "baseline_mib": base}
 
@@ -189,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     info = machine_info(args.device)
-    errors = [] if args.skip_errors else measure_errors()
     memory = [] if args.skip_memory else measure_memory(args.sizes, args.tile, args.device)
+    errors = [] if args.skip_errors else measure_errors()
     out = Path(args.out) if args.out else RESULTS_DIR / f"tiling_{args.device}"
     command = "python benchmarks/tiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json(out.with_suffix(".json"), {"machine": info, "command": command, "errors": errors, "memory": memory})
-    meter = ("peak RSS increase (`ru_maxrss` minus RSS after model and input exist, fresh process, "
+    meter = ("peak RSS increase (`VmHWM` minus RSS after model and input exist, fresh process, "
              "`MALLOC_MMAP_THRESHOLD_=131072`)" if args.device == "cpu" else "`torch.cuda.max_memory_allocated` increase")
     lines = [f"# Exact tiled encode/decode ({args.device})", "", machine_line(info), "", f"Command: `{command.strip()}`  ",
              f"Total wall time {(time.perf_counter() - start) / 60:.1f} min.", ""]
