@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-errors", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default=None, help="output path without suffix (default results/tiling_<device>)")
+    parser.add_argument(
+        "--render-log", default=None,
+        help="write the tables from the per-process JSON lines of an earlier (e.g. interrupted) run's stdout instead of "
+             "measuring; the machine line is then this machine now",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -197,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     info = machine_info(args.device)
-    memory = [] if args.skip_memory else measure_memory(args.sizes, args.tile, args.device)
+    if args.render_log:
+        lines = Path(args.render_log).read_text().splitlines()
+        memory = [json.loads(ln) for ln in lines if ln.startswith("{") and '"mode"' in ln]
+        args.skip_errors = True
+    else:
+        memory = [] if args.skip_memory else measure_memory(args.sizes, args.tile, args.device)
     errors = [] if args.skip_errors else measure_errors()
     out = Path(args.out) if args.out else RESULTS_DIR / f"tiling_{args.device}"
     command = "python benchmarks/tiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
