@@ -23,6 +23,7 @@ Usage (from the repository root)::
     python benchmarks/tiling.py                               # errors + memory at 64^3, 128^3, 192^3 (CPU)
     python benchmarks/tiling.py --skip-memory                 # errors only (~1 min)
     python benchmarks/tiling.py --sizes 96 160 --tile 64 --device cuda
+    python benchmarks/tiling.py --single decode 512 128 --no-attention   # one large pass (takes long on a CPU)
 """
 
 from __future__ import annotations
@@ -120,7 +121,11 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One pass in this (fresh) process: build, measure the baseline, run, report peak increase and time."""
     device = torch.device(payload["device"])
     torch.manual_seed(0)
-    model = AutoencoderKL(**RECIPE_8X).eval().to(device)
+    args = dict(RECIPE_8X)
+    if not payload.get("attention", True):
+        args.update(attention_levels=(False, False, False), with_encoder_nonlocal_attn=False,
+                    with_decoder_nonlocal_attn=False)
+    model = AutoencoderKL(**args).eval().to(device)
     size = (payload["size"],) * 3
     if payload["mode"] == "encode":
         inp = torch.rand(1, 1, *size, device=device)
@@ -195,10 +200,22 @@ def main(argv: list[str] | None = None) -> int:
         help="write the tables from the per-process JSON lines of an earlier (e.g. interrupted) run's stdout instead of "
              "measuring; the machine line is then this machine now",
     )
+    parser.add_argument(
+        "--single", nargs=3, metavar=("MODE", "SIZE", "TILE"), default=None,
+        help="measure one pass (encode|decode, cubic size, tile; tile 0 = untiled) in a fresh process and print JSON "
+             "with the machine description, e.g. --single decode 512 128",
+    )
+    parser.add_argument("--no-attention", action="store_true", help="with --single: no attention blocks")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.single:
+        mode, size, tile = args.single[0], int(args.single[1]), int(args.single[2]) or None
+        payload = {"mode": mode, "size": size, "tile": tile, "device": args.device, "attention": not args.no_attention}
+        res = run_worker_subprocess(Path(__file__), payload, extra_env=CLEAN_MALLOC_ENV)
+        print(json.dumps({**payload, **res, "machine": machine_info(args.device)}))
         return 0
     start = time.perf_counter()
     info = machine_info(args.device)
