@@ -1,383 +1,253 @@
-"""How far tiled encoding/decoding of AutoencoderKL is from the whole-volume pass, and what it saves.
+"""Exact tiled encode/decode of AutoencoderKL: its error against the untiled pass, and its peak memory by volume size.
 
-``AutoencoderKL.encode_tiled`` / ``decode_tiled`` (or ``enable_tiling``) run the network on halo-padded tiles and keep
-each tile's core. Convolutions see the same inputs as in the whole-volume pass wherever the halo covers their
-receptive field, but GroupNorm statistics and attention are computed per tile, so the result differs. This script
-measures by how much, for a few tile/halo settings, and prints a Markdown table:
+``AutoencoderKL.encode_tiled`` / ``decode_tiled`` (and ``enable_tiling``) compute convolutions tile by tile with the
+halo their kernels need, GroupNorm with whole-volume statistics gathered tile by tile, and attention on the whole
+(low-resolution) tensor, so the result equals the untiled pass up to float rounding. This script measures:
 
-* encode: tiled ``z_mu`` against the untiled ``z_mu``;
-* decode: tiled decoding of the untiled ``z_mu`` against its untiled decoding;
-* differences are mean and max absolute differences divided by the standard deviation of the untiled result;
-* work: voxels run through the network (tile cores plus halos) relative to the volume, a machine-independent
-  measure of the extra compute;
-* the peak resident-memory increase of one decode pass, measured in a forked child process (``VmHWM`` from
-  ``/proc/self/status``; Linux only, skipped elsewhere or with ``--no-memory``);
-* with ``--time``, wall time of each pass (meaningless on a machine shared with other jobs).
+* **error**: for a few architectures (factors [2, 2] (4x), [4, 2] with attention, [8, 2], anisotropic) and tiles that
+  do not divide the volume, the mean and max |tiled - untiled| divided by the std of the untiled result, fp32, for
+  encode (``z_mu``) and decode (of the untiled ``z_mu``);
+* **memory**: peak memory of one encode and one decode pass, untiled and tiled, against the volume size, each in a
+  fresh process. CPU: peak RSS (``VmHWM``, as ``ru_maxrss`` but not inherited from the parent) minus the RSS after
+  the model and input exist, with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the RSS; CUDA: ``torch.cuda.max_memory_allocated``
+  minus the allocation before the pass. Wall and CPU time are reported too (wall time is meaningless on a shared
+  machine).
 
-By default the networks are randomly initialised (seeded) and the input is a synthetic phantom (random ellipsoids on
-a zero background); ``--checkpoint`` measures a trained monai-diffusion autoencoder instead and ``--input`` a real
-volume stored as ``.npy``. Trained weights can behave differently from random ones: measure the model you deploy.
+The model of the memory table is the 8x recipe of ``ldm_config_8x_downsample.yaml``: channels (32, 64, 64),
+``downsample_factors [4, 2]``, latent_channels 3, one residual block per level, attention at the last level plus the
+non-local blocks, ``use_flash_attention=True``; weights random (seed 0), as memory does not depend on them.
 
 Usage (from the repository root)::
 
-    python benchmarks/tiling.py                      # both built-in cases, CPU only
-    python benchmarks/tiling.py --cases 2d --no-memory
-    python benchmarks/tiling.py --cases 3d --settings 32:16,16:8
-    python benchmarks/tiling.py --checkpoint runs/autoencoder/best_model.pt --input volume.npy --settings 128:32
+    python benchmarks/tiling.py                               # errors + memory at 64^3, 128^3, 192^3 (CPU)
+    python benchmarks/tiling.py --skip-memory                 # errors only (~1 min)
+    python benchmarks/tiling.py --sizes 96 160 --tile 64 --device cuda
+    python benchmarks/tiling.py --single decode 512 128 --no-attention   # one large pass (takes long on a CPU)
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import os
-import platform
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-# idle OpenMP threads sleep instead of spinning, which matters on a shared machine; must be set before torch starts
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from generative.networks.nets import AutoencoderKL  # noqa: E402
-from generative.networks.nets.autoencoderkl import AttentionBlock  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autoencoder_bench import (  # noqa: E402
+    CLEAN_MALLOC_ENV,
+    RESULTS_DIR,
+    current_rss_mib,
+    machine_info,
+    machine_line,
+    markdown_table,
+    run_worker_subprocess,
+    write_json,
+)
 
-CASES: dict[str, dict[str, Any]] = {
-    # the default 3D recipe of monai_diffusion/config/ldm_config.yaml (4x, legacy factors) on a 64^3 volume
-    "3d": {
-        "model": dict(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=1,
-            num_channels=(32, 64, 64),
-            attention_levels=(False, False, False),
-            num_res_blocks=1,
-            latent_channels=3,
-            norm_num_groups=32,
-            downsample_factors=None,
-        ),
-        "size": (64, 64, 64),
-        "settings": [(32, 0), (32, 16)],
-    },
-    # the 8x recipe of ldm_config_8x_downsample.yaml (factors [4, 2], attention at the latent level), in 2D
-    "2d": {
-        "model": dict(
-            spatial_dims=2,
-            in_channels=1,
-            out_channels=1,
-            num_channels=(32, 64, 64),
-            attention_levels=(False, False, True),
-            num_res_blocks=1,
-            latent_channels=3,
-            norm_num_groups=32,
-            downsample_factors=[4, 2],
-        ),
-        "size": (256, 256),
-        "settings": [(256, 0), (128, 0), (128, 32), (128, 64), (64, 32)],
-    },
+from generative.networks.nets import AutoencoderKL  # noqa: E402
+
+RECIPE_8X = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    num_channels=(32, 64, 64),
+    attention_levels=(False, False, True),
+    num_res_blocks=1,
+    latent_channels=3,
+    norm_num_groups=32,
+    downsample_factors=[4, 2],
+    use_flash_attention=True,
+)
+
+# name: (model arguments, input size, tile) -- tiles chosen so that they do not divide the volume
+ERROR_CASES: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = {
+    "3d 4x (None), non-local attention": (
+        dict(RECIPE_8X, downsample_factors=None, attention_levels=(False, False, False)), (48, 48, 48), (32, 32, 32)
+    ),
+    "3d 8x [4, 2], attention (recipe)": (RECIPE_8X, (64, 64, 64), (40, 40, 40)),
+    "3d anisotropic [(2,2,1), (4,4,2)], attention": (
+        dict(RECIPE_8X, downsample_factors=[(2, 2, 1), (4, 4, 2)]), (64, 64, 16), (48, 40, 10)
+    ),
+    "3d 16x [8, 2], no attention": (
+        dict(RECIPE_8X, downsample_factors=[8, 2], attention_levels=(False, False, False),
+             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False),
+        (64, 64, 64), (48, 48, 48),
+    ),
+    "2d 16x [8, 2], attention": (dict(RECIPE_8X, spatial_dims=2, downsample_factors=[8, 2]), (256, 256), (96, 96)),
 }
 
 
-def phantom(size: Sequence[int], seed: int) -> torch.Tensor:
-    """1 x 1 x *size image in [0, 1]: random ellipsoids on a zero background plus a little noise."""
-    gen = torch.Generator().manual_seed(seed)
-    dims = len(size)
-    coords = [torch.linspace(-1, 1, n).reshape([n if i == axis else 1 for i in range(dims)]) for axis, n in
-              enumerate(size)]
-    img = torch.zeros(size)
-    for _ in range(12):
-        centre = torch.rand(dims, generator=gen) - 0.5
-        radii = 0.1 + 0.4 * torch.rand(dims, generator=gen)
-        dist = sum(((c - float(m)) / float(r)) ** 2 for c, m, r in zip(coords, centre, radii))  # broadcasts
-        img = torch.where(dist <= 1, 0.2 + 0.8 * float(torch.rand((), generator=gen)), img)
-    img = img + 0.02 * torch.randn(size, generator=gen)
-    return img.clamp(0, 1)[None, None]
-
-
-def count_tiles(size: Sequence[int], tile: int) -> int:
-    return math.prod(math.ceil(n / tile) for n in size)
-
-
-def work_ratio(size: Sequence[int], tile: int, halo: int) -> float:
-    """Voxels run through the network (cores plus halos of all tiles) divided by the voxels of the volume."""
-    total = 1
-    for n in size:
-        total *= sum(min(n, s + tile + halo) - max(0, s - halo) for s in range(0, n, tile))
-    return total / math.prod(size)
-
-
-def rel_diff(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """Mean and max absolute difference, both divided by the standard deviation of ``ref``."""
-    diff = (a.float() - ref.float()).abs()
-    std = ref.float().std()
+def rel(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    diff = (a - ref).abs()
+    std = ref.std()
     return float(diff.mean() / std), float(diff.max() / std)
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+)", f.read(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"{field} not in /proc/self/status")
-    return int(match.group(1))
-
-
-def _peak_increase_mib(run: Callable[[], Any]) -> float:
-    """Peak resident memory reached by ``run()`` above the resident memory before it, in MiB (Linux)."""
-    gc.collect()
-    try:  # reset the high-water mark (Linux >= 4.0); a fresh child is close to it anyway
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    before = _proc_status_kib("VmRSS")
-    run()
-    return (_proc_status_kib("VmHWM") - before) / 1024
-
-
-def _return_freed_memory() -> None:
-    """Make glibc hand large freed blocks back to the system at once, so resident memory follows live tensors.
-
-    By default glibc raises its mmap threshold after large frees and then keeps freed heap memory around, which makes
-    the peak resident size depend on the allocation history rather than on what the pass needs.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed (disables the dynamic adjustment)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def memory_supported() -> bool:
-    return sys.platform.startswith("linux") and hasattr(os, "fork") and os.path.exists("/proc/self/status")
-
-
-def in_child(fn: Callable[[], float]) -> float | None:
-    """Run ``fn`` in a forked child (fresh heap, own high-water mark) and return its result."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(fn()).encode())
-            code = 0
-        except BaseException:  # noqa: BLE001 - report and leave the cell empty
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not chunks:
-        return None
-    return float(json.loads(b"".join(chunks)))
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-def build(case: dict[str, Any], args: argparse.Namespace) -> tuple[AutoencoderKL, torch.Tensor]:
-    if args.checkpoint:
-        from monai_diffusion.models import load_autoencoder
-
-        model, _ = load_autoencoder(args.checkpoint)
-    else:
-        torch.manual_seed(args.seed)
-        model = AutoencoderKL(**case["model"])
-    if args.ablate:
-        ablate(model, args.ablate)
-    model.eval()
-    if args.input:
-        import numpy as np
-
-        x = torch.from_numpy(np.load(args.input)).float()
-        while x.dim() < model.spatial_dims + 2:
-            x = x[None]
-    else:
-        x = phantom(case["size"], args.seed)
-    return model, x
-
-
-def ablate(model: torch.nn.Module, what: str) -> None:
-    """Diagnostic only: replace GroupNorm and/or attention blocks by identities, in place."""
-    kinds = {"groupnorm": (torch.nn.GroupNorm,), "attention": (AttentionBlock,),
-             "both": (torch.nn.GroupNorm, AttentionBlock)}[what]
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, kinds):
-                setattr(module, child_name, torch.nn.Identity())
-
-
-def decode_memory(case: dict[str, Any], args: argparse.Namespace, setting: tuple[int, int] | None) -> float | None:
-    """Peak memory increase of one decode pass (untiled when ``setting`` is None), in a forked child."""
-
-    def child() -> float:
-        _return_freed_memory()
-        torch.set_num_threads(args.threads)
-        model, x = build(case, args)
-        z = torch.randn(model.latent_shape(x.shape))  # values do not change memory use
-        with torch.no_grad():
-            if setting is None:
-                return _peak_increase_mib(lambda: model.decode(z))
-            return _peak_increase_mib(lambda: model.decode_tiled(z, tile_size=setting[0], halo=setting[1]))
-
-    return in_child(child)
-
-
-def measure_memory(case: dict[str, Any], args: argparse.Namespace) -> dict[Any, float | None]:
-    """Decode peak memory of the untiled pass (key None) and of each tile setting, each in a forked child.
-
-    Must run before this process computes anything with torch: a child forked after the parent has used its
-    OpenMP thread pool can hang.
-    """
-    memory = {None: decode_memory(case, args, None)}
-    for setting in case["settings"]:
-        memory[setting] = decode_memory(case, args, setting)
-    return memory
-
-
-def measure(name: str, case: dict[str, Any], args: argparse.Namespace, memory: dict) -> list[dict[str, Any]]:
-    settings = case["settings"]
-    model, x = build(case, args)
-    size = tuple(x.shape[2:])
+def measure_errors() -> list[list[Any]]:
     rows = []
-    with torch.no_grad():
-        (z_mu, _), t_enc = timed(lambda: model.encode(x))
-        y, t_dec = timed(lambda: model.decode(z_mu))
-        rows.append(
-            dict(case=name, size=size, tile="untiled", halo="", tiles=1, work=1.0, enc=None, dec=None,
-                 t_enc=t_enc, t_dec=t_dec, mem=memory.get(None))
-        )
-        for tile, halo in settings:
-            (z_t, _), t_enc = timed(lambda: model.encode_tiled(x, tile_size=tile, halo=halo))
-            y_t, t_dec = timed(lambda: model.decode_tiled(z_mu, tile_size=tile, halo=halo))
-            rows.append(
-                dict(case=name, size=size, tile=tile, halo=halo, tiles=count_tiles(size, tile),
-                     work=work_ratio(size, tile, halo), enc=rel_diff(z_t, z_mu), dec=rel_diff(y_t, y),
-                     t_enc=t_enc, t_dec=t_dec, mem=memory.get((tile, halo)))
-            )
+    for name, (args, size, tile) in ERROR_CASES.items():
+        torch.manual_seed(0)
+        model = AutoencoderKL(**args).eval()
+        x = torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            z_mu, _ = model.encode(x)
+            y = model.decode(z_mu)
+        enc = rel(model.encode_tiled(x, tile_size=tile)[0], z_mu)
+        dec = rel(model.decode_tiled(z_mu, tile_size=tile), y)
+        rows.append([name, "x".join(map(str, size)), "x".join(map(str, tile)),
+                     *(f"{v:.1e}" for v in (*enc, *dec))])
+        print(rows[-1], flush=True)
     return rows
 
 
-def describe(name: str, case: dict[str, Any], args: argparse.Namespace) -> str:
-    ablated = f"; ablated (replaced by identity): {args.ablate}" if args.ablate else ""
-    if args.checkpoint:
-        return f"`{name}`: checkpoint {args.checkpoint}{ablated}"
-    m = case["model"]
-    factors = m["downsample_factors"] if m["downsample_factors"] is not None else "None (2 per level)"
-    return (
-        f"`{name}`: {m['spatial_dims']}D, input {'x'.join(map(str, case['size']))}, num_channels "
-        f"{list(m['num_channels'])}, downsample_factors {factors}, attention_levels "
-        f"{[bool(a) for a in m['attention_levels']]}, num_res_blocks {m['num_res_blocks']}, latent_channels "
-        f"{m['latent_channels']}, norm_num_groups {m['norm_num_groups']}, encoder/decoder non-local attention on"
-        f"{ablated}"
-    )
+# ----------------------------------------------------------------------------------------------------- memory
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (``VmHWM``). Unlike ``ru_maxrss``, which Linux carries over from the
+    parent across ``execve``, it starts afresh in a new process."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"^VmHWM:\s+(\d+)", f.read(), re.MULTILINE).group(1)) / 1024
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+def worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """One pass in this (fresh) process: build, measure the baseline, run, report peak increase and time."""
+    device = torch.device(payload["device"])
+    torch.manual_seed(0)
+    args = dict(RECIPE_8X)
+    if not payload.get("attention", True):
+        args.update(attention_levels=(False, False, False), with_encoder_nonlocal_attn=False,
+                    with_decoder_nonlocal_attn=False)
+    model = AutoencoderKL(**args).eval().to(device)
+    size = (payload["size"],) * 3
+    if payload["mode"] == "encode":
+        inp = torch.rand(1, 1, *size, device=device)
+    else:
+        inp = torch.randn(model.latent_shape((1, 1, *size)), device=device)
+    tile = payload["tile"]
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            if payload["mode"] == "encode":
+                return (model.encode_tiled(inp, tile_size=tile) if tile else model.encode(inp))[0]
+            return model.decode_tiled(inp, tile_size=tile) if tile else model.decode(inp)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = current_rss_mib()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+    else:
+        peak = peak_rss_mib() - base
+    return {"peak_mib": peak, "pass_wall_s": time.perf_counter() - t0, "pass_cpu_s": time.process_time() - c0,
+            "output_mib": out.numel() * out.element_size() / 2**20, "baseline_mib": base}
 
 
-def table(rows: list[dict[str, Any]], with_memory: bool, with_time: bool) -> str:
-    head = ["case", "tile", "halo", "tiles", "work", "encode mean", "encode max", "decode mean", "decode max"]
-    if with_time:
-        head += ["encode s", "decode s"]
-    if with_memory:
-        head.append("decode peak MiB")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        enc = r["enc"] or (None, None)
-        dec = r["dec"] or (None, None)
-        cells = [r["case"], str(r["tile"]), str(r["halo"]), str(r["tiles"]), f"{r['work']:.2f}x", fmt(enc[0]),
-                 fmt(enc[1]), fmt(dec[0]), fmt(dec[1])]
-        if with_time:
-            cells += [fmt(r["t_enc"], 2), fmt(r["t_dec"], 2)]
-        if with_memory:
-            cells.append(fmt(r["mem"], 0))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def measure_memory(sizes: list[int], tile: int, device: str) -> list[dict[str, Any]]:
+    results = []
+    for mode in ("decode", "encode"):
+        for size in sizes:
+            for t in (None, tile):
+                payload = {"mode": mode, "size": size, "tile": t, "device": device}
+                res = run_worker_subprocess(Path(__file__), payload, timeout=3600, extra_env=CLEAN_MALLOC_ENV)
+                res.update(payload)
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    return results
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in text.split(","):
-        tile, _, halo = item.partition(":")
-        out.append((int(tile), int(halo or 0)))
-    return out
+def memory_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
+    by_key = {(r["mode"], r["size"], r["tile"]): r for r in results}
+    rows = []
+    for r in results:
+        if r["tile"] is None:
+            continue
+        untiled = by_key.get((r["mode"], r["size"], None), {})
+
+        def cell(res: dict[str, Any], key: str, fmt: str) -> str:
+            return fmt.format(res[key]) if key in res else res.get("error", "—")
+
+        ratio = (f"{r['peak_mib'] / untiled['peak_mib']:.2f}" if "peak_mib" in r and "peak_mib" in untiled else "—")
+        rows.append([r["mode"], f"{r['size']}^3", r["tile"], cell(untiled, "peak_mib", "{:.0f}"),
+                     cell(r, "peak_mib", "{:.0f}"), ratio, cell(r, "output_mib", "{:.0f}"),
+                     cell(untiled, "pass_cpu_s", "{:.0f}"), cell(r, "pass_cpu_s", "{:.0f}")])
+    return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="3d,2d", help=f"comma-separated built-in cases: {', '.join(CASES)}")
-    parser.add_argument("--settings", default=None, help="tile:halo pairs in image voxels, e.g. 32:0,32:16")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory column")
-    parser.add_argument("--time", action="store_true", help="add wall-time columns (noisy on a shared machine)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 192], help="cubic volume sizes (voxels)")
+    parser.add_argument("--tile", type=int, default=64, help="tile size (image voxels) of the tiled passes")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--skip-errors", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", default=None, help="output path without suffix (default results/tiling_<device>)")
     parser.add_argument(
-        "--ablate", choices=["groupnorm", "attention", "both"], default=None,
-        help="diagnostic: replace GroupNorm and/or attention blocks by identities to see what the rest contributes",
+        "--render-log", default=None,
+        help="write the tables from the per-process JSON lines of an earlier (e.g. interrupted) run's stdout instead of "
+             "measuring; the machine line is then this machine now",
     )
-    parser.add_argument("--checkpoint", default=None, help="monai-diffusion autoencoder checkpoint to measure")
-    parser.add_argument("--input", default=None, help=".npy volume (spatial, or channel + spatial) to encode")
+    parser.add_argument(
+        "--single", nargs=3, metavar=("MODE", "SIZE", "TILE"), default=None,
+        help="measure one pass (encode|decode, cubic size, tile; tile 0 = untiled) in a fresh process and print JSON "
+             "with the machine description, e.g. --single decode 512 128",
+    )
+    parser.add_argument("--no-attention", action="store_true", help="with --single: no attention blocks")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory and not memory_supported():
-        print("peak memory needs Linux (/proc/self/status and fork); skipping it", file=sys.stderr)
-        args.memory = False
-    torch.set_num_threads(args.threads)
-
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-    if args.checkpoint and len(names) != 1:
-        parser.error("--checkpoint measures one model: name one case (its tile settings are used unless --settings)")
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.single:
+        mode, size, tile = args.single[0], int(args.single[1]), int(args.single[2]) or None
+        payload = {"mode": mode, "size": size, "tile": tile, "device": args.device, "attention": not args.no_attention}
+        res = run_worker_subprocess(Path(__file__), payload, extra_env=CLEAN_MALLOC_ENV)
+        print(json.dumps({**payload, **res, "machine": machine_info(args.device)}))
+        return 0
     start = time.perf_counter()
-    cases = {}
-    for name in names:
-        cases[name] = dict(CASES[name])
-        if args.settings:
-            cases[name]["settings"] = parse_settings(args.settings)
-    # all forked memory measurements first, while this process has not computed anything yet
-    memory = {name: measure_memory(case, args) if args.memory else {} for name, case in cases.items()}
-    rows, notes = [], []
-    for name, case in cases.items():
-        rows += measure(name, case, args, memory[name])
-        notes.append(describe(name, case, args))
-    print(table(rows, args.memory, args.time))
-    print()
-    for note in notes:
-        print(f"- {note}")
-    print(
-        f"- differences: mean / max |tiled - untiled| divided by the std of the untiled result; tile and halo in "
-        f"image voxels; decode uses the untiled z_mu; seed {args.seed}"
-    )
-    print(
-        f"- {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"python {platform.python_version()}; total {time.perf_counter() - start:.0f} s"
-    )
+    info = machine_info(args.device)
+    if args.render_log:
+        lines = Path(args.render_log).read_text().splitlines()
+        memory = [json.loads(ln) for ln in lines if ln.startswith("{") and '"mode"' in ln]
+        args.skip_errors = True
+    else:
+        memory = [] if args.skip_memory else measure_memory(args.sizes, args.tile, args.device)
+    errors = [] if args.skip_errors else measure_errors()
+    out = Path(args.out) if args.out else RESULTS_DIR / f"tiling_{args.device}"
+    command = "python benchmarks/tiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(out.with_suffix(".json"), {"machine": info, "command": command, "errors": errors, "memory": memory})
+    meter = ("peak RSS increase (`VmHWM` minus RSS after model and input exist, fresh process, "
+             "`MALLOC_MMAP_THRESHOLD_=131072`)" if args.device == "cpu" else "`torch.cuda.max_memory_allocated` increase")
+    lines = [f"# Exact tiled encode/decode ({args.device})", "", machine_line(info), "", f"Command: `{command.strip()}`  ",
+             f"Total wall time {(time.perf_counter() - start) / 60:.1f} min.", ""]
+    if errors:
+        lines += ["## Error of the tiled pass (fp32)", "",
+                  "mean / max |tiled - untiled| divided by the std of the untiled output; random weights (seed 0), "
+                  "uniform random input; decode uses the untiled `z_mu`.", "",
+                  markdown_table(["model", "volume", "tile", "encode mean", "encode max", "decode mean", "decode max"],
+                                 errors), ""]
+    if memory:
+        lines += ["## Peak memory against volume size", "",
+                  f"8x recipe (channels (32, 64, 64), `[4, 2]`, attention at the last level + non-local, SDPA), batch "
+                  f"1, fp32, under `torch.no_grad()`. Peak: {meter}, in MiB; it includes the returned tensor "
+                  f"(column \"output\"). CPU s: process CPU time of the pass.", "",
+                  markdown_table(["pass", "volume", "tile", "untiled peak", "tiled peak", "tiled / untiled",
+                                  "output", "untiled CPU s", "tiled CPU s"], memory_rows(memory)), ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
     return 0
 
 

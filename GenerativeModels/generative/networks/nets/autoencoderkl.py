@@ -790,7 +790,9 @@ class AutoencoderKL(nn.Module):
         return self._encode(x)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(x)
+        return self._quantize(self.encoder(x))
+
+    def _quantize(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z_mu = self.quant_conv_mu(h)
         z_log_var = torch.clamp(self.quant_conv_log_sigma(h), -30.0, 20.0)
         return z_mu, torch.exp(z_log_var / 2)
@@ -829,26 +831,25 @@ class AutoencoderKL(nn.Module):
         return self.decode(z)
 
     # ------------------------------------------------------------------------------------------------ tiling
-    def enable_tiling(self, tile_size: Sequence[int] | int, halo: Sequence[int] | int | None = None) -> None:
-        """Make ``encode``/``decode`` (and so ``forward``/``reconstruct``) work tile by tile to bound memory.
+    def enable_tiling(
+        self,
+        tile_size: Sequence[int] | int,
+        halo: Sequence[int] | int | None = None,
+        whole_voxels: int | None = None,
+    ) -> None:
+        """Make ``encode``/``decode`` (and so ``forward``/``reconstruct``) run tiled: exact, with bounded memory.
 
-        The volume is cut into non-overlapping core tiles; each is run with ``halo`` extra voxels of real context on
-        every side (fewer at the volume border) and only its core is kept. Convolutions therefore see the same
-        inputs as in the untiled pass wherever the halo covers their receptive field, but GroupNorm statistics and
-        attention are computed per tile. The result is exact when one tile covers the volume; otherwise it is a
-        different function of the input, close to what the network computes on a volume of the tile's size. With
-        randomly initialised weights the mean deviation from the untiled output was 0.18-0.8 of its standard
-        deviation (``benchmarks/tiling.py``, table in ``docs/downsample_factors_guide.md``). Use tiles no smaller
-        than the volumes the model was trained on, and a halo, and check the output.
+        See ``encode_tiled``/``decode_tiled``. Inference only: tiled passes run under ``torch.no_grad()``, so
+        disable tiling before training.
 
         Args:
-            tile_size: core tile size in image voxels (an int for every axis), divisible by the total downsample
-                factor of each axis; decoding uses ``tile_size / factor`` latent voxels.
-            halo: context added on each side of a tile, in image voxels, divisible by the total factor of each axis.
-                Default: a quarter of ``tile_size`` rounded down to a multiple of the factor.
+            tile_size: tile size in image voxels (an int for every axis), a multiple of the total downsample factor
+                of each axis.
+            halo: accepted for compatibility and checked, but not used: halos are derived from the layers.
+            whole_voxels: levels with at most this many voxels per sample are held whole (default: one tile's).
         """
         tile, halo_ = self._check_tiling(tile_size, halo)
-        self._tiling = {"tile_size": tile, "halo": halo_}
+        self._tiling = {"tile_size": tile, "halo": halo_, "whole_voxels": self._check_whole_voxels(whole_voxels)}
 
     def disable_tiling(self) -> None:
         """Return to whole-volume ``encode``/``decode``."""
@@ -877,8 +878,18 @@ class AutoencoderKL(nn.Module):
         return tuple(int(t) for t in tile), tuple(int(h) for h in halo)
 
     @staticmethod
+    def _check_whole_voxels(whole_voxels: int | None) -> int | None:
+        if whole_voxels is not None and (not _is_int(whole_voxels) or whole_voxels < 1):
+            raise ValueError(f"`whole_voxels` must be a positive integer or None, got {whole_voxels!r}.")
+        return None if whole_voxels is None else int(whole_voxels)
+
+    @staticmethod
     def _run_tiles(x: torch.Tensor, fn, tile: Sequence[int], halo: Sequence[int], num: Sequence[int], den: Sequence[int]):
-        """Apply ``fn`` to halo-padded tiles of ``x`` and stitch the cores; output index = input index * num / den."""
+        """Apply ``fn`` to halo-padded tiles of ``x`` and stitch the cores; output index = input index * num / den.
+
+        Exact only for functions whose receptive field the halo covers (no normalisation, no attention); kept as a
+        helper for such functions. ``encode_tiled``/``decode_tiled`` do not use it.
+        """
         sizes = x.shape[2:]
         starts = [range(0, n, t) for n, t in zip(sizes, tile)]
         outputs: list[torch.Tensor] | None = None
@@ -902,22 +913,61 @@ class AutoencoderKL(nn.Module):
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
     def encode_tiled(
-        self, x: torch.Tensor, tile_size: Sequence[int] | int, halo: Sequence[int] | int | None = None
+        self,
+        x: torch.Tensor,
+        tile_size: Sequence[int] | int,
+        halo: Sequence[int] | int | None = None,
+        whole_voxels: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode tile by tile (see ``enable_tiling``); ``tile_size`` and ``halo`` are in image voxels."""
+        """Encode exactly as ``encode`` does, holding full-resolution activations one tile at a time.
+
+        Convolutions are computed on tiles with the halo their kernels need, GroupNorm with statistics of the whole
+        volume (gathered tile by tile), attention on the whole tensor of its (low-resolution) level. The result
+        equals the untiled one up to float rounding. Runs under ``torch.no_grad()`` (inference only).
+
+        Args:
+            x: B x C x *spatial image, each spatial size divisible by the total factor of its axis (any multiple of
+                the tile or not).
+            tile_size: spatial size of the input tiles in image voxels (an int for every axis), a multiple of the
+                total downsample factor of each axis. Lower levels work in tiles scaled by their factor. Larger
+                tiles: more memory, less recomputed halo.
+            halo: accepted for compatibility and checked, but not used: halos are derived from the layers.
+            whole_voxels: levels whose activations have at most this many voxels per sample are computed whole, as
+                in the untiled pass; larger ones are streamed. Default: the voxels of one tile.
+        """
         self.encoder.check_input_shape(x.shape)
-        tile, halo_ = self._check_tiling(tile_size, halo)
-        factor = self.total_downsample_factor
-        ones = (1,) * self.spatial_dims
-        return self._run_tiles(x, self._encode, tile, halo_, ones, factor)
+        tile, _ = self._check_tiling(tile_size, halo)
+        whole = self._check_whole_voxels(whole_voxels) or math.prod(tile)
+        from .tiled import run_tiled
+
+        with torch.no_grad():
+            h = run_tiled(self.encoder.blocks, x, tile, x.shape[2:], whole)
+            return self._quantize(h)
 
     def decode_tiled(
-        self, z: torch.Tensor, tile_size: Sequence[int] | int, halo: Sequence[int] | int | None = None
+        self,
+        z: torch.Tensor,
+        tile_size: Sequence[int] | int,
+        halo: Sequence[int] | int | None = None,
+        whole_voxels: int | None = None,
     ) -> torch.Tensor:
-        """Decode tile by tile (see ``enable_tiling``); ``tile_size`` and ``halo`` are in image voxels."""
-        tile, halo_ = self._check_tiling(tile_size, halo)
-        factor = self.total_downsample_factor
-        ones = (1,) * self.spatial_dims
-        return self._run_tiles(
-            z, self._decode, [t // f for t, f in zip(tile, factor)], [h // f for h, f in zip(halo_, factor)], factor, ones
-        )
+        """Decode exactly as ``decode`` does, holding full-resolution activations one tile at a time.
+
+        Same scheme as ``encode_tiled``. Runs under ``torch.no_grad()`` (inference only).
+
+        Args:
+            z: B x latent_channels x *latent spatial.
+            tile_size: spatial size of the output tiles in image voxels (an int for every axis), a multiple of the
+                total factor of each axis; it need not divide the output size.
+            halo: accepted for compatibility and checked, but not used: halos are derived from the layers.
+            whole_voxels: levels whose activations have at most this many voxels per sample are computed whole;
+                larger ones are streamed. Default: the voxels of one tile.
+        """
+        self.decoder.check_input_shape(z.shape)
+        tile, _ = self._check_tiling(tile_size, halo)
+        whole = self._check_whole_voxels(whole_voxels) or math.prod(tile)
+        image_shape = tuple(n * f for n, f in zip(z.shape[2:], self.decoder.total_factor))
+        from .tiled import run_tiled
+
+        with torch.no_grad():
+            return run_tiled(self.decoder.blocks, self.post_quant_conv(z), tile, image_shape, whole)
