@@ -8,6 +8,7 @@ milliseconds instead of the seconds of a fresh import, and killing one at a rand
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -215,3 +216,334 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"loss 'net' became nan at epoch 1, batch 4.*the last good checkpoint "
                                             r"is .*step_checkpoint_00000003.pt"):
         _toy_run(tmp_path / "stop", NoisyToy(nan_at={4}), n_epochs=1, every_n_steps=1)
+
+
+# ------------------------------------------------------------------------------------ processes killed for real
+FORKER = r"""
+import json, os, signal, sys, time, traceback
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch
+torch.set_num_threads(1)
+import monai_diffusion.cli, monai_diffusion.stage1, monai_diffusion.stage2  # what every child needs, imported once
+import torch.utils.tensorboard
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (seconds)
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "start":
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                fd = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                os.environ.update(cmd["env"])
+                try:
+                    exec(compile(cmd["code"], "<child>", "exec"), {"__name__": "__child__"})
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 0
+                except BaseException:
+                    traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(pid, flush=True)
+    elif cmd["op"] in ("wait", "poll"):
+        deadline = time.monotonic() + cmd.get("timeout", 0)
+        while True:
+            done, status = os.waitpid(cmd["pid"], os.WNOHANG)
+            if done or cmd["op"] == "poll":
+                break
+            if time.monotonic() > deadline:
+                os.kill(cmd["pid"], signal.SIGKILL)  # a hang: report it as such
+                done, status = os.waitpid(cmd["pid"], 0)
+                print("hung", flush=True)
+                break
+            time.sleep(0.02)
+        print(os.waitstatus_to_exitcode(status) if done else "running", flush=True)
+"""
+
+
+class Forker:
+    """Training processes forked from one interpreter that imported torch and the package once (one thread)."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.proc = subprocess.Popen([sys.executable, "-c", FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, text=True)
+        assert self._ask(None) == "ready"
+
+    def _ask(self, cmd: dict | None) -> str:
+        if cmd is not None:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        if answer == "hung":
+            answer = self.proc.stdout.readline().strip()
+            raise AssertionError(f"process {cmd and cmd.get('pid')} did not end in {cmd and cmd.get('timeout')} s")
+        assert answer, "the forking interpreter died"
+        return answer
+
+    def start(self, code: str, log: Path, env: dict[str, str] | None = None) -> int:
+        return int(self._ask({"op": "start", "code": code, "log": str(log), "env": env or {}}))
+
+    def wait(self, pid: int, timeout: float = 120) -> int:
+        return int(self._ask({"op": "wait", "pid": pid, "timeout": timeout}))
+
+    def poll(self, pid: int) -> int | None:
+        answer = self._ask({"op": "poll", "pid": pid})
+        return None if answer == "running" else int(answer)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.kill()  # its children were all waited for; its own exit would only tear down torch
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def forker():
+    f = Forker()
+    yield f
+    f.close()
+
+
+def _newest_step(folder: Path) -> int:
+    steps = [s for s, _ in step_checkpoints(folder)]
+    return max(steps, default=0)
+
+
+def _train(main: str, args: list[str]) -> str:
+    return f"import sys\nfrom monai_diffusion.cli import {main}\nsys.exit({main}({args!r}))\n"
+
+
+def _interrupt_until_done(forker: Forker, code: str, folder: Path, log: Path, schedule: list[str],
+                          rng: random.Random) -> list[int]:
+    """Start the same command again and again; interrupt each start once it has written 1-2 new step checkpoints,
+    after a random extra delay, by the schedule's signal; finally let it finish. Returns the exit codes."""
+    codes = []
+    for how in [*schedule, "finish"]:
+        target = _newest_step(folder) + rng.randint(1, 2)
+        pid = forker.start(code, log)
+        if how == "finish":
+            codes.append(forker.wait(pid))
+            break
+        deadline = time.monotonic() + 120
+        while _newest_step(folder) < target and forker.poll(pid) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        for sig in {"kill": [signal.SIGKILL], "term": [signal.SIGTERM],
+                    "term twice": [signal.SIGTERM, signal.SIGTERM]}[how]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            time.sleep(0.002)
+        codes.append(forker.wait(pid))
+    return codes
+
+
+def _assert_same_run(reference: Path, resumed: Path, stage: str) -> None:
+    a, b = load_checkpoint(reference, stage), load_checkpoint(resumed, stage)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+    for module, weights in a["state_dict"].items():
+        for key, value in weights.items():
+            assert torch.equal(value, b["state_dict"][module][key]), f"{module}.{key}"
+    # the logged epoch means (which resumed runs put together from partial sums) and validation agree too
+    strip = [{k: v for k, v in h.items() if k != "train_seconds"} for h in a["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "train_seconds"} for h in b["history"]]
+
+
+def _check_codes(codes: list[int], schedule: list[str], log: Path) -> None:
+    text = log.read_text()
+    allowed = {"kill": {-signal.SIGKILL}, "term": {128 + signal.SIGTERM, 0},
+               "term twice": {128 + signal.SIGTERM, -signal.SIGTERM, 0}}
+    for how, code in zip(schedule, codes):
+        assert code in allowed[how], (how, code, text[-3000:])
+    assert codes[-1] == 0, text[-3000:]
+    if 128 + signal.SIGTERM in codes:
+        assert "SIGTERM: stopped after optimizer step" in text and "resume_from=latest" in text
+
+
+def _stage_args(root: Path, *extra: str) -> list[str]:
+    sets = [
+        "data.synthetic={enabled: true, num_train: 4, num_val: 1, seed: 0}",
+        "data.voxel_size=[16, 16, 16]",
+        "data.crop_mode=resize",
+        "data.num_workers=0",
+        "data.augmentation={enabled: true, random_flip_prob: 0.5}",
+        "autoencoder.num_channels=[4, 4]",
+        "autoencoder.downsample_factors=[2]",
+        "autoencoder.attention_levels=[false, false]",
+        "autoencoder.norm_num_groups=4",
+        "autoencoder.latent_channels=2",
+        "autoencoder.training.n_epochs=3",
+        "autoencoder.training.batch_size=1",
+        "autoencoder.training.autoencoder_warm_up_n_epochs=1",
+        "autoencoder.training.use_perceptual_loss=false",
+        "autoencoder.training.discriminator={num_layers_d: 1, num_channels: 4}",
+        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
+        "diffusion.in_channels=2",
+        "diffusion.out_channels=2",
+        "diffusion.num_channels=[4, 4]",
+        "diffusion.attention_levels=[false, false]",
+        "diffusion.num_head_channels=4",
+        "diffusion.norm_num_groups=4",
+        "diffusion.scheduler.num_train_timesteps=20",
+        "diffusion.training.n_epochs=3",
+        "diffusion.training.batch_size=1",
+        "diffusion.training.lr_warmup_steps=3",
+        "diffusion.training.ema_decay=0.9",
+        "diffusion.training.generate_samples_interval=100",
+        "diffusion.training.scale_factor_batches=2",
+        f"diffusion.checkpoints.output_dir={root / 'dm'}",
+        "device.use_cuda=false",
+        "device.mixed_precision=false",
+        *extra,
+    ]
+    return ["--config", str(QUICKSTART), *sum((["--set", s] for s in sets), [])]
+
+
+def _resumable(section: str) -> list[str]:
+    """What a requeued job script passes every time: resume the newest checkpoint, or start when there is none."""
+    return [f"{section}.checkpoints.every_n_steps=1", f"{section}.checkpoints.keep_last=2",
+            f"{section}.checkpoints.resume_from=latest", f"{section}.checkpoints.start_fresh_if_none=true"]
+
+
+def test_stage_one_and_two_survive_sigkill_and_sigterm_at_random_moments(forker, tmp_path):
+    """Both stages, each started again with the same command after SIGKILLs and SIGTERMs at random moments, end
+    with exactly the weights (and logged means) of an uninterrupted run."""
+    rng = random.Random(15)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert forker.wait(forker.start(_train("train_autoencoder_main", _stage_args(ref)), tmp_path / "ref1.log")) == 0
+    schedule = ["kill", "term", "kill", "term twice"]
+    codes = _interrupt_until_done(forker, _train("train_autoencoder_main", _stage_args(cut, *_resumable("autoencoder"))),
+                                  cut / "ae", tmp_path / "cut1.log", schedule, rng)
+    _check_codes(codes, schedule, tmp_path / "cut1.log")
+    _assert_same_run(ref / "ae" / "latest_checkpoint.pt", cut / "ae" / "latest_checkpoint.pt", "autoencoder")
+    assert len(step_checkpoints(cut / "ae")) <= 2  # keep_last
+    assert not [p for p in (cut / "ae").iterdir() if p.name.startswith(".")]  # no half-written files left
+
+    ae = f"diffusion.checkpoints.autoencoder_path={ref / 'ae' / 'best_model.pt'}"
+    assert forker.wait(forker.start(_train("train_diffusion_main", _stage_args(ref, ae)), tmp_path / "ref2.log")) == 0
+    schedule = ["term", "kill", "kill"]
+    codes = _interrupt_until_done(forker, _train("train_diffusion_main", _stage_args(cut, ae, *_resumable("diffusion"))),
+                                  cut / "dm", tmp_path / "cut2.log", schedule, rng)
+    _check_codes(codes, schedule, tmp_path / "cut2.log")
+    _assert_same_run(ref / "dm" / "latest_checkpoint.pt", cut / "dm" / "latest_checkpoint.pt", "diffusion")
+    # the latent scale factor was estimated once, by the first start, and kept by every resume
+    assert (load_checkpoint(cut / "dm" / "latest_checkpoint.pt")["scale_factor"]
+            == load_checkpoint(ref / "dm" / "latest_checkpoint.pt")["scale_factor"])
+    assert (tmp_path / "cut2.log").read_text().count("latent scale factor") == 1
+
+
+DDP_TOY = r"""
+import os, signal, sys
+from pathlib import Path
+import torch, torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+from monai_diffusion.engine import LoopConfig, RunError, run_loop, setup_runtime, teardown_runtime
+
+
+class Toy:
+    name = "toy"
+
+    def __init__(self, nan_at, term_at):
+        torch.manual_seed(0)
+        self.net = DistributedDataParallel(nn.Linear(3, 1))
+        self.modules = {"net": self.net}
+        self.optimizers = {"net": torch.optim.SGD(self.net.parameters(), lr=0.1)}
+        self.calls, self.nan_at, self.term_at = 0, nan_at, term_at
+
+    def training_step(self, batch, epoch):
+        self.calls += 1
+        if self.calls == self.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        x, y = batch
+        loss = (self.net(x + 0.1 * torch.randn_like(x)) - y).pow(2).mean()
+        if self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return {"net": loss}, {"mse": loss.item()}
+
+    def validation_step(self, batch): return {"val_loss": 0.0}
+    def visualize(self, batch, quick=False): return {}
+    def describe(self, batch): return []
+    def checkpoint_extra(self): return {"model_args": {}}
+    def architecture(self): return {}
+    def load_extra(self, ckpt, path): pass
+
+
+runtime = setup_runtime(False, 0, False)
+only_rank_1 = lambda name: int(os.environ[name]) if runtime.rank == 1 and os.environ.get(name) else None
+stage = Toy(only_rank_1("NAN_AT"), only_rank_1("TERM_AT"))
+g = torch.Generator().manual_seed(1)
+data = TensorDataset(torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g))
+loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, shuffle=True, seed=0))
+out = Path(os.environ["OUT"])
+cfg = LoopConfig(n_epochs=2, output_dir=out, log_dir=out / "logs", section="toy", every_n_steps=2,
+                 resume_from=os.environ.get("RESUME") or None)
+code = 0
+try:
+    state = run_loop(stage, loader, None, cfg, runtime)
+    print(f"rank {runtime.rank} ended after step {state.global_step}, stopped by {state.stopped_by}", flush=True)
+    code = state.exit_code
+except RunError as exc:
+    print(f"rank {runtime.rank} error: {exc}", flush=True)
+    code = 2
+finally:
+    teardown_runtime(runtime)
+sys.exit(code)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(forker: Forker, tmp_path: Path, name: str, **env: str) -> list[tuple[int, str]]:
+    """Run DDP_TOY as a 2-process gloo group; each rank's exit code and output."""
+    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
+    logs = [tmp_path / f"{name}-rank{r}.log" for r in range(2)]
+    pids = [forker.start(DDP_TOY, logs[r], dict(common, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
+    codes = [forker.wait(pid, timeout=60) for pid in pids]  # a rank left hanging fails here
+    return [(code, log.read_text()) for code, log in zip(codes, logs)]
+
+
+def _after(text: str, start: str) -> str:
+    """The rest of the line after ``start`` (progress bars may precede it on its line)."""
+    return next(line.split(start, 1)[1] for line in text.splitlines() if start in line)
+
+
+def test_two_process_gloo_nonfinite_loss_on_one_rank_stops_both(forker, tmp_path):
+    out = tmp_path / "nan"
+    (code0, log0), (code1, log1) = _two_ranks(forker, tmp_path, "nan", NAN_AT="3", OUT=str(out))
+    assert code0 == code1 == 2, log0 + log1
+    message = _after(log0, "rank 0 error: ")
+    assert message == _after(log1, "rank 1 error: ")  # the same words on both ranks
+    assert "loss 'net' became nan on rank 1 at epoch 1, batch 3" in message
+    assert f"the last good checkpoint is {out / 'step_checkpoint_00000002.pt'}" in message
+    assert [s for s, _ in step_checkpoints(out)] == [2]
+
+
+def test_two_process_gloo_sigterm_on_one_rank_stops_both_after_the_same_step(forker, tmp_path):
+    out = tmp_path / "term"
+    (code0, log0), (code1, log1) = _two_ranks(forker, tmp_path, "term", TERM_AT="5", OUT=str(out))
+    assert code0 == code1 == 128 + signal.SIGTERM, log0 + log1
+    assert "rank 0 ended after step 5, stopped by SIGTERM" in log0  # rank 0 got no signal, yet stopped with rank 1
+    assert "rank 1 ended after step 5, stopped by SIGTERM" in log1
+    assert "SIGTERM: stopped after optimizer step 5 (epoch 2, batch 1 of 4)" in log0
+    ckpt = load_checkpoint(out / "step_checkpoint_00000005.pt")
+    assert len(ckpt["position"]["ranks"]) == 2  # each rank's random states, for its own resume
+    # both ranks resume the newest checkpoint and finish; the result equals an uninterrupted 2-process run
+    (c0, l0), (c1, l1) = _two_ranks(forker, tmp_path, "resume", OUT=str(out), RESUME="latest")
+    assert c0 == c1 == 0 and "rank 0 ended after step 8" in l0, l0 + l1
+    (c0, l0), _ = _two_ranks(forker, tmp_path, "full", OUT=str(tmp_path / "full"))
+    assert c0 == 0, l0
+    a = load_checkpoint(tmp_path / "full" / "latest_checkpoint.pt")["state_dict"]["net"]
+    b = load_checkpoint(out / "latest_checkpoint.pt")["state_dict"]["net"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
