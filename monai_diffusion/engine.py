@@ -256,7 +256,7 @@ def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     except OSError as exc:
         code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
         why = exc.strerror or str(exc) or type(exc).__name__
-        previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was left"
+        previous = f"the previous {path.name} is intact" if path.exists() else "the earlier checkpoints are intact"
         raise RunError(f"cannot write checkpoint {path}: {why}{f' ({code})' if code else ''}; {previous} and the "
                        "partial file was removed. Free some space (or fix the folder's permissions) and resume "
                        "with resume_from=latest") from None
@@ -330,7 +330,8 @@ def find_latest_checkpoint(output_dir: Path, expected_stage: str | None,
 
 def resolve_resume(cfg: "LoopConfig", runtime: Runtime, expected_stage: str | None) -> "LoopConfig":
     """``resume_from: latest`` -> the newest complete checkpoint in ``cfg.output_dir`` (or None with
-    ``start_fresh_if_none`` when there is none); any other value is returned unchanged.
+    ``start_fresh_if_none`` when there is none); any other value is returned unchanged. Under DDP rank 0 chooses
+    and tells the others, so that every process resumes the same file.
 
     Raises:
         RunError: there is no readable checkpoint (naming the folder and every file skipped), unless
@@ -338,19 +339,34 @@ def resolve_resume(cfg: "LoopConfig", runtime: Runtime, expected_stage: str | No
     """
     if cfg.resume_from != "latest":
         return cfg
+    choice: list[Any] = [None, ""]  # the path (as text) or None, and an error message
+    if runtime.is_main:  # rank 0 chooses, so that every process resumes the same file
+        try:
+            path = _choose_latest(cfg, runtime, expected_stage)
+            choice = [None if path is None else str(path), ""]
+        except RunError as exc:
+            choice = [None, str(exc)]
+    if runtime.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise RunError(choice[1])
+    return dataclasses.replace(cfg, resume_from=None if choice[0] is None else Path(choice[0]))
+
+
+def _choose_latest(cfg: "LoopConfig", runtime: Runtime, expected_stage: str | None) -> Path | None:
     key = f"{cfg.section}.checkpoints.resume_from"
     path, skipped = find_latest_checkpoint(cfg.output_dir, expected_stage, runtime.print)
     if path is not None:
         _remove_stale_temporaries(cfg.output_dir, runtime)
         runtime.print(f"{key}=latest: {path}")
-        return dataclasses.replace(cfg, resume_from=path)
+        return path
     if skipped:
         raise RunError(f"{key}=latest: no complete checkpoint in {cfg.output_dir}; unreadable: {'; '.join(skipped)}")
     if cfg.start_fresh_if_none:
         runtime.print(f"{key}=latest: no checkpoint in {cfg.output_dir} yet; starting a new run "
                       f"({cfg.section}.checkpoints.start_fresh_if_none)")
         _remove_stale_temporaries(cfg.output_dir, runtime)
-        return dataclasses.replace(cfg, resume_from=None)
+        return None
     raise RunError(f"{key}=latest: {cfg.output_dir} holds no checkpoint to resume (latest_checkpoint.pt, "
                    f"best_model.pt or step_checkpoint_*.pt); to start a new run there set {key}=null, or set "
                    f"{cfg.section}.checkpoints.start_fresh_if_none=true to do so whenever none exists")
@@ -876,75 +892,77 @@ def run_loop(
                     position = None
                 progress = tqdm(total=n_batches, initial=first, desc=f"{stage.name} epoch {epoch + 1}/{n_epochs}",
                                 disable=not runtime.is_main)
-                batches = iter(train_loader)
-                for _ in range(min(first, n_batches)):
-                    # replay loading and augmentation of the batches done, so that the loader's and the
-                    # transforms' random states are where the interrupted run left them
-                    next(batches)
-                if rng is not None:
-                    _set_rng_state(rng)
-                for i, batch in enumerate(batches, start=first):
-                    if i >= n_batches:
-                        break
-                    t0 = time.perf_counter()
-                    group_start = (i // accum) * accum
-                    group_size = min(accum, n_batches - group_start)
-                    boundary = i == group_start + group_size - 1
-                    measure = cfg.fast_dev_run and i == n_batches - 1 and (i > 0 or n_batches == 1)
-                    if measure:  # the last fast_dev_run step (the first one allocates optimizer states)
-                        meter.start(stage_tensor_bytes(stage, batch))
-                    where = f"epoch {epoch + 1}, batch {i + 1}"
-                    logs: dict[str, float] | None = None
-                    try:
-                        logs = train_step(stage, batch, epoch, scalers, runtime, group_size=group_size,
-                                          boundary=boundary, grad_clip_norm=cfg.grad_clip_norm,
-                                          global_step=state.global_step, where=where, on_nonfinite=cfg.on_nonfinite)
-                        done.in_a_row = 0
-                    except BatchSkipped as exc:
-                        state.skipped_batches += 1
-                        done.in_a_row += 1
-                        runtime.print(f"skipped: {exc} ({done.in_a_row} in a row, {state.skipped_batches} in all)")
-                        if done.in_a_row >= cfg.max_consecutive_skips:
-                            raise NonFiniteLoss(
-                                f"{done.in_a_row} batches in a row had a non-finite loss (the last: {exc}; "
-                                f"{cfg.section}.training.max_consecutive_skips={cfg.max_consecutive_skips})"
-                            ) from None
-                    if measure:
-                        step_peak_mib = meter.peak_mib()
-                    stepped = boundary and logs is not None
-                    if stepped:
-                        state.global_step += 1
-                    if runtime.device.type == "cuda":
-                        torch.cuda.synchronize(runtime.device)
-                    step_times.append(time.perf_counter() - t0)
-                    progress.update(1)
-                    if logs is not None:
-                        done.counted += 1
-                        for key, value in logs.items():
-                            done.sums[key] = done.sums.get(key, 0.0) + float(value)
-                        progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-                    if writer is not None and stepped and state.global_step % cfg.log_interval == 0:
-                        for key, value in logs.items():
-                            writer.add_scalar(f"train/{key}", float(value), state.global_step)
-                        for name, opt in stage.optimizers.items():
-                            writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], state.global_step)
-                        if state.skipped_batches:
-                            writer.add_scalar("train/skipped_batches", state.skipped_batches, state.global_step)
-                    if not boundary or cfg.fast_dev_run:
-                        continue
-                    signum = _max_over_ranks(stop.signum, runtime)  # every process stops after the same step
-                    due = stepped and cfg.every_n_steps and state.global_step % cfg.every_n_steps == 0
-                    if due or signum:
-                        last_saved = _save_step_checkpoint(stage, scalers, state, epoch, i + 1, done, cfg, runtime)
-                    if signum:
-                        state.stopped_by = signal.Signals(signum).name
-                        runtime.print(
-                            f"{state.stopped_by}: stopped after optimizer step {state.global_step} (epoch "
-                            f"{epoch + 1}, batch {i + 1} of {n_batches}); checkpoint written to {last_saved}. To "
-                            f"resume, run the same command with {resume_command}"
-                        )
-                        break
-                progress.close()
+                try:
+                    batches = iter(train_loader)
+                    for _ in range(min(first, n_batches)):
+                        # replay loading and augmentation of the batches done, so that the loader's and the
+                        # transforms' random states are where the interrupted run left them
+                        next(batches)
+                    if rng is not None:
+                        _set_rng_state(rng)
+                    for i, batch in enumerate(batches, start=first):
+                        if i >= n_batches:
+                            break
+                        t0 = time.perf_counter()
+                        group_start = (i // accum) * accum
+                        group_size = min(accum, n_batches - group_start)
+                        boundary = i == group_start + group_size - 1
+                        measure = cfg.fast_dev_run and i == n_batches - 1 and (i > 0 or n_batches == 1)
+                        if measure:  # the last fast_dev_run step (the first one allocates optimizer states)
+                            meter.start(stage_tensor_bytes(stage, batch))
+                        where = f"epoch {epoch + 1}, batch {i + 1}"
+                        logs: dict[str, float] | None = None
+                        try:
+                            logs = train_step(stage, batch, epoch, scalers, runtime, group_size=group_size,
+                                              boundary=boundary, grad_clip_norm=cfg.grad_clip_norm,
+                                              global_step=state.global_step, where=where, on_nonfinite=cfg.on_nonfinite)
+                            done.in_a_row = 0
+                        except BatchSkipped as exc:
+                            state.skipped_batches += 1
+                            done.in_a_row += 1
+                            runtime.print(f"skipped: {exc} ({done.in_a_row} in a row, {state.skipped_batches} in all)")
+                            if done.in_a_row >= cfg.max_consecutive_skips:
+                                raise NonFiniteLoss(
+                                    f"{done.in_a_row} batches in a row had a non-finite loss (the last: {exc}; "
+                                    f"{cfg.section}.training.max_consecutive_skips={cfg.max_consecutive_skips})"
+                                ) from None
+                        if measure:
+                            step_peak_mib = meter.peak_mib()
+                        stepped = boundary and logs is not None
+                        if stepped:
+                            state.global_step += 1
+                        if runtime.device.type == "cuda":
+                            torch.cuda.synchronize(runtime.device)
+                        step_times.append(time.perf_counter() - t0)
+                        progress.update(1)
+                        if logs is not None:
+                            done.counted += 1
+                            for key, value in logs.items():
+                                done.sums[key] = done.sums.get(key, 0.0) + float(value)
+                            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                        if writer is not None and stepped and state.global_step % cfg.log_interval == 0:
+                            for key, value in logs.items():
+                                writer.add_scalar(f"train/{key}", float(value), state.global_step)
+                            for name, opt in stage.optimizers.items():
+                                writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], state.global_step)
+                            if state.skipped_batches:
+                                writer.add_scalar("train/skipped_batches", state.skipped_batches, state.global_step)
+                        if not boundary or cfg.fast_dev_run:
+                            continue
+                        signum = _max_over_ranks(stop.signum, runtime)  # every process stops after the same step
+                        due = stepped and cfg.every_n_steps and state.global_step % cfg.every_n_steps == 0
+                        if due or signum:
+                            last_saved = _save_step_checkpoint(stage, scalers, state, epoch, i + 1, done, cfg, runtime)
+                        if signum:
+                            state.stopped_by = signal.Signals(signum).name
+                            runtime.print(
+                                f"{state.stopped_by}: stopped after optimizer step {state.global_step} (epoch "
+                                f"{epoch + 1}, batch {i + 1} of {n_batches}); checkpoint written to {last_saved}. To "
+                                f"resume, run the same command with {resume_command}"
+                            )
+                            break
+                finally:
+                    progress.close()  # also when an error ends the epoch
                 if state.stopped_by:
                     break
 
