@@ -856,7 +856,9 @@ def run_loop(
     if runtime.is_main and not cfg.fast_dev_run:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(cfg.log_dir))
+        # a resumed run hides what the interrupted one logged after its checkpoint, so that curves do not double
+        purge = state.global_step + 1 if cfg.resume_from is not None else None
+        writer = SummaryWriter(log_dir=str(cfg.log_dir), purge_step=purge)
 
     precision = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[runtime.amp_dtype]
     runtime.print(f"device: {runtime.device}, precision: {precision}, processes: {runtime.world_size}")

@@ -49,18 +49,19 @@ class NoisyToy:
 
     name = "toy"
 
-    def __init__(self, nan_at: set[int] = frozenset(), signal_at: int | None = None) -> None:
+    def __init__(self, nan_at: set[int] = frozenset(), signal_at: int | None = None,
+                 sig: int = signal.SIGTERM) -> None:
         torch.manual_seed(0)
         self.net = nn.Linear(3, 1)
         self.modules = {"net": self.net}
         self.optimizers = {"net": torch.optim.Adam(self.net.parameters(), lr=0.05)}
         self.calls = 0
-        self.nan_at, self.signal_at = nan_at, signal_at
+        self.nan_at, self.signal_at, self.sig = nan_at, signal_at, sig
 
     def training_step(self, batch, epoch):
         self.calls += 1
         if self.calls == self.signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, in the middle of a step
+            os.kill(os.getpid(), self.sig)  # as a scheduler (or Ctrl-C) would, in the middle of a step
         x, y = batch
         loss = (self.net(x + 0.1 * torch.randn_like(x)) - y).pow(2).mean()
         if self.calls in self.nan_at:
@@ -129,6 +130,15 @@ def test_sigterm_stops_after_the_step_and_latest_resumes_bit_for_bit(tmp_path, c
     assert [h["train_mse"] for h in a] == [h["train_mse"] for h in b]
     # the loop's signal handlers are gone once it returns
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_stops_like_sigterm_with_accumulation_finishing_the_optimizer_step(tmp_path, capsys):
+    # 2 batches per optimizer step: SIGINT during the 1st batch stops after the 2nd (the end of step 1)
+    stage, state = _toy_run(tmp_path / "int", NoisyToy(signal_at=1, sig=signal.SIGINT), n_epochs=1,
+                            gradient_accumulation_steps=2)
+    assert state.stopped_by == "SIGINT" and state.exit_code == 130 and state.global_step == 1
+    assert stage.calls == 2 and [s for s, _ in step_checkpoints(tmp_path / "int")] == [1]
+    assert "SIGINT: stopped after optimizer step 1 (epoch 1, batch 2 of 4)" in capsys.readouterr().out
 
 
 def test_latest_skips_a_truncated_checkpoint_and_names_it_when_given(tmp_path, capsys):
