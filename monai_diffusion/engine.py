@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -804,6 +804,18 @@ def _restore_position(position: dict[str, Any], runtime: Runtime) -> tuple[dict[
     return mine["rng"], _EpochProgress(dict(mine["sums"]), mine["counted"], mine["in_a_row"])
 
 
+def _batches_after(loader: Iterable, done: int, rng: dict[str, Any] | None) -> Iterator:
+    """The loader's batches after the first ``done`` of the epoch. Those are loaded and augmented again (not trained
+    on), so that the loader's and the transforms' random states are where the interrupted run left them; then the
+    global random states saved at that point (``rng``) are restored."""
+    batches = iter(loader)
+    for _ in range(done):
+        next(batches)
+    if rng is not None:
+        _set_rng_state(rng)
+    return batches
+
+
 def run_loop(
     stage: Stage,
     train_loader: Any,
@@ -895,14 +907,7 @@ def run_loop(
                 progress = tqdm(total=n_batches, initial=first, desc=f"{stage.name} epoch {epoch + 1}/{n_epochs}",
                                 disable=not runtime.is_main)
                 try:
-                    batches = iter(train_loader)
-                    for _ in range(min(first, n_batches)):
-                        # replay loading and augmentation of the batches done, so that the loader's and the
-                        # transforms' random states are where the interrupted run left them
-                        next(batches)
-                    if rng is not None:
-                        _set_rng_state(rng)
-                    for i, batch in enumerate(batches, start=first):
+                    for i, batch in enumerate(_batches_after(train_loader, min(first, n_batches), rng), start=first):
                         if i >= n_batches:
                             break
                         t0 = time.perf_counter()

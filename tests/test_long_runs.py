@@ -354,9 +354,15 @@ def _interrupt_until_done(forker: Forker, code: str, folder: Path, log: Path, sc
         if how == "finish":
             codes.append(forker.wait(pid))
             break
-        deadline = time.monotonic() + 120
-        while _newest_step(folder) < target and forker.poll(pid) is None and time.monotonic() < deadline:
+        deadline, ended = time.monotonic() + 120, None
+        while _newest_step(folder) < target and time.monotonic() < deadline:
+            ended = forker.poll(pid)
+            if ended is not None:
+                break
             time.sleep(0.01)
+        if ended is not None:  # it finished first (and was waited for)
+            codes.append(ended)
+            continue
         time.sleep(rng.uniform(0.0, 0.1))
         for sig in {"kill": [signal.SIGKILL], "term": [signal.SIGTERM],
                     "term twice": [signal.SIGTERM, signal.SIGTERM]}[how]:
