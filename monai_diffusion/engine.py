@@ -1,8 +1,10 @@
 """The one training loop shared by both stages.
 
 A stage (``monai_diffusion.stages``) says what to compute per batch; this module does everything else the same way
-for both: device and precision, DDP, gradient accumulation and clipping, exact resume, atomic checkpoints that never
-overwrite another run, TensorBoard, ``fast_dev_run``.
+for both: device and precision, DDP, gradient accumulation and clipping, exact resume (from epoch-end or step
+checkpoints, or the newest one with ``resume_from: latest``), atomic checkpoints that never overwrite another run,
+stopping cleanly on SIGTERM/SIGINT, non-finite losses decided alike on every process, TensorBoard,
+``fast_dev_run``.
 """
 
 from __future__ import annotations
