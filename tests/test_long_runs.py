@@ -38,6 +38,8 @@ from monai_diffusion.engine import (
 )
 from monai_diffusion.settings import ConfigError, settings_from_dict
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX signals and os.fork")
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 CPU = torch.device("cpu")
