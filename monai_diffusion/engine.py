@@ -1031,11 +1031,24 @@ def run_loop(
     except NonFiniteLoss as exc:
         kept = (f"the last good checkpoint is {last_saved} (to continue from it: {resume_command})" if last_saved
                 else "no checkpoint was written yet")
-        raise NonFiniteLoss(f"{exc} Stopped on every process; {kept}.") from None
+        everywhere = " on every process" if runtime.distributed else ""
+        error = NonFiniteLoss(f"{exc} Stopped{everywhere}; {kept}.")
+        _log_error(runtime, error)
+        raise error from None
+    except RunError as exc:  # e.g. a checkpoint that could not be written
+        _log_error(runtime, exc)
+        raise
     finally:
         if writer is not None:
             writer.close()
     return state
+
+
+def _log_error(runtime: Runtime, error: BaseException) -> None:
+    """Put the error that ends a run into its train.log too (the command line shows it on stderr)."""
+    if runtime.log is not None:
+        runtime.log.write(f"error: {error}\n")
+        runtime.log.flush()
 
 
 @torch.no_grad()

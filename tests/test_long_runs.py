@@ -225,9 +225,10 @@ def test_on_nonfinite_skip_drops_the_step_counts_it_and_stops_after_m_in_a_row(t
 
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLoss, match=r"loss 'net' became nan at epoch 1, batch 4.*the last good checkpoint "
-                                            r"is .*step_checkpoint_00000003.pt"):
+    with pytest.raises(NonFiniteLoss, match=r"loss 'net' became nan at epoch 1, batch 4.*Stopped; the last good "
+                                            r"checkpoint is .*step_checkpoint_00000003.pt") as info:
         _toy_run(tmp_path / "stop", NoisyToy(nan_at={4}), n_epochs=1, every_n_steps=1)
+    assert f"error: {info.value}" in (tmp_path / "stop" / "train.log").read_text()
 
 
 
