@@ -28,16 +28,17 @@ def one_line(exc: BaseException) -> str:
 
 
 def run_command(work: Callable[[], object], extra_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run ``work``; a user error becomes ``error: <one line>`` on stderr and exit code 2."""
+    """Run ``work``; a user error becomes ``error: <one line>`` on stderr and exit code 2. A training run that a
+    signal stopped (it wrote a checkpoint first) exits with 128 + the signal's number, as a shell reports it."""
     try:
-        work()
+        result = work()
     except USER_ERRORS + extra_errors as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(getattr(result, "exit_code", 0) or 0)  # a training run stopped by a signal: 128 + its number
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -75,11 +76,11 @@ def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
     if args.fast_dev_run:
         args.set = [*(args.set or []), "autoencoder.training.fast_dev_run=true"]
 
-    def work() -> None:
+    def work() -> object:
         settings = settings_from_args(args, stage="autoencoder")
         from .stage1 import train_autoencoder
 
-        train_autoencoder(settings)
+        return train_autoencoder(settings)
 
     return run_command(work)
 
@@ -93,11 +94,11 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
     if args.fast_dev_run:
         args.set = [*(args.set or []), "diffusion.training.fast_dev_run=true"]
 
-    def work() -> None:
+    def work() -> object:
         settings = settings_from_args(args, stage="diffusion")
         from .stage2 import train_diffusion
 
-        train_diffusion(settings)
+        return train_diffusion(settings)
 
     return run_command(work)
 

@@ -1,23 +1,30 @@
 """The one training loop shared by both stages.
 
 A stage (``monai_diffusion.stages``) says what to compute per batch; this module does everything else the same way
-for both: device and precision, DDP, gradient accumulation and clipping, exact resume, atomic checkpoints that never
-overwrite another run, TensorBoard, ``fast_dev_run``.
+for both: device and precision, DDP, gradient accumulation and clipping, exact resume (from epoch-end or step
+checkpoints, or the newest one with ``resume_from: latest``), atomic checkpoints that never overwrite another run,
+stopping cleanly on SIGTERM/SIGINT, non-finite losses decided alike on every process, TensorBoard,
+``fast_dev_run``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import io
 import math
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +41,14 @@ CHECKPOINT_VERSION = 2  # 2: model_args hold the architecture only (no execution
 
 class RunError(RuntimeError):
     """A run cannot start or resume; the message says why and what to do."""
+
+
+class NonFiniteLoss(RunError):
+    """A loss became NaN or infinite on some process (every process raises it with the same message)."""
+
+
+class BatchSkipped(Exception):
+    """``on_nonfinite: skip``: this batch's loss was not finite somewhere; its step's gradients were dropped."""
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -141,6 +156,15 @@ def all_reduce_mean(value: float, runtime: Runtime) -> float:
     return float(t.item()) / runtime.world_size
 
 
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """True on every process when ``flag`` is true on at least one (one small all-reduce under DDP)."""
+    if not runtime.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def stage_tensor_bytes(stage: Any, batch: Any = None) -> int:
     """Bytes of everything a stage holds before a step: its networks (trained and frozen), optimizer states and
     the batch's tensors."""
@@ -206,6 +230,166 @@ def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict
         raise RunError(f"{path} is a '{stage}' checkpoint of an older or incomplete format: it lacks "
                        f"{', '.join(repr(k) for k in missing)}")
     return ckpt
+
+
+# step checkpoints: step_checkpoint_<global step, 8 digits>.pt beside latest_checkpoint.pt and best_model.pt
+STEP_CHECKPOINT = re.compile(r"^step_checkpoint_(\d+)\.pt$")
+_OWN_TMP = re.compile(r"^\.(latest_checkpoint|best_model|step_checkpoint_\d+)\.pt\.tmp-(\d+)$")
+
+
+def step_checkpoint_path(output_dir: Path, global_step: int) -> Path:
+    """Where the step checkpoint of optimizer step ``global_step`` goes."""
+    return Path(output_dir) / f"step_checkpoint_{global_step:08d}.pt"
+
+
+def step_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The step checkpoints in ``output_dir`` as (step, path), oldest first (by the step in the name)."""
+    if not Path(output_dir).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(output_dir).iterdir() if (m := STEP_CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """:func:`atomic_save` whose failure (full disk, quota, permissions) is a one-line :class:`RunError`; the
+    previous file at ``path`` is left as it was and the partial file is removed."""
+    try:
+        atomic_save(ckpt, path)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        why = exc.strerror or str(exc) or type(exc).__name__
+        previous = f"the previous {path.name} is intact" if path.exists() else "the earlier checkpoints are intact"
+        raise RunError(f"cannot write checkpoint {path}: {why}{f' ({code})' if code else ''}; {previous} and the "
+                       "partial file was removed. Free some space (or fix the folder's permissions) and resume "
+                       "with resume_from=latest") from None
+
+
+def prune_step_checkpoints(output_dir: Path, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step checkpoints (nothing else, ever). Returns what was deleted."""
+    if keep_last is None:
+        return []
+    old = [path for _, path in step_checkpoints(output_dir)[:-keep_last]]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+def _remove_stale_temporaries(output_dir: Path, runtime: Runtime) -> None:
+    """Remove half-written checkpoint files (``.<name>.pt.tmp-<pid>``) left by a killed process of this machine."""
+    if not runtime.is_main or not Path(output_dir).is_dir():
+        return
+    for path in Path(output_dir).iterdir():
+        m = _OWN_TMP.match(path.name)
+        if m is None or int(m.group(2)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+            continue  # its writer is still alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        path.unlink(missing_ok=True)
+        runtime.print(f"removed {path.name}: a checkpoint that a killed run had not finished writing")
+
+
+def find_latest_checkpoint(output_dir: Path, expected_stage: str | None,
+                           say: Callable[[str], None] = print) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint of a run folder, by global step: ``latest_checkpoint.pt``, ``best_model.pt``
+    and ``step_checkpoint_*.pt``. At equal steps an epoch-end checkpoint wins over a step checkpoint (it has the
+    validation done). A file that cannot be read (truncated, corrupt, another stage) is skipped with a message.
+
+    Returns:
+        The path (None when there is none) and the names of the files skipped, with why.
+    """
+    output_dir = Path(output_dir)
+    best: tuple[tuple[int, int, int], Path] | None = None
+    skipped: list[str] = []
+
+    def consider(path: Path, preference: int) -> bool:
+        nonlocal best
+        try:
+            ckpt = load_checkpoint(path, expected_stage)
+        except RunError as exc:
+            skipped.append(f"{path.name} ({exc})")
+            say(f"resume_from=latest: skipping {path}: {exc}")
+            return False
+        key = (int(ckpt["global_step"]), preference, int(ckpt["epoch"]))
+        if best is None or key > best[0]:
+            best = (key, path)
+        return True
+
+    for preference, name in ((2, "latest_checkpoint.pt"), (1, "best_model.pt")):
+        if (output_dir / name).is_file():
+            consider(output_dir / name, preference)
+    for step, path in reversed(step_checkpoints(output_dir)):
+        if best is not None and step < best[0][0]:
+            break  # older than what was found already
+        if consider(path, 0):
+            break  # the newest readable step checkpoint; the rest are older
+    return (best[1] if best else None), skipped
+
+
+def resolve_resume(cfg: "LoopConfig", runtime: Runtime, expected_stage: str | None) -> "LoopConfig":
+    """``resume_from: latest`` -> the newest complete checkpoint in ``cfg.output_dir`` (or None with
+    ``start_fresh_if_none`` when there is none); any other value is returned unchanged. Under DDP rank 0 chooses
+    and tells the others, so that every process resumes the same file.
+
+    Raises:
+        RunError: there is no readable checkpoint (naming the folder and every file skipped), unless
+            ``start_fresh_if_none`` and the folder holds no checkpoint at all.
+    """
+    if cfg.resume_from != "latest":
+        return cfg
+    choice: list[Any] = [None, ""]  # the path (as text) or None, and an error message
+    if runtime.is_main:  # rank 0 chooses, so that every process resumes the same file
+        try:
+            path = _choose_latest(cfg, runtime, expected_stage)
+            choice = [None if path is None else str(path), ""]
+        except RunError as exc:
+            choice = [None, str(exc)]
+    if runtime.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise RunError(choice[1])
+    return dataclasses.replace(cfg, resume_from=None if choice[0] is None else Path(choice[0]))
+
+
+def _choose_latest(cfg: "LoopConfig", runtime: Runtime, expected_stage: str | None) -> Path | None:
+    key = f"{cfg.section}.checkpoints.resume_from"
+    path, skipped = find_latest_checkpoint(cfg.output_dir, expected_stage, runtime.print)
+    if path is not None:
+        _remove_stale_temporaries(cfg.output_dir, runtime)
+        runtime.print(f"{key}=latest: {path}")
+        return path
+    if skipped:
+        raise RunError(f"{key}=latest: no complete checkpoint in {cfg.output_dir}; unreadable: {'; '.join(skipped)}")
+    if cfg.start_fresh_if_none:
+        runtime.print(f"{key}=latest: no checkpoint in {cfg.output_dir} yet; starting a new run "
+                      f"({cfg.section}.checkpoints.start_fresh_if_none)")
+        _remove_stale_temporaries(cfg.output_dir, runtime)
+        return None
+    raise RunError(f"{key}=latest: {cfg.output_dir} holds no checkpoint to resume (latest_checkpoint.pt, "
+                   f"best_model.pt or step_checkpoint_*.pt); to start a new run there set {key}=null, or set "
+                   f"{cfg.section}.checkpoints.start_fresh_if_none=true to do so whenever none exists")
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global random states (Python, NumPy, torch CPU and CUDA) of this process."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_same_architecture(ckpt: dict[str, Any], stage: Any, path: str | Path) -> None:
@@ -287,10 +471,15 @@ class LoopConfig:
     save_best: bool = True
     log_interval: int = 10
     visualize_interval: int = 1
-    resume_from: Path | None = None
+    resume_from: Path | str | None = None  # a checkpoint, or "latest" (see resolve_resume)
     init_from: Path | None = None
     fast_dev_run: bool = False
     fast_dev_run_batches: int = 2
+    every_n_steps: int | None = None  # also a step checkpoint every N optimizer steps
+    keep_last: int | None = None  # step checkpoints kept (newest first); None = all
+    start_fresh_if_none: bool = False  # resume_from="latest" in a folder without checkpoints starts a new run
+    on_nonfinite: str = "stop"  # "stop" | "skip"
+    max_consecutive_skips: int = 10
     settings: dict[str, Any] = field(default_factory=dict)
     section: str = "autoencoder"  # settings section, for messages that name config keys
 
@@ -312,10 +501,15 @@ def loop_config(settings: Any, section: str, visualize_interval: int | None = No
         save_best=ckpt.save_best,
         log_interval=log.log_interval,
         visualize_interval=visualize_interval or log.visualize_interval,
-        resume_from=Path(ckpt.resume_from) if ckpt.resume_from else None,
+        resume_from="latest" if ckpt.resume_from == "latest" else Path(ckpt.resume_from) if ckpt.resume_from else None,
         init_from=Path(ckpt.init_from) if ckpt.init_from else None,
         fast_dev_run=t.fast_dev_run,
         fast_dev_run_batches=t.fast_dev_run_batches,
+        every_n_steps=ckpt.every_n_steps,
+        keep_last=ckpt.keep_last,
+        start_fresh_if_none=ckpt.start_fresh_if_none,
+        on_nonfinite=t.on_nonfinite,
+        max_consecutive_skips=t.max_consecutive_skips,
         settings=settings.to_dict(),
         section=section,
     )
@@ -327,6 +521,13 @@ class LoopState:
     global_step: int = 0  # optimizer steps taken
     best_metric: float = math.inf
     history: list[dict[str, float]] = field(default_factory=list)
+    skipped_batches: int = 0  # batches dropped for a non-finite loss (on_nonfinite: skip), whole run
+    stopped_by: str | None = None  # "SIGTERM"/"SIGINT" when a signal stopped the run early
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a finished run, 128 + the signal number for one stopped by a signal (as a shell reports it)."""
+        return 128 + int(getattr(signal, self.stopped_by)) if self.stopped_by else 0
 
 
 def prepare_output_dir(cfg: LoopConfig, runtime: Runtime) -> None:
@@ -338,6 +539,9 @@ def prepare_output_dir(cfg: LoopConfig, runtime: Runtime) -> None:
     if cfg.fast_dev_run:
         return
     existing = [cfg.output_dir / n for n in ("latest_checkpoint.pt", "best_model.pt") if (cfg.output_dir / n).exists()]
+    existing += [path for _, path in step_checkpoints(cfg.output_dir)][-1:]
+    if cfg.resume_from == "latest":
+        return  # resolve_resume picks a checkpoint of this folder, or starts fresh only where there is none
     if cfg.resume_from is not None:
         if existing and Path(cfg.resume_from).resolve().parent != cfg.output_dir.resolve():
             raise RunError(
@@ -348,7 +552,7 @@ def prepare_output_dir(cfg: LoopConfig, runtime: Runtime) -> None:
     if existing:
         raise RunError(
             f"{cfg.output_dir} already holds a run ({', '.join(p.name for p in existing)}); nothing was changed. "
-            f"To continue it, add --set {cfg.section}.checkpoints.resume_from={cfg.output_dir / 'latest_checkpoint.pt'}; "
+            f"To continue it, add --set {cfg.section}.checkpoints.resume_from=latest; "
             f"to start a new run, choose another {cfg.section}.checkpoints.output_dir."
         )
 
@@ -410,21 +614,31 @@ def train_step(
     grad_clip_norm: float | None = None,
     global_step: int = 0,
     where: str = "",
+    on_nonfinite: str = "stop",
 ) -> dict[str, float]:
     """The one training step of every stage and every tool that measures one (``plan``, benchmarks).
 
-    Forward and losses under the runtime's autocast, a finite-loss check, backward of each loss divided by
-    ``group_size`` (gradient accumulation; DDP gradient sync is skipped until the group's last batch), and, when
-    ``boundary`` (the last batch of an accumulation group), per optimizer: unscale, clip to ``grad_clip_norm``,
-    step, scaler update; then all gradients are zeroed and the stage's ``after_optimizer_step`` runs (learning-rate
-    schedule, EMA) with the new step count ``global_step + 1``.
+    Forward and losses under the runtime's autocast, a finite-loss check on every process (one all-reduce under
+    DDP, so that all processes decide alike), backward of each loss divided by ``group_size`` (gradient
+    accumulation; DDP gradient sync is skipped until the group's last batch), and, when ``boundary`` (the last
+    batch of an accumulation group), per optimizer: unscale, clip to ``grad_clip_norm``, step, scaler update; then
+    all gradients are zeroed and the stage's ``after_optimizer_step`` runs (learning-rate schedule, EMA) with the
+    new step count ``global_step + 1``.
+
+    Args:
+        on_nonfinite: what a non-finite loss on any process does: ``"stop"`` raises :class:`NonFiniteLoss` on every
+            process; ``"skip"`` drops the gradients accumulated for the current optimizer step (no optimizer
+            step when this batch ends the group) and raises :class:`BatchSkipped` on every process.
 
     Returns:
         The stage's scalars to log for this batch.
 
     Raises:
-        RunError: a loss is not finite (names the loss and ``where``).
+        NonFiniteLoss: a loss is not finite on some process (names the loss, the process and ``where``).
+        BatchSkipped: the same with ``on_nonfinite="skip"``, after the gradients were dropped.
     """
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     sync = contextlib.ExitStack()
     if runtime.distributed and not boundary:
         for module in stage.modules.values():
@@ -433,13 +647,20 @@ def train_step(
     with sync:
         with runtime.autocast():
             losses, logs = stage.training_step(batch, epoch)
+        bad = _nonfinite_losses(losses, runtime)
+        if bad and on_nonfinite == "stop":
+            raise NonFiniteLoss(
+                f"{stage.name}: {bad}" + (f" at {where}" if where else "")
+                + ". Lower the learning rate, enable grad_clip_norm, or check the input intensities."
+            )
         for name, loss in losses.items():
-            if not torch.isfinite(loss):
-                raise RunError(
-                    f"{stage.name}: loss '{name}' became {loss.item()}" + (f" at {where}" if where else "")
-                    + ". Lower the learning rate, enable grad_clip_norm, or check the input intensities."
-                )
+            # a skipped batch still runs backward, so that DDP's gradient bookkeeping stays the same on every
+            # process; its gradients are dropped just below
             scalers[name].scale(loss / group_size).backward()
+    if bad:
+        for opt in stage.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        raise BatchSkipped(f"{stage.name}: {bad}" + (f" at {where}" if where else ""))
     if boundary:
         for name, opt in stage.optimizers.items():
             if name not in losses:
@@ -457,10 +678,144 @@ def train_step(
     return logs
 
 
+def _nonfinite_losses(losses: dict[str, torch.Tensor], runtime: Runtime) -> str:
+    """'' when every loss is finite on every process, else what was not, e.g. "loss 'g' became nan on rank 1".
+
+    Under DDP every process contributes its row of loss values to one all-reduce, so every process sees every
+    value and returns the same text.
+    """
+    names = sorted(losses)
+    if not names:
+        return ""
+    values = torch.stack([losses[n].detach().float().reshape(()) for n in names])
+    if runtime.distributed:
+        table = torch.zeros(runtime.world_size, len(names), dtype=torch.float32, device=values.device)
+        table[runtime.rank] = values
+        dist.all_reduce(table)  # each row is one process's values (x + 0 = x, also for nan and inf)
+    else:
+        table = values[None]
+    finite = torch.isfinite(table).cpu()
+    if bool(finite.all()):
+        return ""
+    table = table.cpu()
+    found = [f"loss '{names[j]}' became {table[r, j].item()}" + (f" on rank {r}" if runtime.distributed else "")
+             for r in range(table.shape[0]) for j in range(len(names)) if not finite[r, j]]
+    return "; ".join(found)
+
+
 def make_scalers(stage: Stage, runtime: Runtime) -> dict[str, torch.amp.GradScaler]:
     """One gradient scaler per optimizer, active only for fp16 autocast."""
     enabled = runtime.amp_dtype == torch.float16
     return {name: torch.amp.GradScaler(runtime.device.type, enabled=enabled) for name in stage.optimizers}
+
+
+class StopOnSignal:
+    """While active (in the main thread), SIGTERM or SIGINT asks the loop to stop after the current optimizer step
+    (``signum`` is set); a second one exits at once with the signal's default action."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            os.write(2, f"\n{name} again: exiting now\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        os.write(2, f"\n{name}: stopping after the current optimizer step and writing a checkpoint "
+                    f"(send it again to exit at once)\n".encode())
+
+
+def _max_over_ranks(value: int, runtime: Runtime) -> int:
+    if not runtime.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _raise_on_any_rank(error: str, runtime: Runtime) -> None:
+    """Every process raises when one failed (a collective, so it also keeps them in step)."""
+    failed = any_rank(bool(error), runtime)
+    if error:
+        raise RunError(error)
+    if failed:
+        raise RunError("rank 0 could not write a checkpoint (its message says why)")
+
+
+@dataclass
+class _EpochProgress:
+    """What a step checkpoint records of the epoch in progress, per process."""
+
+    sums: dict[str, float] = field(default_factory=dict)  # logged scalars summed over the counted batches
+    counted: int = 0  # batches whose scalars are in sums (skipped batches are not)
+    in_a_row: int = 0  # batches skipped in a row (on_nonfinite: skip)
+
+
+def _save_step_checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, batches_done: int,
+                          progress: _EpochProgress, cfg: LoopConfig, runtime: Runtime) -> Path:
+    """Write ``step_checkpoint_<step>.pt``: everything an epoch-end checkpoint holds, plus the position inside the
+    epoch and each process's global random states and partial sums (gathered to rank 0); then keep the newest
+    ``keep_last``. Collective under DDP."""
+    mine = {"rng": _rng_state(), **dataclasses.asdict(progress)}
+    ranks: list[Any] = [None] * runtime.world_size
+    if runtime.distributed:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    path = step_checkpoint_path(cfg.output_dir, state.global_step)
+    error = ""
+    if runtime.is_main:
+        ckpt = _checkpoint(stage, scalers, state, epoch - 1, cfg)
+        ckpt["position"] = {"epoch": epoch, "batches_done": batches_done, "ranks": ranks}
+        try:
+            write_checkpoint(ckpt, path)
+            prune_step_checkpoints(cfg.output_dir, cfg.keep_last)
+        except RunError as exc:
+            error = str(exc)
+    _raise_on_any_rank(error, runtime)
+    return path
+
+
+def _restore_position(position: dict[str, Any], runtime: Runtime) -> tuple[dict[str, Any] | None, _EpochProgress]:
+    """This process's saved random states (None when the run had another number of processes) and sums."""
+    ranks = position["ranks"]
+    if len(ranks) != runtime.world_size:
+        runtime.print(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
+                      f"{runtime.world_size}: the rest of the epoch continues, but not bit for bit")
+        mine = ranks[0]
+        return None, _EpochProgress(dict(mine["sums"]), mine["counted"], mine["in_a_row"])
+    mine = ranks[runtime.rank]
+    return mine["rng"], _EpochProgress(dict(mine["sums"]), mine["counted"], mine["in_a_row"])
+
+
+def _batches_after(loader: Iterable, done: int, rng: dict[str, Any] | None) -> Iterator:
+    """The loader's batches after the first ``done`` of the epoch. Those are loaded and augmented again (not trained
+    on), so that the loader's and the transforms' random states are where the interrupted run left them; then the
+    global random states saved at that point (``rng``) are restored."""
+    batches = iter(loader)
+    for _ in range(done):
+        next(batches)
+    if rng is not None:
+        _set_rng_state(rng)
+    return batches
 
 
 def run_loop(
@@ -471,10 +826,20 @@ def run_loop(
     runtime: Runtime,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopState:
-    """Train ``stage`` for ``cfg.n_epochs`` epochs (or a few batches with ``fast_dev_run``)."""
+    """Train ``stage`` for ``cfg.n_epochs`` epochs (or a few batches with ``fast_dev_run``).
+
+    Checkpoints at epoch ends (``latest_checkpoint.pt``, ``best_model.pt``) and, with ``cfg.every_n_steps``, every
+    N optimizer steps (``step_checkpoint_<step>.pt``, resumable inside the epoch, bit for bit on CPU). SIGTERM or
+    SIGINT stops every process after the same optimizer step with a step checkpoint; the returned state's
+    ``stopped_by`` names the signal. A non-finite loss stops every process (or, with ``on_nonfinite: skip``, drops
+    the step).
+    """
     state = LoopState()
+    cfg = resolve_resume(cfg, runtime, stage.name)
     prepare_output_dir(cfg, runtime)
     scalers = make_scalers(stage, runtime)
+    position: dict[str, Any] | None = None
+    last_saved: Path | None = None
 
     if cfg.resume_from is not None:
         ckpt = load_checkpoint(cfg.resume_from, expected_stage=stage.name)
@@ -487,8 +852,13 @@ def run_loop(
         for name, scaler in scalers.items():
             if name in ckpt.get("scalers", {}):
                 scaler.load_state_dict(ckpt["scalers"][name])
-        state = LoopState(ckpt["epoch"] + 1, ckpt["global_step"], ckpt["best_metric"], ckpt.get("history", []))
-        runtime.print(f"Resuming {cfg.resume_from} at epoch {state.epoch + 1} (step {state.global_step}).")
+        state = LoopState(ckpt["epoch"] + 1, ckpt["global_step"], ckpt["best_metric"], ckpt.get("history", []),
+                          ckpt.get("skipped_batches", 0))
+        position = ckpt.get("position")
+        del ckpt
+        last_saved = Path(cfg.resume_from)
+        at = f", batch {position['batches_done'] + 1}" if position else ""
+        runtime.print(f"Resuming {cfg.resume_from} at epoch {state.epoch + 1}{at} (step {state.global_step}).")
         if state.epoch >= cfg.n_epochs:
             runtime.print(f"Checkpoint already finished all {cfg.n_epochs} epochs; nothing to do.")
             return state
@@ -500,7 +870,9 @@ def run_loop(
     if runtime.is_main and not cfg.fast_dev_run:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(cfg.log_dir))
+        # a resumed run hides what the interrupted one logged after its checkpoint, so that curves do not double
+        purge = state.global_step + 1 if cfg.resume_from is not None else None
+        writer = SummaryWriter(log_dir=str(cfg.log_dir), purge_step=purge)
 
     precision = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[runtime.amp_dtype]
     runtime.print(f"device: {runtime.device}, precision: {precision}, processes: {runtime.world_size}")
@@ -514,103 +886,171 @@ def run_loop(
     if cfg.fast_dev_run and not meter.cuda:
         use_clean_malloc()  # measure as plan's fresh processes do (memory.py)
     step_peak_mib = None
+    resume_command = f"--set {cfg.section}.checkpoints.resume_from=latest"
 
     try:
-        for epoch in range(state.epoch, n_epochs):
-            epoch_seed = _epoch_seed(cfg, epoch, runtime)
-            seed_everything(epoch_seed)
-            _reseed_loader(train_loader, epoch_seed)
-            sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            for module in stage.modules.values():
-                module.train()
+        with StopOnSignal(enabled=not cfg.fast_dev_run) as stop:
+            for epoch in range(state.epoch, n_epochs):
+                epoch_seed = _epoch_seed(cfg, epoch, runtime)
+                seed_everything(epoch_seed)
+                _reseed_loader(train_loader, epoch_seed)
+                sampler = getattr(train_loader, "sampler", None)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                for module in stage.modules.values():
+                    module.train()
 
-            epoch_start = time.perf_counter()
-            n_batches = len(train_loader) if max_batches is None else min(max_batches, len(train_loader))
-            sums: dict[str, float] = {}
-            progress = tqdm(
-                total=n_batches, desc=f"{stage.name} epoch {epoch + 1}/{n_epochs}", disable=not runtime.is_main
-            )
-            for i, batch in enumerate(train_loader):
-                if i >= n_batches:
+                epoch_start = time.perf_counter()
+                n_batches = len(train_loader) if max_batches is None else min(max_batches, len(train_loader))
+                done = _EpochProgress()
+                first, rng = 0, None
+                if position is not None:
+                    first = position["batches_done"]
+                    rng, done = _restore_position(position, runtime)
+                    position = None
+                progress = tqdm(total=n_batches, initial=first, desc=f"{stage.name} epoch {epoch + 1}/{n_epochs}",
+                                disable=not runtime.is_main)
+                try:
+                    for i, batch in enumerate(_batches_after(train_loader, min(first, n_batches), rng), start=first):
+                        if i >= n_batches:
+                            break
+                        t0 = time.perf_counter()
+                        group_start = (i // accum) * accum
+                        group_size = min(accum, n_batches - group_start)
+                        boundary = i == group_start + group_size - 1
+                        measure = cfg.fast_dev_run and i == n_batches - 1 and (i > 0 or n_batches == 1)
+                        if measure:  # the last fast_dev_run step (the first one allocates optimizer states)
+                            meter.start(stage_tensor_bytes(stage, batch))
+                        where = f"epoch {epoch + 1}, batch {i + 1}"
+                        logs: dict[str, float] | None = None
+                        try:
+                            logs = train_step(stage, batch, epoch, scalers, runtime, group_size=group_size,
+                                              boundary=boundary, grad_clip_norm=cfg.grad_clip_norm,
+                                              global_step=state.global_step, where=where, on_nonfinite=cfg.on_nonfinite)
+                            done.in_a_row = 0
+                        except BatchSkipped as exc:
+                            state.skipped_batches += 1
+                            done.in_a_row += 1
+                            runtime.print(f"skipped: {exc} ({done.in_a_row} in a row, {state.skipped_batches} in all)")
+                            if done.in_a_row >= cfg.max_consecutive_skips:
+                                raise NonFiniteLoss(
+                                    f"{done.in_a_row} batches in a row had a non-finite loss (the last: {exc}; "
+                                    f"{cfg.section}.training.max_consecutive_skips={cfg.max_consecutive_skips})"
+                                ) from None
+                        if measure:
+                            step_peak_mib = meter.peak_mib()
+                        stepped = boundary and logs is not None
+                        if stepped:
+                            state.global_step += 1
+                        if runtime.device.type == "cuda":
+                            torch.cuda.synchronize(runtime.device)
+                        step_times.append(time.perf_counter() - t0)
+                        progress.update(1)
+                        if logs is not None:
+                            done.counted += 1
+                            for key, value in logs.items():
+                                done.sums[key] = done.sums.get(key, 0.0) + float(value)
+                            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                        if writer is not None and stepped and state.global_step % cfg.log_interval == 0:
+                            for key, value in logs.items():
+                                writer.add_scalar(f"train/{key}", float(value), state.global_step)
+                            for name, opt in stage.optimizers.items():
+                                writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], state.global_step)
+                            if state.skipped_batches:
+                                writer.add_scalar("train/skipped_batches", state.skipped_batches, state.global_step)
+                        if not boundary or cfg.fast_dev_run:
+                            continue
+                        signum = _max_over_ranks(stop.signum, runtime)  # every process stops after the same step
+                        due = stepped and cfg.every_n_steps and state.global_step % cfg.every_n_steps == 0
+                        if due or signum:
+                            last_saved = _save_step_checkpoint(stage, scalers, state, epoch, i + 1, done, cfg, runtime)
+                        if signum:
+                            state.stopped_by = signal.Signals(signum).name
+                            runtime.print(
+                                f"{state.stopped_by}: stopped after optimizer step {state.global_step} (epoch "
+                                f"{epoch + 1}, batch {i + 1} of {n_batches}); checkpoint written to {last_saved}. To "
+                                f"resume, run the same command with {resume_command}"
+                            )
+                            break
+                finally:
+                    progress.close()  # also when an error ends the epoch
+                if state.stopped_by:
                     break
-                t0 = time.perf_counter()
-                group_start = (i // accum) * accum
-                group_size = min(accum, n_batches - group_start)
-                boundary = i == group_start + group_size - 1
-                measure = cfg.fast_dev_run and i == n_batches - 1 and (i > 0 or n_batches == 1)
-                if measure:  # the last fast_dev_run step (the first one allocates optimizer states)
-                    meter.start(stage_tensor_bytes(stage, batch))
-                logs = train_step(stage, batch, epoch, scalers, runtime, group_size=group_size, boundary=boundary,
-                                  grad_clip_norm=cfg.grad_clip_norm, global_step=state.global_step,
-                                  where=f"epoch {epoch + 1}, batch {i + 1}")
-                if measure:
-                    step_peak_mib = meter.peak_mib()
-                if boundary:
-                    state.global_step += 1
-                if runtime.device.type == "cuda":
-                    torch.cuda.synchronize(runtime.device)
-                step_times.append(time.perf_counter() - t0)
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                progress.update(1)
-                progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-                if writer is not None and boundary and state.global_step % cfg.log_interval == 0:
-                    for key, value in logs.items():
-                        writer.add_scalar(f"train/{key}", float(value), state.global_step)
-                    for name, opt in stage.optimizers.items():
-                        writer.add_scalar(f"lr/{name}", opt.param_groups[0]["lr"], state.global_step)
-            progress.close()
 
-            epoch_logs = {f"train_{k}": all_reduce_mean(v / max(1, n_batches), runtime) for k, v in sums.items()}
-            epoch_logs["train_seconds"] = time.perf_counter() - epoch_start
-            run_val = val_loader is not None and (cfg.fast_dev_run or (epoch + 1) % cfg.val_interval == 0)
-            if run_val:
-                val = validate(stage, val_loader, runtime, max_batches)
-                epoch_logs.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})
-                if runtime.is_main and (cfg.fast_dev_run or (epoch + 1) % cfg.visualize_interval == 0):
-                    with torch.no_grad():
-                        images = stage.visualize(next(iter(val_loader)), quick=cfg.fast_dev_run)
-                    for tag, image in images.items():
-                        if writer is not None:
-                            writer.add_image(tag, image, epoch + 1)
-                    if cfg.fast_dev_run:
-                        runtime.print(f"fast_dev_run: visualisation made {len(images)} image(s)")
-            if writer is not None:
-                for key, value in epoch_logs.items():
-                    writer.add_scalar(f"epoch/{key}", value, epoch + 1)
-            runtime.print(f"{stage.name} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.5g}" for k, v in epoch_logs.items()))
-            state.history.append({"epoch": epoch + 1, **epoch_logs})
+                epoch_logs = {f"train_{k}": all_reduce_mean(v / max(1, done.counted), runtime)
+                              for k, v in done.sums.items()}
+                if cfg.on_nonfinite == "skip":
+                    epoch_logs["skipped_batches"] = float(state.skipped_batches)
+                epoch_logs["train_seconds"] = time.perf_counter() - epoch_start
+                run_val = val_loader is not None and (cfg.fast_dev_run or (epoch + 1) % cfg.val_interval == 0)
+                if run_val:
+                    val = validate(stage, val_loader, runtime, max_batches)
+                    epoch_logs.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})
+                    if runtime.is_main and (cfg.fast_dev_run or (epoch + 1) % cfg.visualize_interval == 0):
+                        with torch.no_grad():
+                            images = stage.visualize(next(iter(val_loader)), quick=cfg.fast_dev_run)
+                        for tag, image in images.items():
+                            if writer is not None:
+                                writer.add_image(tag, image, epoch + 1)
+                        if cfg.fast_dev_run:
+                            runtime.print(f"fast_dev_run: visualisation made {len(images)} image(s)")
+                if writer is not None:
+                    for key, value in epoch_logs.items():
+                        writer.add_scalar(f"epoch/{key}", value, epoch + 1)
+                runtime.print(f"{stage.name} epoch {epoch + 1}: "
+                              + ", ".join(f"{k}={v:.5g}" for k, v in epoch_logs.items()))
+                state.history.append({"epoch": epoch + 1, **epoch_logs})
 
-            if cfg.fast_dev_run:
+                if cfg.fast_dev_run:
+                    state.epoch = epoch + 1
+                    # serialise a checkpoint into memory: what a real run would write, without writing it
+                    buffer = io.BytesIO()
+                    torch.save(_checkpoint(stage, scalers, state, epoch, cfg), buffer)
+                    runtime.print(f"fast_dev_run: checkpoint serialised in memory ({buffer.tell() / 2**20:.1f} MiB)")
+                    _print_dev_run_summary(runtime, step_times, step_peak_mib, meter)
+                    break
+                improved = run_val and epoch_logs["val_loss"] < state.best_metric
+                if improved:
+                    state.best_metric = epoch_logs["val_loss"]
                 state.epoch = epoch + 1
-                # serialise a checkpoint into memory: what a real run would write, without writing it
-                buffer = io.BytesIO()
-                torch.save(_checkpoint(stage, scalers, state, epoch, cfg), buffer)
-                runtime.print(f"fast_dev_run: checkpoint serialised in memory ({buffer.tell() / 2**20:.1f} MiB)")
-                _print_dev_run_summary(runtime, step_times, step_peak_mib, meter)
-                break
-            improved = run_val and epoch_logs["val_loss"] < state.best_metric
-            if improved:
-                state.best_metric = epoch_logs["val_loss"]
-            state.epoch = epoch + 1
-            if runtime.is_main:
-                ckpt = _checkpoint(stage, scalers, state, epoch, cfg)
-                last = epoch + 1 == cfg.n_epochs
-                if (epoch + 1) % cfg.save_interval == 0 or last:
-                    atomic_save(ckpt, cfg.output_dir / "latest_checkpoint.pt")
-                if cfg.save_best and (improved or (val_loader is None and last)):
-                    atomic_save(ckpt, cfg.output_dir / "best_model.pt")
-                    runtime.print(f"  saved best model (val_loss={state.best_metric:.5g}) to {cfg.output_dir / 'best_model.pt'}")
-                if on_checkpoint is not None:
-                    on_checkpoint(ckpt)
-            if runtime.distributed:
-                dist.barrier()
+                error = ""
+                if runtime.is_main:
+                    ckpt = _checkpoint(stage, scalers, state, epoch, cfg)
+                    last = epoch + 1 == cfg.n_epochs
+                    try:
+                        if (epoch + 1) % cfg.save_interval == 0 or last:
+                            write_checkpoint(ckpt, cfg.output_dir / "latest_checkpoint.pt")
+                            last_saved = cfg.output_dir / "latest_checkpoint.pt"
+                        if cfg.save_best and (improved or (val_loader is None and last)):
+                            write_checkpoint(ckpt, cfg.output_dir / "best_model.pt")
+                            runtime.print(f"  saved best model (val_loss={state.best_metric:.5g}) to "
+                                          f"{cfg.output_dir / 'best_model.pt'}")
+                    except RunError as exc:
+                        error = str(exc)
+                    if on_checkpoint is not None and not error:
+                        on_checkpoint(ckpt)
+                _raise_on_any_rank(error, runtime)  # also keeps the processes in step, like a barrier
+    except NonFiniteLoss as exc:
+        kept = (f"the last good checkpoint is {last_saved} (to continue from it: {resume_command})" if last_saved
+                else "no checkpoint was written yet")
+        everywhere = " on every process" if runtime.distributed else ""
+        error = NonFiniteLoss(f"{exc} Stopped{everywhere}; {kept}.")
+        _log_error(runtime, error)
+        raise error from None
+    except RunError as exc:  # e.g. a checkpoint that could not be written
+        _log_error(runtime, exc)
+        raise
     finally:
         if writer is not None:
             writer.close()
     return state
+
+
+def _log_error(runtime: Runtime, error: BaseException) -> None:
+    """Put the error that ends a run into its train.log too (the command line shows it on stderr)."""
+    if runtime.log is not None:
+        runtime.log.write(f"error: {error}\n")
+        runtime.log.flush()
 
 
 @torch.no_grad()
@@ -644,6 +1084,7 @@ def _checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, cfg: 
         "global_step": state.global_step,
         "best_metric": state.best_metric,
         "history": state.history,
+        "skipped_batches": state.skipped_batches,
         "state_dict": {name: unwrap(m).state_dict() for name, m in stage.modules.items()},
         "optimizers": {name: opt.state_dict() for name, opt in stage.optimizers.items()},
         "scalers": {name: s.state_dict() for name, s in scalers.items()},

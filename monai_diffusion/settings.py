@@ -261,6 +261,12 @@ class AutoencoderTrainingSettings:
     save_interval: int = _f(1, "save a checkpoint every N epochs", ge=1)
     fast_dev_run: bool = _f(False, "run a few batches of every step, then stop; writes no checkpoints or logs")
     fast_dev_run_batches: int = _f(2, "batches per step in fast_dev_run", ge=1)
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "a non-finite loss on any process: stop (every process, keeping the last good checkpoint) | skip "
+                "(drop the step's gradients and go on)"
+    )
+    max_consecutive_skips: int = _f(10, "with on_nonfinite: skip, stop after this many non-finite batches in a row",
+                                    ge=1)
 
 
 @dataclass(frozen=True)
@@ -269,7 +275,22 @@ class CheckpointSettings:
 
     output_dir: str = _f("runs/autoencoder", "folder of this stage's checkpoints")
     save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
-    resume_from: Optional[str] = _f(None, "checkpoint to resume training from; null = start fresh")
+    resume_from: Optional[str] = _f(
+        None, "checkpoint to resume training from, or latest (the newest complete checkpoint in output_dir); "
+              "null = start fresh"
+    )
+    start_fresh_if_none: bool = _f(
+        False, "with resume_from: latest, start a new run when output_dir holds no checkpoint yet (job scripts "
+               "that are requeued); false = that is an error"
+    )
+    every_n_steps: Optional[int] = _f(
+        None, "also write step_checkpoint_<step>.pt every N optimizer steps (resumes inside the epoch); null = off",
+        ge=1,
+    )
+    keep_last: Optional[int] = _f(
+        None, "keep only the newest K step checkpoints (never latest_checkpoint.pt or best_model.pt); null = all",
+        ge=1,
+    )
     init_from: Optional[str] = _f(
         None, "start from the network weights of this checkpoint (same architecture, any input size; optimizer, "
               "epoch and output folder start fresh), e.g. for progressive resolution; null = random init"
@@ -283,7 +304,22 @@ class DiffusionCheckpointSettings:
     autoencoder_path: Optional[str] = _f(None, "stage 1 checkpoint (e.g. runs/autoencoder/best_model.pt)")
     output_dir: str = _f("runs/diffusion", "folder of this stage's checkpoints")
     save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
-    resume_from: Optional[str] = _f(None, "checkpoint to resume training from; null = start fresh")
+    resume_from: Optional[str] = _f(
+        None, "checkpoint to resume training from, or latest (the newest complete checkpoint in output_dir); "
+              "null = start fresh"
+    )
+    start_fresh_if_none: bool = _f(
+        False, "with resume_from: latest, start a new run when output_dir holds no checkpoint yet (job scripts "
+               "that are requeued); false = that is an error"
+    )
+    every_n_steps: Optional[int] = _f(
+        None, "also write step_checkpoint_<step>.pt every N optimizer steps (resumes inside the epoch); null = off",
+        ge=1,
+    )
+    keep_last: Optional[int] = _f(
+        None, "keep only the newest K step checkpoints (never latest_checkpoint.pt or best_model.pt); null = all",
+        ge=1,
+    )
     init_from: Optional[str] = _f(
         None, "start from the network weights of this checkpoint (same architecture, any input size; optimizer, "
               "epoch and output folder start fresh), e.g. for progressive resolution; null = random init"
@@ -373,6 +409,12 @@ class DiffusionTrainingSettings:
     num_samples_to_generate: int = _f(1, "samples generated each time", ge=0)
     fast_dev_run: bool = _f(False, "run a few batches of every step, then stop; writes no checkpoints or logs")
     fast_dev_run_batches: int = _f(2, "batches per step in fast_dev_run", ge=1)
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "a non-finite loss on any process: stop (every process, keeping the last good checkpoint) | skip "
+                "(drop the step's gradients and go on)"
+    )
+    max_consecutive_skips: int = _f(10, "with on_nonfinite: skip, stop after this many non-finite batches in a row",
+                                    ge=1)
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
     grad_clip_norm: Optional[float] = _f(None, "clip gradient norm to this value; null = no clipping", gt=0)
     lr_warmup_steps: int = _f(0, "optimizer steps of linear learning-rate warm-up from 0", ge=0)
@@ -1096,8 +1138,14 @@ def _check_checkpoints(s: Settings, check_paths: bool, problems: list[tuple[str,
             problems.append((f"{section}.checkpoints.init_from",
                              f"cannot be combined with {section}.checkpoints.resume_from (resuming restores the "
                              "weights already); set one of them to null"))
+        if c.start_fresh_if_none and c.resume_from != "latest":
+            problems.append((f"{section}.checkpoints.start_fresh_if_none",
+                             f"applies only with {section}.checkpoints.resume_from: latest (it is "
+                             f"{c.resume_from!r}); set it to false or resume_from to latest"))
         for name in ("init_from", "resume_from"):
             path = getattr(c, name)
+            if name == "resume_from" and path == "latest":
+                continue  # the newest complete checkpoint in output_dir, found when the run starts
             if check_paths and path is not None and not Path(path).expanduser().is_file():
                 problems.append((f"{section}.checkpoints.{name}",
                                  f"file not found: {path!r} (resolved to {Path(path).expanduser().resolve()})"))

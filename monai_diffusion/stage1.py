@@ -27,6 +27,7 @@ from .engine import (
     load_checkpoint,
     loop_config,
     prepare_output_dir,
+    resolve_resume,
     run_loop,
     seed_everything,
     setup_runtime,
@@ -273,6 +274,7 @@ def train_autoencoder(settings: Any) -> LoopState:
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
         # everything that can fail cheaply fails before data is read or networks are built
+        loop_cfg = resolve_resume(loop_cfg, runtime, "autoencoder")  # resume_from: latest -> a file, or None
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="autoencoder")
         prepare_output_dir(loop_cfg, runtime)
@@ -305,7 +307,7 @@ def train_autoencoder(settings: Any) -> LoopState:
             val_tile=tuple(settings.data.voxel_size) if random_patch else None,
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
-        if runtime.is_main and not t.fast_dev_run:
+        if runtime.is_main and not t.fast_dev_run and not state.stopped_by:
             runtime.print(f"stage 1 done: checkpoints in {output_dir}, TensorBoard logs in {loop_cfg.log_dir}")
         return state
     finally:

@@ -24,6 +24,7 @@ from .engine import (
     load_checkpoint,
     loop_config,
     prepare_output_dir,
+    resolve_resume,
     run_loop,
     seed_everything,
     setup_runtime,
@@ -404,6 +405,7 @@ def train_diffusion(settings: Any) -> LoopState:
     ae_path = Path(df.checkpoints.autoencoder_path)
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
+        loop_cfg = resolve_resume(loop_cfg, runtime, "diffusion")  # resume_from: latest -> a file, or None
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="diffusion")
         prepare_output_dir(loop_cfg, runtime)
@@ -455,7 +457,7 @@ def train_diffusion(settings: Any) -> LoopState:
             stage.scale_factor = estimate_scale_factor(stage.encode, stage.latent, train_loader, t.scale_factor_batches, runtime)
             runtime.print(f"latent scale factor 1/std = {stage.scale_factor:.5g} (from {t.scale_factor_batches} batches)")
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
-        if runtime.is_main and not t.fast_dev_run:
+        if runtime.is_main and not t.fast_dev_run and not state.stopped_by:
             runtime.print(f"stage 2 done: checkpoints in {output_dir}, TensorBoard logs in {loop_cfg.log_dir}")
         return state
     finally:
