@@ -982,7 +982,9 @@ def run_loop(
                 if cfg.on_nonfinite == "skip":
                     epoch_logs["skipped_batches"] = float(state.skipped_batches)
                 epoch_logs["train_seconds"] = time.perf_counter() - epoch_start
-                run_val = val_loader is not None and (cfg.fast_dev_run or (epoch + 1) % cfg.val_interval == 0)
+                # validate every val_interval epochs and after the last one, so best_model.pt always exists
+                run_val = val_loader is not None and (cfg.fast_dev_run or (epoch + 1) % cfg.val_interval == 0
+                                                      or epoch + 1 == cfg.n_epochs)
                 if run_val:
                     val = validate(stage, val_loader, runtime, max_batches)
                     epoch_logs.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})

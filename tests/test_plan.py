@@ -48,7 +48,8 @@ def _measured_config(tmp: Path) -> list[str]:
     fast_dev_run's whole-MiB figure is exact to ~1 %), batch 1, adversarial loss on from the first epoch."""
     return tiny(tmp, "data.voxel_size=[32, 32, 32]", "autoencoder.num_channels=[8, 16, 16]",
                 "autoencoder.norm_num_groups=8", "autoencoder.training.batch_size=1",
-                "autoencoder.training.autoencoder_warm_up_n_epochs=0", "device.mixed_precision=false")
+                "autoencoder.training.autoencoder_warm_up_n_epochs=0", "device.mixed_precision=false",
+                "diffusion.training.cache_latents=false", "diffusion.training.batch_size=2")
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,9 @@ def test_run_record_config_and_log(tmp_path, capsys):
     folder = tmp_path / "ae"
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     # every default filled in, and it loads back to the settings the run used
-    assert saved["autoencoder"]["training"]["kl_weight"] == 1.0e-6 and saved["data"]["voxel_size"] == [16, 16, 16]
+    defaults = load_settings(None, check_paths=False)
+    assert saved["autoencoder"]["training"]["perceptual_network"] == defaults.autoencoder.training.perceptual_network
+    assert saved["data"]["voxel_size"] == [16, 16, 16] and "max_filaments" in saved["data"]["synthetic"]
     assert load_settings(folder / "config.yaml").autoencoder.latent_channels == 2
     log = (folder / "train.log").read_text()
     assert "new run" in log and "data: synthetic" in log and "autoencoder epoch 1:" in log

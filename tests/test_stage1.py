@@ -43,6 +43,7 @@ def tiny(tmp_path: Path, *extra: str, config: Path = QUICKSTART) -> list[str]:
         "autoencoder.training.batch_size=2",
         "autoencoder.training.n_epochs=2",
         "autoencoder.training.autoencoder_warm_up_n_epochs=1",
+        "autoencoder.training.adv_weight=0.01",  # the adversarial path on from epoch 2
         "autoencoder.training.use_perceptual_loss=false",
         "autoencoder.training.discriminator={num_layers_d: 2, num_channels: 4}",
         "autoencoder.training.gradient_accumulation_steps=1",
@@ -139,7 +140,7 @@ def test_checkpoint_describes_itself(tmp_path):
     assert model.downsample_factors == ((2, 2, 1), (2, 2, 2))
     assert ckpt["model_args"]["downsample_factors"] == [[2, 2, 1], [2, 2, 2]]
     assert ckpt["settings"]["autoencoder"]["downsample_factors"] == [[2, 2, 1], 2]
-    for key in ("optimizers", "scalers", "epoch", "global_step", "best_metric", "rng", "data_info"):
+    for key in ("optimizers", "scalers", "epoch", "global_step", "best_metric", "data_info", "version"):
         assert key in ckpt, key
     assert (tmp_path / "ae" / "logs").is_dir() and any((tmp_path / "ae" / "logs").iterdir())
 
