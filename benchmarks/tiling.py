@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -41,11 +40,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from monai_diffusion.memory import MIB, PeakMeter  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autoencoder_bench import (  # noqa: E402
     CLEAN_MALLOC_ENV,
     RESULTS_DIR,
-    current_rss_mib,
     machine_info,
     machine_line,
     markdown_table,
@@ -110,13 +110,6 @@ def measure_errors() -> list[list[Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------- memory
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (``VmHWM``). Unlike ``ru_maxrss``, which Linux carries over from the
-    parent across ``execve``, it starts afresh in a new process."""
-    with open("/proc/self/status") as f:
-        return int(re.search(r"^VmHWM:\s+(\d+)", f.read(), re.MULTILINE).group(1)) / 1024
-
-
 def worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One pass in this (fresh) process: build, measure the baseline, run, report peak increase and time."""
     device = torch.device(payload["device"])
@@ -139,19 +132,13 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
                 return (model.encode_tiled(inp, tile_size=tile) if tile else model.encode(inp))[0]
             return model.decode_tiled(inp, tile_size=tile) if tile else model.decode(inp)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = current_rss_mib()
+    # the project's one memory meter (monai_diffusion/memory.py): CUDA max allocated, or the VmHWM rise on CPU
+    meter = PeakMeter(device)
+    base = torch.cuda.memory_allocated(device) / MIB if device.type == "cuda" else PeakMeter.rss_mib()
+    meter.start()
     t0, c0 = time.perf_counter(), time.process_time()
     out = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    else:
-        peak = peak_rss_mib() - base
+    peak = meter.peak_mib() - base if device.type == "cuda" else meter.rise_mib()
     return {"peak_mib": peak, "pass_wall_s": time.perf_counter() - t0, "pass_cpu_s": time.process_time() - c0,
             "output_mib": out.numel() * out.element_size() / 2**20, "baseline_mib": base}
 
