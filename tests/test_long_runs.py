@@ -425,6 +425,7 @@ def _stage_args(root: Path, *extra: str) -> list[str]:
         "diffusion.num_head_channels=4",
         "diffusion.norm_num_groups=4",
         "diffusion.scheduler.num_train_timesteps=20",
+        "sampling.num_inference_steps=5",
         "diffusion.training.n_epochs=3",
         "diffusion.training.batch_size=1",
         "diffusion.training.lr_warmup_steps=3",

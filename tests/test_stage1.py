@@ -70,7 +70,10 @@ def settings_for(tmp_path: Path, *extra: str, config: Path = QUICKSTART):
     "config, extra",
     [
         ("ldm_config.yaml", ["autoencoder.downsample_factors=[2, 2]", "autoencoder.attention_levels=[false, false, false]"]),
-        ("examples/ldm_config_8x_downsample.yaml", ["autoencoder.attention_levels=[false, false, true]"]),
+        # fp32 here: at this tiny size the config's bf16 autocast gave a NaN loss at the second step with 2 CPU
+        # threads on a CPU without avx512_bf16 (not with 1 thread); bf16 itself is covered by tests/test_engine.py
+        ("examples/ldm_config_8x_downsample.yaml",
+         ["autoencoder.attention_levels=[false, false, true]", "device.mixed_precision=false"]),
         (
             "examples/ldm_config_16x_downsample.yaml",
             ["autoencoder.attention_levels=[false, false, true]", "data.voxel_size=[32, 32, 32]"],
