@@ -274,8 +274,8 @@ def run_one(args: argparse.Namespace, dataset: str, factor: str, run_dir: Path, 
         "commands": [
             f"python monai_diffusion/3d_ldm/train_autoencoder.py --config {config}",
             f"python monai_diffusion/3d_ldm/train_diffusion.py --config {config}",
-            f"monai-diffusion-evaluate --config {config} --num-samples {args.num_samples or args.num_train} "
-            f"--out {out}",
+            f"python monai_diffusion/3d_ldm/evaluate.py --config {config} --num-samples "
+            f"{args.num_samples or args.num_train} --seed {args.seed} --out {out}",
         ],
         "time": {"stage1": t1, "stage2": t2, "evaluate": t3},
         **summarise(report),
@@ -337,26 +337,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append([r["dataset"], r["factor"], "x".join(map(str, r["voxel_size"])), "x".join(map(str, r["latent_shape"])),
                      f"{r['compression']:.0f}", r["stage1_steps"], _f(v["psnr"], 2), _f(v["ssim"], 4),
                      _f(v["ms_ssim"], 4), _f(v["l1"], 4), _f(rr["histogram_w1"], 4), _f(rr["c2st_accuracy"], 2),
-                     f"{r['recon_range']['min']:.2f} .. {r['recon_range']['max']:.2f}",
-                     f"{r['time']['stage1']['wall_s']:.0f}"])
+                     f"{r['recon_range']['min']:.2f} .. {r['recon_range']['max']:.2f} "
+                     f"({100 * r['recon_range']['fraction_outside_real_range']:.1f}%)",
+                     f"{r['parameters'].get('autoencoder', 0):,}"])
     lines.append(common.markdown_table(
         ["dataset", "factor", "volume", "latent", "compression", "steps", "val PSNR (dB)", "val SSIM", "val MS-SSIM",
-         "val L1", "W1 recon vs real", "C2ST recon vs real", "recon range", "stage 1 wall (s)"], rows))
+         "val L1", "W1 recon vs real", "C2ST recon vs real", "recon range (outside real range)",
+         "autoencoder params"], rows))
     lines += ["", "## Stage 2: generation", ""]
     rows = []
     for r in report["results"]:
         s, sr, rr = r["samples_vs_real"], r["samples_vs_recon"], r["recon_vs_real"]
-        rows.append([r["dataset"], r["factor"], f"{r['unet_levels']} {tuple(r['unet_channels'])}", r["stage2_steps"],
+        rows.append([r["dataset"], r["factor"], f"{r['unet_levels']} {tuple(r['unet_channels'])}",
+                     f"{r['parameters'].get('unet', 0):,}", r["stage2_steps"],
                      _f(s["c2st_accuracy"], 2), _f(sr["c2st_accuracy"], 2), _f(s["mmd"], 4), _f(sr["mmd"], 4),
                      _f(s["histogram_w1"], 4), _f(rr["histogram_w1"], 4), _f(s["nn_ratio"], 2),
                      f"{_f(s['ms_ssim_diversity'], 3)} / {_f(s['ms_ssim_diversity_real'], 3)}",
                      f"{r['samples_range']['min']:.2f} .. {r['samples_range']['max']:.2f} "
-                     f"({100 * r['samples_range']['fraction_outside_real_range']:.2f}%)",
-                     f"{r['time']['stage2']['wall_s']:.0f}", f"{r['time']['evaluate']['wall_s']:.0f}"])
+                     f"({100 * r['samples_range']['fraction_outside_real_range']:.1f}%)"])
     lines.append(common.markdown_table(
-        ["dataset", "factor", "UNet levels (channels)", "steps", "C2ST vs real", "C2ST vs recon", "MMD vs real",
+        ["dataset", "factor", "UNet levels (channels)", "UNet params", "steps", "C2ST vs real", "C2ST vs recon", "MMD vs real",
          "MMD vs recon", "W1 samples vs real", "W1 recon vs real", "nn_ratio", "diversity samples / real",
-         "sample range (outside real range)", "stage 2 wall (s)", "evaluate wall (s)"], rows))
+         "sample range (outside real range)"], rows))
     n = report["results"][0] if report["results"] else None
     if n:
         c = n["c2st_split"]
@@ -366,6 +368,20 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{'x'.join(map(str, c['input_shape']))}; 0.5 = indistinguishable, 1.0 = separable (with "
                       f"{c['test_per_set']} test volumes per set one volume moves it by {0.5 / c['test_per_set']:.3f}). "
                       "Value range: the real volumes are in [0, 1]."]
+    lines += ["", "## Time", ""]
+    rows, cpu_total = [], 0.0
+    for r in report["results"]:
+        t = r["time"]
+        cpu_total += sum(t[k]["cpu_s"] for k in ("stage1", "stage2", "evaluate"))
+        rows.append([r["dataset"], r["factor"]] + [f"{t[k]['wall_s']:.0f} / {t[k]['cpu_s']:.0f}"
+                                                   for k in ("stage1", "stage2", "evaluate")]
+                    + [f"{t['stage1']['load_before']:.1f} .. {t['evaluate']['load_after']:.1f}"])
+    lines.append(common.markdown_table(
+        ["dataset", "factor", "stage 1 wall / CPU (s)", "stage 2 wall / CPU (s)", "evaluate wall / CPU (s)",
+         "1-min load average"], rows))
+    lines += ["", f"CPU time is user + system time of the benchmark process over all its threads ({cpu_total:.0f} s "
+                  f"= {cpu_total / 60:.1f} CPU-minutes in all); wall time depends on what else ran (load average "
+                  "column)."]
     lines += ["", "## Pictures", ""]
     for r in report["results"]:
         if r.get("grid_copy"):
@@ -374,7 +390,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Per-run commands", "", "Each run folder holds `benchmark.yaml`, the settings of that run; the "
               "benchmark runs the equivalent of:", ""]
     for r in report["results"][:1]:
-        lines += ["```bash", *r["commands"], "```"]
+        commands = [c.replace("monai-diffusion-evaluate ", "python monai_diffusion/3d_ldm/evaluate.py ")
+                    for c in r["commands"]]
+        lines += ["```bash", *commands, "```"]
     lines.append("")
     return "\n".join(lines)
 
