@@ -72,21 +72,28 @@ def unet_levels(latent: list[int], max_levels: int = len(UNET_CHANNELS)) -> int:
     return levels
 
 
+def dataset_size(args: argparse.Namespace, dataset: str) -> list[int]:
+    """``data.voxel_size`` of a dataset: ``--brain-size``, ``--microtubules-size`` or, for ``--data-dir``,
+    ``--data-size``."""
+    return list(getattr(args, f"{dataset}_size" if dataset in DATASETS else "data_size"))
+
+
 def check_sizes(args: argparse.Namespace) -> None:
     """Every dataset size must be divisible by every factor setting's total factor (before anything runs)."""
     for ds in args.datasets:
-        size = getattr(args, f"{ds}_size")
+        size = dataset_size(args, ds)
         for f in args.factors:
             total = math.prod(FACTORS[f])
             bad = [v for v in size if v % total]
             if bad:
-                raise SystemExit(f"error: --{ds}-size {size}: every axis must be divisible by {total} (the total "
+                flag = f"--{ds}-size" if ds in DATASETS else "--data-size"
+                raise SystemExit(f"error: {flag} {size}: every axis must be divisible by {total} (the total "
                                  f"factor of {f}); {bad} is not")
 
 
 def run_settings(args: argparse.Namespace, dataset: str, factor: str, run_dir: Path) -> dict[str, Any]:
     """The full settings of one run (written to ``<run_dir>/benchmark.yaml``)."""
-    size = list(getattr(args, f"{dataset}_size"))
+    size = dataset_size(args, dataset)
     factors = FACTORS[factor]
     latent = latent_size(size, factors)
     levels = unet_levels(latent)
@@ -97,17 +104,20 @@ def run_settings(args: argparse.Namespace, dataset: str, factor: str, run_dir: P
     epochs_1 = max(1, math.ceil(args.stage1_steps / steps_per_epoch_1))
     epochs_2 = max(1, math.ceil(args.stage2_steps / steps_per_epoch_2))
     ae_groups = math.gcd(*args.ae_channels, 8)
-    return {
-        "data": {
+    if dataset in DATASETS:
+        data = {
             "synthetic": {"enabled": True, "kind": dataset, "num_train": args.num_train, "num_val": args.num_val,
                           "seed": args.seed},
-            "voxel_size": size,
-            "crop_mode": "resize",
             # the built-in volumes are already in [0, 1]: min-max scaling keeps them as generated
             "intensity": {"lower_percentile": 0.0, "upper_percentile": 100.0, "clip": True},
-            "cache_rate": 1.0,
-            "num_workers": 0,
-        },
+        }
+    else:  # your own volumes, with the app's default intensity scaling (0.5 / 99.5 percentiles)
+        data = {"train_data_dir": str(args.data_dir.expanduser().resolve())}
+        if args.val_dir:
+            data["val_data_dir"] = str(args.val_dir.expanduser().resolve())
+    data.update({"voxel_size": size, "crop_mode": "resize", "cache_rate": 1.0, "num_workers": 0})
+    return {
+        "data": data,
         "autoencoder": {
             "spatial_dims": 3,
             "num_channels": list(args.ae_channels),
@@ -243,7 +253,7 @@ def run_one(args: argparse.Namespace, dataset: str, factor: str, run_dir: Path, 
     from monai_diffusion.settings import load_settings
 
     run_dir.mkdir(parents=True)
-    if data_from is not None:  # same volumes (kept via the manifest), generated once per dataset
+    if data_from is not None and data_from.is_dir():  # same volumes (kept via the manifest), generated once per dataset
         shutil.copytree(data_from, run_dir / "synthetic_data")
     cfg = run_settings(args, dataset, factor, run_dir)
     config = run_dir / "benchmark.yaml"
@@ -314,8 +324,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if partial:
         lines += [f"**Partial run**: {partial}", ""]
     lines += [
-        f"Each run: built-in dataset ({a['num_train']} training and {a['num_val']} validation volumes, seed "
-        f"{a['seed']}); autoencoder channels {tuple(a['ae_channels'])}, latent channels 3, one residual block per "
+        "Each run: "
+        + (f"the volumes in {a['data_dir']} ({a['num_train']} for training, resized to "
+           f"{'x'.join(map(str, a['data_size']))})" if a.get("data_dir") else
+           f"built-in dataset ({a['num_train']} training and {a['num_val']} validation volumes, seed {a['seed']})")
+        + f"; autoencoder channels {tuple(a['ae_channels'])}, latent channels 3, one residual block per "
         f"level, non-local attention (SDPA) in encoder and decoder, L1 + 1e-6 KL"
         + (f" + {a['adv_weight']} adversarial" if a["adv_weight"] > 0 else " (no adversarial loss)")
         + f", Adam lr {a['stage1_lr']}, batch {a['batch_size']}; stage 2 on cached latents: DDPM (1000 steps, "
@@ -414,7 +427,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--brain-size", type=int, nargs=3, default=DEFAULT_SIZES["brain"], metavar=("X", "Y", "Z"))
     p.add_argument("--microtubules-size", type=int, nargs=3, default=DEFAULT_SIZES["microtubules"],
                    metavar=("X", "Y", "Z"))
-    p.add_argument("--num-train", type=int, default=16, help="training volumes (also the number of samples)")
+    p.add_argument("--data-dir", type=Path, help="your own folder of .nii/.nii.gz training volumes, instead of the "
+                                                "built-in datasets (at least 8 volumes for the C2ST)")
+    p.add_argument("--val-dir", type=Path, help="with --data-dir: a folder of validation volumes (default: the app "
+                                                "holds some training volumes out)")
+    p.add_argument("--data-size", type=int, nargs=3, default=[64, 64, 64], metavar=("X", "Y", "Z"),
+                   help="with --data-dir: data.voxel_size (volumes are resized to it)")
+    p.add_argument("--num-train", type=int, default=16, help="built-in training volumes (also the number of samples)")
     p.add_argument("--num-val", type=int, default=2, help="validation volumes")
     p.add_argument("--ae-channels", type=int, nargs=3, default=[16, 32, 32], help="autoencoder channels per level")
     p.add_argument("--stage1-steps", type=int, default=240, help="stage-1 optimizer steps per run")
@@ -444,10 +463,19 @@ def main(argv=None) -> None:
         args.render.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
         print(f"wrote {args.render.with_suffix('.md')}")
         return
+    if args.data_dir is not None:
+        if not args.data_dir.expanduser().is_dir():
+            raise SystemExit(f"error: --data-dir {args.data_dir} is not a folder")
+        from monai_diffusion.data import discover_images
+
+        n = len(discover_images(args.data_dir.expanduser()))
+        # without --val-dir the app holds the last 10% (at least 1) of the training files out for validation
+        args.num_train = n if args.val_dir else n - max(1, int(round(0.1 * n)))
+        args.datasets = ["folder"]
     check_sizes(args)
     if args.num_train < 8:
-        raise SystemExit(f"error: --num-train must be >= 8 (the C2ST needs 4 training and 4 test volumes per set), "
-                         f"got {args.num_train}")
+        raise SystemExit(f"error: the C2ST needs at least 8 training volumes (4 to train and 4 to test per set), "
+                         f"got {args.num_train}" + (f" in {args.data_dir}" if args.data_dir else " (--num-train)"))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = args.work_dir or Path(tempfile.gettempdir()) / "monai_diffusion_benchmarks" / f"quality-{stamp}"
     work = work.expanduser()
