@@ -18,7 +18,7 @@ converged quality. Results: ``benchmarks/results/quality_<device>.json`` / ``.md
 
 Examples::
 
-    python benchmarks/quality.py                                   # CPU default (~25 min on 2 idle cores)
+    python benchmarks/quality.py                                   # CPU default: ~39 CPU-minutes
     python benchmarks/quality.py --datasets brain --factors 4x 8x --stage1-steps 400
     python benchmarks/quality.py --device cuda --brain-size 96 112 96 --microtubules-size 128 128 32 \\
         --stage1-steps 4000 --stage2-steps 10000 --out benchmarks/results/quality_cuda
@@ -378,7 +378,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"{n['num_samples']} samples per run ({n['sampler']}, {n['sampling_steps']} steps) against the "
                       f"{a['num_train']} training volumes and their reconstructions. C2ST: {c['train_per_set']} "
                       f"training and {c['test_per_set']} test volumes per set, {c['epochs']} epochs, input "
-                      f"{'x'.join(map(str, c['input_shape']))}; 0.5 = indistinguishable, 1.0 = separable (with "
+                      + ", ".join(sorted({f"{r['dataset']} " + "x".join(map(str, r["c2st_split"]["input_shape"]))
+                                          for r in report["results"]}))
+                      + f"; 0.5 = indistinguishable, 1.0 = separable (with "
                       f"{c['test_per_set']} test volumes per set one volume moves it by {0.5 / c['test_per_set']:.3f}). "
                       "Value range: the real volumes are in [0, 1]."]
     lines += ["", "## Time", ""]
