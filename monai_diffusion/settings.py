@@ -298,32 +298,11 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
-class DiffusionCheckpointSettings:
-    """Stage 2 checkpoints; the autoencoder is rebuilt from its own checkpoint."""
+class DiffusionCheckpointSettings(CheckpointSettings):
+    """Stage 2 checkpoints (the same keys as stage 1's); the autoencoder is rebuilt from its own checkpoint."""
 
-    autoencoder_path: Optional[str] = _f(None, "stage 1 checkpoint (e.g. runs/autoencoder/best_model.pt)")
     output_dir: str = _f("runs/diffusion", "folder of this stage's checkpoints")
-    save_best: bool = _f(True, "also keep best_model.pt (lowest validation loss)")
-    resume_from: Optional[str] = _f(
-        None, "checkpoint to resume training from, or latest (the newest complete checkpoint in output_dir); "
-              "null = start fresh"
-    )
-    start_fresh_if_none: bool = _f(
-        False, "with resume_from: latest, start a new run when output_dir holds no checkpoint yet (job scripts "
-               "that are requeued); false = that is an error"
-    )
-    every_n_steps: Optional[int] = _f(
-        None, "also write step_checkpoint_<step>.pt every N optimizer steps (resumes inside the epoch); null = off",
-        ge=1,
-    )
-    keep_last: Optional[int] = _f(
-        None, "keep only the newest K step checkpoints (never latest_checkpoint.pt or best_model.pt); null = all",
-        ge=1,
-    )
-    init_from: Optional[str] = _f(
-        None, "start from the network weights of this checkpoint (same architecture, any input size; optimizer, "
-              "epoch and output folder start fresh), e.g. for progressive resolution; null = random init"
-    )
+    autoencoder_path: Optional[str] = _f(None, "stage 1 checkpoint (e.g. runs/autoencoder/best_model.pt)")
 
 
 @dataclass(frozen=True)
