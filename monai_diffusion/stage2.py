@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 from .data import DataError, build_datasets, build_loaders, load_datalist
 from .engine import (
     LoopState,
-    RunError,
     Runtime,
     count_parameters,
     load_checkpoint,
@@ -413,7 +412,7 @@ def train_diffusion(settings: Any) -> LoopState:
         autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
         autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
         ae_args = ae_ckpt["model_args"]
-        latent_spatial = check_unet_fits(settings, autoencoder, ae_path)
+        check_unet_fits(settings, autoencoder, ae_path)
         cond_cfg = df.conditioning
         conditioner = Conditioner(
             cond_cfg.class_key,

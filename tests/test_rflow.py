@@ -3,7 +3,6 @@ samplers that do not match the trained objective."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
