@@ -780,9 +780,12 @@ def _check_unet_lists(
         )
     bad = [c for c in num_channels if c % norm_num_groups]
     if bad:
+        # the largest group count <= the requested one that divides every level's channels
+        fit = max(g for g in range(1, norm_num_groups + 1) if all(c % g == 0 for c in num_channels))
         problems.append(
             (f"{prefix}.num_channels", f"every entry must be divisible by {prefix}.norm_num_groups "
-                                       f"({norm_num_groups}); {_short(bad)} are not")
+                                       f"({norm_num_groups}); {_short(bad)} are not: "
+                                       f"--set {prefix}.norm_num_groups={fit} (or change the channels)")
         )
 
 
