@@ -299,8 +299,15 @@ def test_resume_with_denoising_and_weighted_loss_matches_an_uninterrupted_run(tm
         assert torch.equal(value, b[key]), key
 
 
-def test_stage_two_with_input_noise_encodes_corrupted_volumes(tmp_path, monkeypatch, capsys):
-    train_autoencoder(load_settings(QUICKSTART, tiny(tmp_path)))
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ae")
+    train_autoencoder(load_settings(QUICKSTART, tiny(root)))
+    return root
+
+
+def test_stage_two_with_input_noise_encodes_corrupted_volumes(tiny_ae, tmp_path, monkeypatch, capsys):
+    root = tiny_ae
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def spy(images, settings, generator=None):
@@ -318,7 +325,7 @@ def test_stage_two_with_input_noise_encodes_corrupted_volumes(tmp_path, monkeypa
     monkeypatch.setattr(stage2, "corrupt", spy)
     monkeypatch.setattr(AutoencoderKL, "encode", spy_encode)
     train_diffusion(load_settings(QUICKSTART, tiny(
-        tmp_path, "diffusion.training.fast_dev_run=true",
+        root, "diffusion.training.fast_dev_run=true", f"diffusion.checkpoints.output_dir={tmp_path / 'dm'}",
         "diffusion.training.input_noise={enabled: true, noise_type: gaussian, noise_std: 0.05}")))
     assert "input noise: gaussian (noise_std 0.05" in capsys.readouterr().out
     assert calls  # once per training batch; validation and the scale-factor estimate stay clean
@@ -326,3 +333,16 @@ def test_stage_two_with_input_noise_encodes_corrupted_volumes(tmp_path, monkeypa
         assert (noisy - clean).std().item() == pytest.approx(0.05, rel=0.2)
         assert any(torch.equal(noisy, x) for x in encoded)  # the encoder saw the corrupted volumes
     assert len(encoded) > len(calls)  # the scale-factor estimate and validation encode clean volumes
+
+
+def test_stage_two_resume_with_input_noise_matches_an_uninterrupted_run(tiny_ae, tmp_path):
+    extra = ("diffusion.training.n_epochs=2", "diffusion.training.input_noise={enabled: true, noise_type: mixed}")
+    train_diffusion(load_settings(QUICKSTART, tiny(tiny_ae, *extra, f"diffusion.checkpoints.output_dir={tmp_path / 'full'}")))
+    part = [*extra, f"diffusion.checkpoints.output_dir={tmp_path / 'part'}"]
+    train_diffusion(load_settings(QUICKSTART, tiny(tiny_ae, *part, "diffusion.training.n_epochs=1")))
+    train_diffusion(load_settings(QUICKSTART, tiny(
+        tiny_ae, *part, f"diffusion.checkpoints.resume_from={tmp_path / 'part' / 'latest_checkpoint.pt'}")))
+    a = load_checkpoint(tmp_path / "full" / "latest_checkpoint.pt", "diffusion")["state_dict"]["unet"]
+    b = load_checkpoint(tmp_path / "part" / "latest_checkpoint.pt", "diffusion")["state_dict"]["unet"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
