@@ -52,6 +52,11 @@ __all__ = [
     "AutoencoderSettings",
     "AutoencoderTrainingSettings",
     "DiscriminatorSettings",
+    "ReconstructionLossSettings",
+    "WeightedLossSettings",
+    "DiceLossSettings",
+    "CombinedLossSettings",
+    "CorruptionSettings",
     "CheckpointSettings",
     "DiffusionCheckpointSettings",
     "LoggingSettings",
@@ -236,6 +241,65 @@ class DiscriminatorSettings:
 
 
 @dataclass(frozen=True)
+class WeightedLossSettings:
+    """Foreground-weighted reconstruction loss: each voxel's error times a weight chosen by its target intensity."""
+
+    loss_type: Literal["l1", "mse"] = _f("l1", "per-voxel error: l1 (|x - y|) | mse ((x - y)^2)")
+    foreground_weight: float = _f(20.0, "weight of voxels whose target is above threshold (the foreground)", gt=0)
+    background_weight: float = _f(1.0, "weight of the other voxels (the background)", ge=0)
+    threshold: float = _f(0.1, "target intensity above which a voxel is foreground (intensities are in [0, 1])",
+                          ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class DiceLossSettings:
+    """Soft Dice loss (1 - Dice) on the [0, 1] intensities (MONAI DiceLoss)."""
+
+    smooth: float = _f(1.0e-5, "added to numerator and denominator of the Dice ratio (empty volumes give Dice 1)",
+                       gt=0)
+    sigmoid: bool = _f(False, "apply a sigmoid to the reconstruction before the Dice ratio")
+
+
+@dataclass(frozen=True)
+class CombinedLossSettings:
+    """dice_weight * Dice loss + recon_weight * foreground-weighted reconstruction loss."""
+
+    dice_weight: float = _f(1.0, "weight of the Dice loss term", ge=0)
+    recon_weight: float = _f(1.0, "weight of the foreground-weighted reconstruction term", ge=0)
+    recon_loss_type: Literal["l1", "mse"] = _f("l1", "per-voxel error of the reconstruction term: l1 | mse")
+    foreground_weight: float = _f(20.0, "weight of voxels whose target is above threshold", gt=0)
+    background_weight: float = _f(1.0, "weight of the other voxels", ge=0)
+    threshold: float = _f(0.1, "target intensity above which a voxel is foreground", ge=0, le=1)
+    dice_smooth: float = _f(1.0e-5, "smoothing term of the Dice ratio", gt=0)
+
+
+@dataclass(frozen=True)
+class ReconstructionLossSettings:
+    """Stage 1's reconstruction loss (see docs/losses.md); the KL, adversarial and perceptual terms are added to it."""
+
+    reconstruction_loss_type: Literal["l1", "mse", "weighted", "dice", "combined"] = _f(
+        "l1", "l1 | mse | weighted (foreground-weighted l1/mse) | dice (soft Dice) | combined (Dice + weighted)"
+    )
+    weighted: WeightedLossSettings = _section(WeightedLossSettings, "used when reconstruction_loss_type is weighted")
+    dice: DiceLossSettings = _section(DiceLossSettings, "used when reconstruction_loss_type is dice")
+    combined: CombinedLossSettings = _section(CombinedLossSettings, "used when reconstruction_loss_type is combined")
+
+
+@dataclass(frozen=True)
+class CorruptionSettings:
+    """Input corruption: autoencoder.training.denoising (stage 1) and diffusion.training.input_noise (stage 2)."""
+
+    enabled: bool = _f(
+        False, "corrupt the training inputs (stage 1 compares with the clean volumes); validation inputs stay clean"
+    )
+    noise_type: Literal["gaussian", "dropout", "mixed"] = _f(
+        "gaussian", "gaussian (add N(0, noise_std)) | dropout (zero voxels with dropout_prob) | mixed (both)"
+    )
+    noise_std: float = _f(0.1, "standard deviation of the added Gaussian noise (intensities are in [0, 1])", ge=0)
+    dropout_prob: float = _f(0.1, "probability that a voxel is set to 0; must be below 1", ge=0, le=1)
+
+
+@dataclass(frozen=True)
 class AutoencoderTrainingSettings:
     """Stage 1 (autoencoder) training."""
 
@@ -257,6 +321,10 @@ class AutoencoderTrainingSettings:
     grad_clip_norm: Optional[float] = _f(None, "clip gradient norm to this value; null = no clipping", gt=0)
     autoencoder_warm_up_n_epochs: int = _f(5, "epochs before the adversarial loss is switched on", ge=0)
     discriminator: DiscriminatorSettings = _section(DiscriminatorSettings, "patch discriminator")
+    loss: ReconstructionLossSettings = _section(ReconstructionLossSettings, "reconstruction loss (docs/losses.md)")
+    denoising: CorruptionSettings = _section(
+        CorruptionSettings, "denoising autoencoder: train on corrupted inputs against the clean volumes"
+    )
     val_interval: int = _f(1, "validate every N epochs", ge=1)
     save_interval: int = _f(1, "save a checkpoint every N epochs", ge=1)
     fast_dev_run: bool = _f(False, "run a few batches of every step, then stop; writes no checkpoints or logs")
@@ -403,6 +471,9 @@ class DiffusionTrainingSettings:
         "sample", "latent drawn from the encoder: sample (mu + sigma * noise) | mean (mu, deterministic)"
     )
     cache_latents: bool = _f(False, "encode the training set once and train on the stored latents (no augmentation)")
+    input_noise: CorruptionSettings = _section(
+        CorruptionSettings, "corrupt training volumes before they are encoded (not with cache_latents)"
+    )
     scale_factor_batches: int = _f(4, "batches used to estimate the latent scale factor 1/std", ge=1)
 
 
@@ -1150,6 +1221,24 @@ def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems:
                               "train stage 1 first, or point it at its best_model.pt"))
 
 
+def _check_losses(s: Settings, problems: list[tuple[str, str]]) -> None:
+    """Stage 1's reconstruction loss and the input corruption of both stages (docs/losses.md)."""
+    combined = s.autoencoder.training.loss.combined
+    if combined.dice_weight == 0 and combined.recon_weight == 0:
+        problems.append(("autoencoder.training.loss.combined.dice_weight",
+                         "dice_weight and recon_weight are both 0, so the combined loss is 0: make one positive"))
+    for key, c in (("autoencoder.training.denoising", s.autoencoder.training.denoising),
+                   ("diffusion.training.input_noise", s.diffusion.training.input_noise)):
+        if c.dropout_prob >= 1:
+            problems.append((f"{key}.dropout_prob",
+                             f"must be below 1 (1 zeroes every voxel), got {_num(c.dropout_prob)}"))
+    if s.diffusion.training.input_noise.enabled and s.diffusion.training.cache_latents:
+        problems.append(("diffusion.training.input_noise.enabled",
+                         "input noise corrupts the images before they are encoded, but diffusion.training."
+                         "cache_latents encodes them once, uncorrupted; use --set diffusion.training.cache_latents="
+                         "false (or --set diffusion.training.input_noise.enabled=false)"))
+
+
 STAGES = ("autoencoder", "diffusion", "sampling")
 
 
@@ -1158,6 +1247,7 @@ def _validate(s: Settings, check_paths: bool, require_data: bool, stage: Optiona
     total = _check_autoencoder(s, problems)
     _check_data_shape(s, total, problems)
     _check_diffusion(s, total, problems)
+    _check_losses(s, problems)
     _check_perceptual(s, check_paths, problems)
     _check_data_sources(s, check_paths, require_data, problems)
     _check_checkpoints(s, check_paths, problems)

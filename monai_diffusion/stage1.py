@@ -1,4 +1,5 @@
-"""Stage 1: the KL autoencoder with L1 + KL + adversarial (+ perceptual) losses."""
+"""Stage 1: the KL autoencoder with a reconstruction loss (L1 by default; see docs/losses.md) + KL + adversarial
+(+ perceptual) losses, optionally as a denoising autoencoder."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
+from .losses import ReconstructionLoss, build_reconstruction_loss, corrupt
 from .models import architecture, build_autoencoder
 from .settings import total_downsample_factor
 from .visualize import orthogonal_slices
@@ -61,6 +63,12 @@ class AutoencoderStage:
         val_tile: when set (random-patch training), validation volumes are reconstructed by sliding windows of
             this size.
         num_visualize: validation volumes shown in TensorBoard (from the first validation batch).
+        reconstruction_loss: ``loss(recon, target) -> (loss, logs)``; None = built from ``training.loss`` (see
+            :func:`monai_diffusion.losses.build_reconstruction_loss`).
+
+    With ``training.denoising.enabled`` the autoencoder sees corrupted training volumes
+    (:func:`monai_diffusion.losses.corrupt`) and every loss compares its output with the clean ones; validation and
+    the pictures always reconstruct clean volumes.
     """
 
     name = "autoencoder"
@@ -77,6 +85,7 @@ class AutoencoderStage:
         data_info: dict[str, Any] | None = None,
         val_tile: tuple[int, ...] | None = None,
         num_visualize: int = 1,
+        reconstruction_loss: ReconstructionLoss | None = None,
     ) -> None:
         self.modules = {"autoencoder": autoencoder, "discriminator": discriminator}
         self.optimizers = {"generator": optimizer_g, "discriminator": optimizer_d}
@@ -86,6 +95,7 @@ class AutoencoderStage:
         self.data_info = data_info or {}
         self.val_tile = val_tile
         self.num_visualize = num_visualize
+        self.reconstruction_loss = reconstruction_loss or build_reconstruction_loss(training.loss)
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
         self.psnr = PSNRMetric(max_val=1.0)
         self.ssim = None
@@ -110,7 +120,20 @@ class AutoencoderStage:
             f"(total downsample factor {ae.total_downsample_factor} per axis; {n_in / n_lat:.1f}x fewer values)",
             f"parameters: autoencoder {count_parameters(ae):,}, "
             f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
+            *self._describe_losses(),
         ]
+
+    def _describe_losses(self) -> list[str]:
+        """One line when the reconstruction loss or the inputs differ from the default (plain L1, clean inputs)."""
+        kind = self.reconstruction_loss.loss_type
+        noise = self.training.denoising
+        if kind == "l1" and not noise.enabled:
+            return []
+        line = f"reconstruction loss: {kind}"
+        if noise.enabled:
+            line += (f"; denoising: {noise.noise_type} (noise_std {noise.noise_std}, dropout_prob "
+                     f"{noise.dropout_prob}) on training inputs, clean targets")
+        return [line]
 
     # ------------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -118,12 +141,14 @@ class AutoencoderStage:
         images = self._images(batch)
         autoencoder = self.modules["autoencoder"]
         discriminator = self.modules["discriminator"]
-        recon, z_mu, z_sigma = autoencoder(images)
+        # denoising: corrupted volumes in, clean volumes as the target of every loss (and the discriminator's "real")
+        inputs = corrupt(images, cfg.denoising)
+        recon, z_mu, z_sigma = autoencoder(inputs)
         recon_f = recon.float()
-        l1 = F.l1_loss(recon_f, images)
+        recon_loss, logs = self.reconstruction_loss(recon_f, images)
         kl = kl_divergence(z_mu, z_sigma)
-        loss_g = l1 + cfg.kl_weight * kl
-        logs = {"l1": l1.item(), "kl": kl.item()}
+        loss_g = recon_loss + cfg.kl_weight * kl
+        logs["kl"] = kl.item()
         if self.perceptual_loss is not None:
             p_loss = self.perceptual_loss(recon_f, images)
             loss_g = loss_g + cfg.perceptual_weight * p_loss
@@ -163,16 +188,21 @@ class AutoencoderStage:
 
     def validation_step(self, batch: Any) -> dict[str, float]:
         images = self._images(batch)
-        recon = self._reconstruct(images).clamp(0, 1)
+        recon = self._reconstruct(images)
         if self.ssim is None:
             self.ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=min(7, *images.shape[2:]))
-        l1 = F.l1_loss(recon, images).item()
-        return {
+        clamped = recon.clamp(0, 1)
+        l1 = F.l1_loss(clamped, images).item()
+        metrics = {
             "val_loss": l1,
             "l1": l1,
-            "psnr": self.psnr(recon, images).mean().item(),
-            "ssim": self.ssim(recon, images).mean().item(),
+            "psnr": self.psnr(clamped, images).mean().item(),
+            "ssim": self.ssim(clamped, images).mean().item(),
         }
+        if self.reconstruction_loss.loss_type != "l1":
+            # the configured training loss too (on the unclamped reconstruction, as in training): val_recon, ...
+            metrics.update(self.reconstruction_loss(recon, images)[1])
+        return metrics
 
     @torch.no_grad()
     def visualize(self, batch: Any, quick: bool = False) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
+from .losses import corrupt
 from .models import architecture, build_unet, load_autoencoder, unet_args
 from .settings import ConfigError, unet_fit_problems
 from monai.networks.schedulers import RFlowScheduler
@@ -110,12 +111,23 @@ class DiffusionStage:
 
     # ------------------------------------------------------------------------------------------------ latents
     @torch.no_grad()
-    def encode(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent mean and std of a batch: stored ones (cached latents) or freshly encoded images."""
+    def encode(self, batch: Any, corruption: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean and std of a batch: stored ones (cached latents) or freshly encoded images.
+
+        Args:
+            batch: a batch with ``image``, or with ``z_mu`` and ``z_sigma`` (cached latents).
+            corruption: :class:`~monai_diffusion.settings.CorruptionSettings` applied to the images before they
+                are encoded (``diffusion.training.input_noise``; training only), or None.
+        """
         device = self.runtime.device
         if "z_mu" in batch:
+            if corruption is not None and corruption.enabled:
+                raise ValueError("diffusion.training.input_noise cannot corrupt cached latents "
+                                 "(diffusion.training.cache_latents); set one of them to false")
             return batch["z_mu"].to(device).float(), batch["z_sigma"].to(device).float()
         images = batch["image"].to(device).as_subclass(torch.Tensor).float()
+        if corruption is not None:
+            images = corrupt(images, corruption)
         with self.runtime.autocast():
             z_mu, z_sigma = self.autoencoder.encode(images)
         return z_mu.float(), z_sigma.float()
@@ -134,7 +146,8 @@ class DiffusionStage:
             f"latent batch {tuple(z_mu.shape)} (scale factor {self.scale_factor:.5g})",
             f"parameters: UNet {count_parameters(unwrap(self.modules['unet'])):,}; "
             f"frozen autoencoder {count_parameters(self.autoencoder):,}",
-        ]
+        ] + ([f"input noise: {noise.noise_type} (noise_std {noise.noise_std}, dropout_prob {noise.dropout_prob}) on "
+              "training volumes before encoding"] if (noise := self.training.input_noise).enabled else [])
 
     # ----------------------------------------------------------------------------------------------- training
     def _timesteps(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -166,7 +179,7 @@ class DiffusionStage:
         return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        z = self.latent(*self.encode(batch))
+        z = self.latent(*self.encode(batch, self.training.input_noise))
         cond = self.conditioner.drop(self.conditioner.from_batch(batch, self.runtime.device), self.dropout)
         loss = self._loss(self.modules["unet"], z, cond)
         return {"unet": loss}, {"mse": loss.item(), "lr": self.optimizers["unet"].param_groups[0]["lr"]}
