@@ -391,3 +391,11 @@ def test_random_rotate_prob(tmp_path):
     off = _cfg(voxel_size=[10, 10, 4], crop_mode="pad_crop", intensity=rng,
                augmentation={"enabled": False, "random_rotate_prob": 1})
     np.testing.assert_array_equal(_run(off, f, True, seed=0), full)
+
+
+def test_docs_describe_every_data_option():
+    doc = (Path(__file__).resolve().parents[1] / "monai_diffusion" / "docs" / "data_options.md").read_text()
+    for key in ("voxel_size", "voxel_resize", "max_data_size_for_train", "max_data_size_for_val",
+                "augmentation.use_patch_based", "augmentation.use_center_crop_for_val",
+                "augmentation.invert_intensity", "augmentation.random_rotate_prob", "intensity.range"):
+        assert f"### `data.{key}`" in doc or f"`data.{key}`" in doc, key
