@@ -903,17 +903,17 @@ def _check_data_section(d: DataSettings, dims: int, total: Optional[tuple[int, .
             if small:
                 problems.append(
                     ("data.voxel_resize",
-                     f"{_short(d.voxel_resize)} is smaller than data.voxel_size {_short(d.voxel_size)} on axis "
-                     f"{', '.join(map(str, small))}: the crop to voxel_size would pad there; make voxel_resize at "
+                     f"{_short(d.voxel_resize)} is smaller than data.voxel_size {_short(d.voxel_size)} on "
+                     f"{'axes' if len(small) > 1 else 'axis'} {', '.join(map(str, small))}: the crop to voxel_size would pad there; make voxel_resize at "
                      "least voxel_size on every axis, or set it to null")
                 )
     aug = d.augmentation
     if aug.enabled and aug.random_rotate_prob > 0 and len(d.voxel_size) >= 2 and d.voxel_size[0] != d.voxel_size[1]:
         problems.append(
             ("data.augmentation.random_rotate_prob",
-             f"{_num(aug.random_rotate_prob)} rotates in the plane of the first two axes, which swaps them, but "
-             f"data.voxel_size {_short(d.voxel_size)} differs on them; make data.voxel_size[0] == data.voxel_size[1] "
-             "or set random_rotate_prob to 0")
+             f"is {_num(aug.random_rotate_prob)}: 90-degree turns in the plane of the first two axes swap them, but "
+             f"data.voxel_size {_short(d.voxel_size)} differs on them, so the shape would change; make "
+             "data.voxel_size[0] == data.voxel_size[1] or set random_rotate_prob to 0")
         )
 
 
