@@ -23,6 +23,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import logging
 import os
 import warnings
 import zlib
@@ -50,6 +51,9 @@ __all__ = [
     "build_transforms",
     "build_datasets",
     "build_loaders",
+    "uses_random_patches",
+    "validates_whole_volumes",
+    "training_geometry",
 ]
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
@@ -61,6 +65,7 @@ _TRANSFORM_VERSION = 1
 _MAX_LISTED_PROBLEMS = 20
 # nibabel affines map to RAS+ world coordinates.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -428,6 +433,47 @@ def _readers() -> tuple:
     return NibabelReader(), _ImageReader()
 
 
+def uses_random_patches(cfg: DataSettings) -> bool:
+    """Whether training volumes are random ``voxel_size`` patches: ``crop_mode: random_patch`` or
+    ``augmentation.use_patch_based: true`` (the seed system's spelling of the same thing).
+
+    Args:
+        cfg: the validated ``data`` settings.
+    """
+    return cfg.crop_mode == "random_patch" or bool(cfg.augmentation.use_patch_based)
+
+
+def validates_whole_volumes(cfg: DataSettings) -> bool:
+    """Whether validation items are whole volumes of any size (validated with sliding windows of ``voxel_size``,
+    batch size 1): training uses random patches and ``augmentation.use_center_crop_for_val`` is null.
+
+    Args:
+        cfg: the validated ``data`` settings.
+    """
+    return uses_random_patches(cfg) and cfg.augmentation.use_center_crop_for_val is None
+
+
+def training_geometry(cfg: DataSettings) -> DataSettings:
+    """Data settings whose validation transforms (``build_transforms(..., train=False)``) give volumes as training
+    sees them, deterministically: random patches become the centre ``voxel_size`` patch, and
+    ``augmentation.use_center_crop_for_val`` is ignored. Unchanged when neither is used.
+
+    Args:
+        cfg: the validated ``data`` settings.
+    """
+    if not uses_random_patches(cfg) and cfg.augmentation.use_center_crop_for_val is None:
+        return cfg
+    return dataclasses.replace(
+        cfg, crop_mode="pad_crop" if uses_random_patches(cfg) else cfg.crop_mode,
+        augmentation=dataclasses.replace(cfg.augmentation, use_patch_based=False, use_center_crop_for_val=None),
+    )
+
+
+def _invert_intensity(img):
+    """``max + min - value`` over the whole volume (all channels): the brightest voxel becomes the darkest."""
+    return img.max() + img.min() - img
+
+
 def build_transforms(
     cfg: DataSettings,
     spatial_dims: int,
@@ -438,35 +484,44 @@ def build_transforms(
 
     Load (nibabel, meta kept: the output is a ``MetaTensor`` whose ``.affine`` follows every spatial
     transform) -> channel first -> optional reorientation to ``cfg.orientation`` -> optional resampling to
-    ``cfg.spacing``
-    -> percentile scaling to [0, 1] (per channel) -> by ``cfg.crop_mode``:
+    ``cfg.spacing`` -> optional resize to ``cfg.voxel_resize`` (trilinear/bilinear)
+    -> intensity scaling to [0, 1]: between two percentiles (per channel), or of the fixed ``cfg.intensity.range``
+    (not for the built-in synthetic datasets, made in [0, 1]) -> optional inversion (``max + min - value`` per
+    volume, ``cfg.augmentation.invert_intensity``) -> to ``voxel_size``:
 
-    - ``resize``: resample to ``voxel_size`` (trilinear/bilinear with anti-aliasing);
+    - training with random patches (:func:`uses_random_patches`): pad to at least ``voxel_size`` then a random
+      ``voxel_size`` patch;
+    - ``resize``: resample to ``voxel_size`` (trilinear/bilinear with anti-aliasing); with ``cfg.voxel_resize``
+      set, a centre crop (padded with 0 where smaller) instead;
     - ``pad_crop``: center pad (with 0) / crop to ``voxel_size``;
-    - ``random_patch``: train: pad to at least ``voxel_size`` then a random ``voxel_size`` patch;
-      validation: the whole volume, padded to a multiple of ``divisible_by`` if given (the trainer
-      validates with sliding windows).
+    - validation: ``cfg.augmentation.use_center_crop_for_val`` true = centre crop (pad where smaller), false =
+      resize; null = as in training, except that with random patches the whole volume is kept, padded to a
+      multiple of ``divisible_by`` if given (the trainer validates with sliding windows).
 
-    Training adds random flips along each spatial axis when ``cfg.augmentation.enabled``. Ends with float32.
+    Training adds, when ``cfg.augmentation.enabled``, random flips along each spatial axis and random 90-degree
+    rotations in the plane of the first two spatial axes. Ends with float32.
 
     Args:
         cfg: the validated ``data`` settings.
         spatial_dims: 2 or 3, ``len(cfg.voxel_size)``.
         train: training (random patches, augmentation) or validation transforms.
-        divisible_by: validation volumes in ``random_patch`` mode are padded to a multiple of this
-            (e.g. the autoencoder's total downsampling factor per axis).
+        divisible_by: validation volumes kept whole (:func:`validates_whole_volumes`) are padded to a multiple
+            of this (e.g. the autoencoder's total downsampling factor per axis).
     """
     from monai.transforms import (
         Compose,
         DivisiblePadd,
         EnsureChannelFirstd,
         EnsureTyped,
+        Lambdad,
         LoadImaged,
         Orientationd,
         RandFlipd,
+        RandRotate90d,
         RandSpatialCropd,
         Resized,
         ResizeWithPadOrCropd,
+        ScaleIntensityRanged,
         ScaleIntensityRangePercentilesd,
         Spacingd,
         SpatialPadd,
@@ -480,6 +535,8 @@ def build_transforms(
 
     keys = ["image"]
     size = list(cfg.voxel_size)
+    interpolation = "trilinear" if spatial_dims == 3 else "bilinear"
+    aug = cfg.augmentation
     xforms: list = [
         LoadImaged(keys=keys, reader=_readers(), image_only=True, squeeze_non_spatial_dims=True),
         EnsureChannelFirstd(keys=keys),
@@ -490,7 +547,16 @@ def build_transforms(
         xforms.append(Orientationd(keys=keys, axcodes=cfg.orientation[:spatial_dims], labels=_RAS_LABELS))
     if cfg.spacing is not None:
         xforms.append(Spacingd(keys=keys, pixdim=list(cfg.spacing), mode="bilinear"))
-    if not cfg.synthetic.enabled:  # the built-in datasets are made in [0, 1] already
+    if cfg.voxel_resize is not None:
+        xforms.append(Resized(keys=keys, spatial_size=list(cfg.voxel_resize), mode=interpolation,
+                              align_corners=False, anti_aliasing=True))
+    if cfg.synthetic.enabled:  # the built-in datasets are made in [0, 1] already
+        pass
+    elif cfg.intensity.range is not None:
+        low, high = (float(v) for v in cfg.intensity.range)
+        xforms.append(ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0,
+                                           clip=bool(cfg.intensity.clip)))
+    else:
         xforms.append(
             ScaleIntensityRangePercentilesd(
                 keys=keys,
@@ -502,27 +568,28 @@ def build_transforms(
                 channel_wise=True,
             )
         )
-    if cfg.crop_mode == "resize":
-        xforms.append(
-            Resized(
-                keys=keys,
-                spatial_size=size,
-                mode="trilinear" if spatial_dims == 3 else "bilinear",
-                align_corners=False,
-                anti_aliasing=True,
-            )
-        )
-    elif cfg.crop_mode == "pad_crop":
-        xforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=size, mode="constant", value=0.0))
-    else:  # random_patch
-        if train:
-            xforms.append(SpatialPadd(keys=keys, spatial_size=size, mode="constant", value=0.0))
-            xforms.append(RandSpatialCropd(keys=keys, roi_size=size, random_size=False, random_center=True))
-        elif divisible_by is not None:
+    if aug.invert_intensity:
+        xforms.append(Lambdad(keys=keys, func=_invert_intensity))
+
+    centre = ResizeWithPadOrCropd(keys=keys, spatial_size=size, mode="constant", value=0.0)
+    resize = Resized(keys=keys, spatial_size=size, mode=interpolation, align_corners=False, anti_aliasing=True)
+    if train and uses_random_patches(cfg):
+        xforms.append(SpatialPadd(keys=keys, spatial_size=size, mode="constant", value=0.0))
+        xforms.append(RandSpatialCropd(keys=keys, roi_size=size, random_size=False, random_center=True))
+    elif not train and aug.use_center_crop_for_val is not None:
+        xforms.append(centre if aug.use_center_crop_for_val else resize)
+    elif not train and uses_random_patches(cfg):  # whole volumes, validated with sliding windows
+        if divisible_by is not None:
             xforms.append(DivisiblePadd(keys=keys, k=divisible_by, mode="constant", value=0.0))
-    if train and cfg.augmentation.enabled and cfg.augmentation.random_flip_prob > 0:
+    elif cfg.crop_mode == "resize" and cfg.voxel_resize is None:
+        xforms.append(resize)
+    else:  # pad_crop, or resize after voxel_resize: the centre
+        xforms.append(centre)
+    if train and aug.enabled and aug.random_flip_prob > 0:
         for axis in range(spatial_dims):
-            xforms.append(RandFlipd(keys=keys, prob=float(cfg.augmentation.random_flip_prob), spatial_axis=axis))
+            xforms.append(RandFlipd(keys=keys, prob=float(aug.random_flip_prob), spatial_axis=axis))
+    if train and aug.enabled and aug.random_rotate_prob > 0:
+        xforms.append(RandRotate90d(keys=keys, prob=float(aug.random_rotate_prob), max_k=3, spatial_axes=(0, 1)))
     xforms.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True))
     return Compose(xforms)
 
@@ -545,6 +612,16 @@ def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_
         "intensity": None if cfg.synthetic.enabled else dataclasses.asdict(cfg.intensity),
         "crop_mode": cfg.crop_mode,
     }
+    # options added later enter the key only when set, so that caches made before them stay valid
+    if cfg.intensity.range is None and payload["intensity"] is not None:
+        payload["intensity"].pop("range")
+    extra = {
+        "voxel_resize": None if cfg.voxel_resize is None else list(cfg.voxel_resize),
+        "use_patch_based": cfg.augmentation.use_patch_based or None,
+        "use_center_crop_for_val": cfg.augmentation.use_center_crop_for_val,
+        "invert_intensity": cfg.augmentation.invert_intensity or None,
+    }
+    payload.update({k: v for k, v in extra.items() if v is not None})
     digest = hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return f"{'train' if train else 'val'}_{digest}"
 
@@ -605,6 +682,10 @@ def build_datasets(
     ``"validation"`` lists), or ``cfg.train_data_dir`` (+ optional ``cfg.val_data_dir``). Without a
     validation source the last ~10% (at least 1) of the training files are held out, deterministically.
 
+    ``cfg.max_data_size_for_train`` / ``cfg.max_data_size_for_val`` keep the first N entries of each list (sorted
+    folder listing, datalist order, or the synthetic volumes in order): with an own validation source before the
+    header checks (only those files are checked), otherwise after the hold-out.
+
     Datasets: ``PersistentDataset`` when ``cfg.cache_dir`` is set (one subfolder per transform chain),
     else ``CacheDataset`` when ``cfg.cache_rate > 0``, else ``Dataset``.
 
@@ -612,13 +693,14 @@ def build_datasets(
         ``(train_ds, val_ds, info)``; ``info`` holds ``source`` (``"synthetic"``, ``"datalist"`` or
         ``"folders"``), ``source_description``, ``n_train``, ``n_val``, ``train_files``, ``val_files``,
         ``val_split`` (a sentence if validation files were held out of the training files, else None),
+        ``subset`` (a sentence if ``max_data_size_for_*`` left files out, else None; also logged),
         ``orientation`` (axis codes of ``affine``, e.g. ``"RAS"``; ``"RA"`` for 2D), ``input_spacing`` (``cfg.spacing`` if set, else the first training file's spacing
         after reorientation), ``spacing`` (voxel spacing of the volumes the network sees, from ``affine``;
         differs from ``input_spacing`` in ``resize`` mode), ``affine`` (float64 numpy array of the first
-        training volume after the deterministic transforms; 4x4 also for 2D, as MONAI keeps the NIfTI affine; in
-        ``random_patch`` mode the center ``voxel_size`` patch), ``shape`` (its
+        training volume after the deterministic transforms; 4x4 also for 2D, as MONAI keeps the NIfTI affine; with
+        random patches the center ``voxel_size`` patch), ``shape`` (its
         spatial shape), ``in_channels``, ``spatial_dims``, ``crop_mode``, ``voxel_size`` and
-        ``val_whole_volumes`` (True in ``random_patch`` mode: validation items are whole volumes of
+        ``val_whole_volumes`` (:func:`validates_whole_volumes`: validation items are whole volumes of
         varying size; load them with batch size 1).
     """
     in_channels = int(in_channels)
@@ -656,6 +738,10 @@ def build_datasets(
             f" (validation: {os.path.abspath(Path(cfg.val_data_dir).expanduser())!r})" if cfg.val_data_dir else ""
         )
 
+    subset: list[str] = []
+    if val_entries:  # an own validation source: only the first N of each list are checked and used
+        train_entries = _first_files(train_entries, cfg.max_data_size_for_train, "training", subset)
+        val_entries = _first_files(val_entries, cfg.max_data_size_for_val, "validation", subset)
     train_entries = check_files(train_entries, in_channels, spatial_dims, cfg.on_read_error)
     if val_entries:
         val_entries = check_files(val_entries, in_channels, spatial_dims, cfg.on_read_error)
@@ -675,6 +761,12 @@ def build_datasets(
             val_entries = train_entries[n - n_val :]
             train_entries = train_entries[: n - n_val]
             val_split = f"no validation source: the last {n_val} of {n} training files were held out for validation"
+        # limits apply to the lists after the hold-out
+        train_entries = _first_files(train_entries, cfg.max_data_size_for_train, "training", subset)
+        val_entries = _first_files(val_entries, cfg.max_data_size_for_val, "validation", subset)
+    subset_note = "; ".join(subset) if subset else None
+    if subset_note:
+        logger.info("data: %s", subset_note)
 
     train_tf = build_transforms(cfg, spatial_dims, train=True, divisible_by=divisible_by)
     val_tf = build_transforms(cfg, spatial_dims, train=False, divisible_by=divisible_by)
@@ -694,6 +786,7 @@ def build_datasets(
         "train_files": [e["image"] for e in train_entries],
         "val_files": [e["image"] for e in val_entries],
         "val_split": val_split,
+        "subset": subset_note,
         "orientation": reference["orientation"],
         "input_spacing": [float(s) for s in input_spacing],
         "spacing": reference["spacing"],
@@ -703,18 +796,28 @@ def build_datasets(
         "spatial_dims": spatial_dims,
         "crop_mode": cfg.crop_mode,
         "voxel_size": list(cfg.voxel_size),
-        "val_whole_volumes": cfg.crop_mode == "random_patch",
+        "val_whole_volumes": validates_whole_volumes(cfg),
     }
     return train_ds, val_ds, info
 
 
+def _first_files(entries: list[dict], limit: int | None, what: str, notes: list[str]) -> list[dict]:
+    """The first ``limit`` entries (all when ``limit`` is None); appends a sentence to ``notes`` when some are
+    left out."""
+    if limit is None or len(entries) <= limit:
+        return entries
+    key = "max_data_size_for_train" if what == "training" else "max_data_size_for_val"
+    notes.append(f"using the first {limit} of {len(entries)} {what} files (data.{key})")
+    return entries[:limit]
+
+
 def _reference_geometry(path: str, cfg: DataSettings, spatial_dims: int) -> dict:
     """Run one file through the deterministic transforms (one load): the spacing after reorientation (and
-    resampling), and the affine/shape of the result. ``random_patch`` is treated as a center ``voxel_size``
+    resampling), and the affine/shape of the result. Random patches are treated as a center ``voxel_size``
     patch."""
     from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
-    ref_cfg = dataclasses.replace(cfg, crop_mode="pad_crop" if cfg.crop_mode == "random_patch" else cfg.crop_mode)
+    ref_cfg = training_geometry(cfg)
     item: Any = {"image": path}
     input_spacing = None
     geometric = True  # load, channel first, (2D squeeze,) orientation, spacing: the input's own geometry

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_datasets, build_transforms
+from .data import build_datasets, build_transforms, training_geometry, validates_whole_volumes
 from .engine import RunError
 from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, reconstruction_metrics, write_report
 from .generate import Sampler, checkpoint_path
@@ -112,17 +112,13 @@ def evaluate_pipeline(
     ae_args = sampler.ckpt["autoencoder"]["model_args"]
     dims = ae_args["spatial_dims"]
     roi = tuple(settings.data.voxel_size)
-    random_patch = settings.data.crop_mode == "random_patch"
+    whole_val = validates_whole_volumes(settings.data)
     _, _, info = build_datasets(settings.data, spatial_dims=dims, in_channels=ae_args["in_channels"],
                                 work_dir=Path(settings.autoencoder.checkpoints.output_dir).expanduser().parent)
     val_tf = build_transforms(settings.data, dims, train=False,
-                              divisible_by=autoencoder.total_downsample_factor if random_patch else None)
-    if random_patch:  # whole volumes of any size: generation is compared on centre crops of the network size
-        import dataclasses
-
-        real_tf = build_transforms(dataclasses.replace(settings.data, crop_mode="pad_crop"), dims, train=False)
-    else:
-        real_tf = val_tf
+                              divisible_by=autoencoder.total_downsample_factor if whole_val else None)
+    # generation is compared with training volumes as training sees them (random patches: centre crops)
+    real_tf = build_transforms(training_geometry(settings.data), dims, train=False)
     real = torch.stack(_load(real_tf, info["train_files"], "training volumes"))
     val = _load(val_tf, info["val_files"], "validation volumes")
     device = sampler.device

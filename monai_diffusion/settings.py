@@ -187,11 +187,16 @@ def synthetic_params(synthetic: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class IntensitySettings:
-    """Per-volume intensity scaling to [0, 1] between two percentiles (MONAI ScaleIntensityRangePercentiles)."""
+    """Per-volume intensity scaling to [0, 1] between two percentiles (MONAI ScaleIntensityRangePercentiles), or of
+    a fixed range (MONAI ScaleIntensityRange); the built-in synthetic datasets are made in [0, 1] and not scaled."""
 
     lower_percentile: float = _f(0.5, "percentile mapped to 0", ge=0, le=100)
     upper_percentile: float = _f(99.5, "percentile mapped to 1", ge=0, le=100)
     clip: bool = _f(True, "clip values outside [0, 1] after scaling")
+    range: Optional[Tuple[float, ...]] = _f(
+        None, "[min, max]: map this fixed intensity range to [0, 1] instead of the percentiles (e.g. [0, 255] for "
+              "8-bit data); null = percentile scaling"
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,22 @@ class AugmentationSettings:
 
     enabled: bool = _f(False, "apply augmentation to training volumes")
     random_flip_prob: float = _f(0.5, "probability of flipping along each spatial axis", ge=0, le=1)
+    random_rotate_prob: float = _f(
+        0.0, "probability of a random 90-degree rotation in the plane of the first two spatial axes (needs "
+             "voxel_size[0] == voxel_size[1])", ge=0, le=1
+    )
+    use_patch_based: bool = _f(
+        False, "train on random voxel_size patches (padded first if smaller), as crop_mode: random_patch does; "
+               "applies whether or not augmentation is enabled"
+    )
+    use_center_crop_for_val: Optional[bool] = _f(
+        None, "validation volumes: true = centre crop (pad if smaller) to voxel_size | false = resize to voxel_size | "
+              "null = as crop_mode (whole volumes with random patches)"
+    )
+    invert_intensity: bool = _f(
+        False, "after intensity scaling, each volume becomes max + min - value (training and validation data; "
+               "applies whether or not augmentation is enabled)"
+    )
 
 
 @dataclass(frozen=True)
@@ -212,14 +233,26 @@ class DataSettings:
         None, 'decathlon-style JSON with "training"/"validation" lists of {"image": path, ...}'
     )
     synthetic: SyntheticDataSettings = _section(SyntheticDataSettings, "built-in synthetic dataset")
-    voxel_size: IntList = _f((64, 64, 64), "spatial size fed to the network, one int per spatial axis", ge=1)
+    voxel_size: IntList = _f(
+        (64, 64, 64), "spatial size fed to the network, one int per spatial axis (one int = a cube)", ge=1
+    )
+    voxel_resize: Optional[IntList] = _f(
+        None, "resize every volume to this size first (one int per axis, or one int = a cube), then crop or patch "
+              "it to voxel_size (crop_mode resize then means a centre crop); null = no resize first", ge=1
+    )
+    max_data_size_for_train: Optional[int] = _f(
+        None, "use only the first N training files (sorted folder, datalist order, or the synthetic ones); null = all",
+        ge=1,
+    )
+    max_data_size_for_val: Optional[int] = _f(None, "use only the first N validation files; null = all", ge=1)
     spacing: Optional[Tuple[float, ...]] = _f(None, "target voxel spacing in mm per axis; null = keep spacing", gt=0)
     orientation: Optional[str] = _f(
         "RAS", "axis codes to reorient to (e.g. RAS, LPS; 2D: RA, or the first two of three); null = keep orientation"
     )
     intensity: IntensitySettings = _section(IntensitySettings, "intensity scaling")
     crop_mode: Literal["resize", "pad_crop", "random_patch"] = _f(
-        "resize", "how volumes reach voxel_size: resize | pad_crop (centre) | random_patch (random crop)"
+        "resize", "how volumes reach voxel_size: resize (a centre crop when voxel_resize is set) | pad_crop (centre) | "
+                  "random_patch (random crop)"
     )
     cache_rate: float = _f(1.0, "fraction of the dataset cached in memory (MONAI CacheDataset)", ge=0, le=1)
     cache_dir: Optional[str] = _f(None, "if set, cache preprocessed volumes on disk there (MONAI PersistentDataset)")
@@ -926,6 +959,36 @@ def _check_data_section(d: DataSettings, dims: int, total: Optional[tuple[int, .
                                                 f"({_num(d.intensity.upper_percentile)}), "
                                                 f"got {_num(d.intensity.lower_percentile)}")
         )
+    rng = d.intensity.range
+    if rng is not None:
+        if len(rng) != 2:
+            problems.append(("data.intensity.range", f"expected [min, max] (2 numbers) or null, got {len(rng)}: "
+                                                     f"{_short(rng)}"))
+        elif not rng[0] < rng[1]:
+            problems.append(("data.intensity.range", f"min must be below max, got [{_num(rng[0])}, {_num(rng[1])}]"))
+    if d.voxel_resize is not None:
+        if len(d.voxel_resize) != dims:
+            problems.append(
+                ("data.voxel_resize", f"expected an integer or autoencoder.spatial_dims = {dims} entries (one per "
+                                      f"axis) or null, got {len(d.voxel_resize)}: {_short(d.voxel_resize)}")
+            )
+        elif len(d.voxel_size) == dims:
+            small = [a for a in range(dims) if d.voxel_resize[a] < d.voxel_size[a]]
+            if small:
+                problems.append(
+                    ("data.voxel_resize",
+                     f"{_short(d.voxel_resize)} is smaller than data.voxel_size {_short(d.voxel_size)} on "
+                     f"{'axes' if len(small) > 1 else 'axis'} {', '.join(map(str, small))}: the crop to voxel_size would pad there; make voxel_resize at "
+                     "least voxel_size on every axis, or set it to null")
+                )
+    aug = d.augmentation
+    if aug.enabled and aug.random_rotate_prob > 0 and len(d.voxel_size) >= 2 and d.voxel_size[0] != d.voxel_size[1]:
+        problems.append(
+            ("data.augmentation.random_rotate_prob",
+             f"is {_num(aug.random_rotate_prob)}: 90-degree turns in the plane of the first two axes swap them, but "
+             f"data.voxel_size {_short(d.voxel_size)} differs on them, so the shape would change; make "
+             "data.voxel_size[0] == data.voxel_size[1] or set random_rotate_prob to 0")
+        )
 
 
 def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
@@ -1211,6 +1274,10 @@ def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems:
     if s.data.crop_mode == "random_patch":
         problems.append(("data.crop_mode", "random_patch is for stage 1 only: the diffusion model learns whole "
                                            "volumes; use --set data.crop_mode=resize or pad_crop"))
+    elif s.data.augmentation.use_patch_based:
+        problems.append(("data.augmentation.use_patch_based",
+                         "random patches are for stage 1 only: the diffusion model learns whole volumes; use --set "
+                         "data.augmentation.use_patch_based=false (and data.crop_mode resize or pad_crop)"))
     path = s.diffusion.checkpoints.autoencoder_path
     key = "diffusion.checkpoints.autoencoder_path"
     if path is None:
@@ -1282,11 +1349,42 @@ def settings_from_dict(
     if stage is not None and stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
     problems: list[tuple[str, str]] = []
-    settings = _build(Settings, d, "", problems)
+    settings = _build(Settings, _expand_cube_sizes(d, _raw_spatial_dims(d)), "", problems)
     if problems:
         raise ConfigError(problems=problems)
     _validate(settings, check_paths, require_data, stage)
     return settings
+
+
+_CUBE_KEYS = ("voxel_size", "voxel_resize")
+
+
+def _raw_spatial_dims(d: Mapping[str, Any] | None) -> int:
+    """``autoencoder.spatial_dims`` of a raw document when it is 2 or 3, else the default 3 (a wrong value is
+    reported by the checks)."""
+    ae = d.get("autoencoder") if isinstance(d, Mapping) else None
+    dims = ae.get("spatial_dims") if isinstance(ae, Mapping) else None
+    return dims if isinstance(dims, int) and not isinstance(dims, bool) and dims in (2, 3) else 3
+
+
+def _expand_cube_sizes(d: Mapping[str, Any] | None, dims: int, section: str | None = "data") -> Any:
+    """A copy of the raw document in which an int ``data.voxel_size`` / ``data.voxel_resize`` (a cube) is one int
+    per axis, so that the typed settings always hold a tuple. Anything else is left for the schema to judge.
+
+    Args:
+        d: the raw document (or, with ``section=None``, the raw ``data`` section itself).
+        dims: number of spatial axes.
+        section: the key of the data section in ``d``, or None when ``d`` is the section.
+    """
+    data = d if section is None else (d.get(section) if isinstance(d, Mapping) else None)
+    if not isinstance(data, Mapping):
+        return d
+    cubes = {k: [data[k]] * dims for k in _CUBE_KEYS
+             if isinstance(data.get(k), int) and not isinstance(data.get(k), bool)}
+    if not cubes:
+        return d
+    data = {**data, **cubes}
+    return data if section is None else {**d, section: data}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1436,7 +1534,7 @@ def build_data_settings(raw: Mapping[str, Any] | None = None, spatial_dims: int 
         ConfigError: naming each ``data.*`` key that is wrong.
     """
     problems: list[tuple[str, str]] = []
-    data = _build(DataSettings, raw, "data", problems)
+    data = _build(DataSettings, _expand_cube_sizes(raw, spatial_dims, section=None), "data", problems)
     if not problems:
         _check_data_section(data, spatial_dims, None, problems)
     if problems:

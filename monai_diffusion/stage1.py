@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from generative.networks.nets import AutoencoderKL
 
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_loaders, validates_whole_volumes
 from .engine import (
     LoopState,
     RunError,
@@ -310,16 +310,17 @@ def train_autoencoder(settings: Any) -> LoopState:
         prepare_output_dir(loop_cfg, runtime)
         perceptual = build_perceptual_loss(t, ae_cfg.spatial_dims)
 
-        random_patch = settings.data.crop_mode == "random_patch"
+        whole_val = validates_whole_volumes(settings.data)  # random patches in training, whole volumes in validation
         with _rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
                 settings.data,
                 spatial_dims=ae_cfg.spatial_dims,
                 in_channels=ae_cfg.in_channels,
                 work_dir=output_dir.parent,
-                divisible_by=total_downsample_factor(ae_cfg) if random_patch else None,
+                divisible_by=total_downsample_factor(ae_cfg) if whole_val else None,
             )
-        runtime.print(f"data: {info.get('source', '')} ({info.get('n_train')} training, {info.get('n_val')} validation volumes)")
+        runtime.print(f"data: {info.get('source', '')} ({info.get('n_train')} training, {info.get('n_val')} validation volumes)"
+                      + (f"; {info['subset']}" if info.get("subset") else ""))
         train_loader, val_loader = build_loaders(
             train_ds,
             val_ds,
@@ -330,11 +331,11 @@ def train_autoencoder(settings: Any) -> LoopState:
             seed=seed,
             num_replicas=runtime.world_size if runtime.distributed else None,
             rank=runtime.rank if runtime.distributed else None,
-            val_batch_size=1 if random_patch else None,
+            val_batch_size=1 if whole_val else None,
         )
         stage = build_autoencoder_stage(
             settings, runtime, perceptual=perceptual, data_info=_json_safe(info),
-            val_tile=tuple(settings.data.voxel_size) if random_patch else None,
+            val_tile=tuple(settings.data.voxel_size) if whole_val else None,
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run and not state.stopped_by:

@@ -441,6 +441,8 @@ def train_diffusion(settings: Any) -> LoopState:
                 in_channels=ae_args["in_channels"],
                 work_dir=output_dir.parent,
             )
+        if info.get("subset"):
+            runtime.print(f"data: {info['subset']}")
         loader_args = dict(
             batch_size=t.batch_size,
             num_workers=settings.data.num_workers,

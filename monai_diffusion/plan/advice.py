@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..data import uses_random_patches
 from ..settings import Settings, total_downsample_factor
 from .geometry import (
     MIB,
@@ -130,7 +131,7 @@ def _stage1_knobs(s: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
     patch = _patch_size(s, multiple)
     fewer = math.prod(s.data.voxel_size) // max(1, math.prod(patch))
     if patch != list(s.data.voxel_size):
-        if s.data.crop_mode != "random_patch":
+        if not uses_random_patches(s.data):
             knobs.append(_advice_entry(
                 "autoencoder", "data.crop_mode",
                 f"train on random {shape_text(patch)} patches ({fewer}x fewer voxels per step; multiples of "
