@@ -228,3 +228,12 @@ def test_checkpoint_round_trip_through_the_app(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.reconstruct(x), fresh.eval().reconstruct(x))
     assert math.prod(model.latent_shape((16, 16, 16))) == 2 * 2 * 4
+
+
+def test_plan_geometry_starts_the_levels_after_the_initial_factor():
+    from monai_diffusion.plan.geometry import stage1_info
+
+    info = stage1_info(_settings(initial_downsample_factor=[2, 2, 1]), batch=1)
+    assert info["total_factor"] == [8, 8, 4]
+    assert [lv["spatial"] for lv in info["levels"]] == [[16, 16, 16], [8, 8, 8], [4, 4, 4]]
+    assert info["latent_shape"] == [1, 3, 4, 4, 4]
