@@ -10,15 +10,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 import torch.nn.functional as F
 
 from generative.networks.nets import AutoencoderKL
 from generative.networks.nets.autoencoderkl import Downsample, OutputUpsample
+from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.generate import generate_samples
 from monai_diffusion.models import build_autoencoder, load_autoencoder
 from monai_diffusion.settings import ConfigError, load_settings, settings_from_dict, total_downsample_factor
 from monai_diffusion.stage1 import train_autoencoder
+from monai_diffusion.stage2 import train_diffusion
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 
@@ -198,7 +202,8 @@ def test_settings_refuse_sizes_not_divisible_by_the_total_factor():
 
 
 def test_checkpoint_round_trip_through_the_app(tmp_path):
-    """One epoch of stage 1 with both options; the checkpoint rebuilds the same model from itself alone."""
+    """One epoch of stage 1 with both options; the checkpoint rebuilds the same model from itself alone, and stage 2
+    and sampling, which rebuild it from the checkpoint, work on its (initial x levels) latent."""
     overrides = [
         "data.train_data_dir=null", "data.val_data_dir=null", "data.datalist=null",
         "data.synthetic={enabled: true, num_train: 2, num_val: 1, seed: 0}",
@@ -213,6 +218,12 @@ def test_checkpoint_round_trip_through_the_app(tmp_path):
         "autoencoder.logging.log_dir=null",
         "diffusion.in_channels=2", "diffusion.out_channels=2", "diffusion.num_channels=[8]",
         "diffusion.attention_levels=[false]", "diffusion.num_head_channels=8", "diffusion.norm_num_groups=4",
+        "diffusion.scheduler.num_train_timesteps=20", "diffusion.training.n_epochs=1",
+        "diffusion.training.batch_size=2", "diffusion.training.num_samples_to_generate=0",
+        "diffusion.training.cache_latents=false",
+        f"diffusion.checkpoints.autoencoder_path={tmp_path / 'ae' / 'best_model.pt'}",
+        f"diffusion.checkpoints.output_dir={tmp_path / 'dm'}",
+        "sampling.num_inference_steps=2", "sampling.num_samples=1", f"sampling.output_dir={tmp_path / 'samples'}",
         "device.use_cuda=false", "device.mixed_precision=false",
     ]
     settings = load_settings(QUICKSTART, overrides)
@@ -228,6 +239,11 @@ def test_checkpoint_round_trip_through_the_app(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.reconstruct(x), fresh.eval().reconstruct(x))
     assert math.prod(model.latent_shape((16, 16, 16))) == 2 * 2 * 4
+
+    train_diffusion(settings)
+    assert load_checkpoint(tmp_path / "dm" / "best_model.pt", "diffusion")["latent_shape"] == [2, 2, 2, 4]
+    samples = [p for p in generate_samples(settings) if p.name.endswith(".nii.gz")]
+    assert len(samples) == 1 and nib.load(samples[0]).shape == (16, 16, 16)
 
 
 def test_plan_geometry_starts_the_levels_after_the_initial_factor():
