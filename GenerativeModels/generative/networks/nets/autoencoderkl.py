@@ -274,13 +274,15 @@ def input_conv(spatial_dims: int, in_channels: int, out_channels: int, factor: S
         out_channels: channels of the first level.
         factor: initial downsample factor, one int per axis.
     """
+    if all(f == 1 for f in factor):  # exactly the legacy layer
+        return Convolution(spatial_dims, in_channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True)
     return Convolution(
         spatial_dims,
         in_channels,
         out_channels,
-        strides=tuple(factor) if any(f > 1 for f in factor) else 1,
-        kernel_size=tuple(3 if f == 1 else f for f in factor) if any(f > 1 for f in factor) else 3,
-        padding=tuple(1 if f == 1 else 0 for f in factor) if any(f > 1 for f in factor) else 1,
+        strides=tuple(factor),
+        kernel_size=tuple(3 if f == 1 else f for f in factor),
+        padding=tuple(1 if f == 1 else 0 for f in factor),
         conv_only=True,
     )
 
