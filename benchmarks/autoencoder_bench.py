@@ -86,15 +86,16 @@ def parse_run(spec: str) -> tuple[str, str]:
     return setting, variant
 
 
-def total_factor(factors: Any) -> tuple[int, int, int]:
-    """Per-axis product of the downsample factors (None = two levels of 2)."""
-    if factors is None:
-        factors = [2, 2]
-    out = [1, 1, 1]
-    for f in factors:
-        per_axis = (f,) * 3 if isinstance(f, int) else tuple(f)
-        out = [o * p for o, p in zip(out, per_axis)]
-    return tuple(out)
+def total_factor(factors: Any, extra: dict | None = None) -> tuple[int, int, int]:
+    """Per-axis total factor of a factor setting: the ``initial_downsample_factor`` among its extra constructor
+    arguments (default 1) times the product of its downsample factors (None = one 2 per level), computed by the
+    fork's own helpers."""
+    from generative.networks.nets.autoencoderkl import normalize_factor, normalize_factors
+    from generative.networks.nets.autoencoderkl import total_factor as product
+
+    levels = normalize_factors(factors, len(CHANNELS) - 1, 3)
+    initial = normalize_factor((extra or {}).get("initial_downsample_factor", 1), 3, "initial_downsample_factor")
+    return product((initial, *levels))
 
 
 def build_autoencoder(setting: str, variant: str) -> torch.nn.Module:
@@ -249,7 +250,7 @@ def measure_training(
     peak_total = meter.peak_mib() if meter.cuda else base + meter.rise_mib()
     breakdown = None
     if anatomy and not flags["ckpt"]:
-        f = total_factor(FACTOR_SETTINGS[setting][1])
+        f = total_factor(*FACTOR_SETTINGS[setting][1:3])
         breakdown = saved_activation_breakdown(model, x, flags["precision"], math.prod(s // a for s, a in zip(size, f)))
     latent_shape = list(z_mu.shape[1:])
     n_in = 1
@@ -265,7 +266,7 @@ def measure_training(
         "implementation": FACTOR_SETTINGS[setting][0],
         "label": FACTOR_SETTINGS[setting][3],
         "downsample_factors": FACTOR_SETTINGS[setting][1],
-        "total_factor": list(total_factor(FACTOR_SETTINGS[setting][1])),
+        "total_factor": list(total_factor(*FACTOR_SETTINGS[setting][1:3])),
         "input_shape": [batch, 1, *size],
         "latent_shape": latent_shape,
         "latent_elements": n_latent,

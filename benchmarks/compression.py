@@ -69,10 +69,10 @@ def memory_anatomy(size: list[int]) -> list[list]:
     """
     voxels = math.prod(size)
     rows = []
-    for name, (impl, factors, _, label) in common.FACTOR_SETTINGS.items():
+    for name, (impl, factors, extra, label) in common.FACTOR_SETTINGS.items():
         if name == "core-4x-fc":
             continue
-        f = common.total_factor(factors)
+        f = common.total_factor(factors, extra)
         tokens = math.prod(s // a for s, a in zip(size, f))
         first = voxels * common.CHANNELS[0] * 4 / common.MIB
         attn = tokens * tokens * 4 / common.MIB

@@ -125,7 +125,7 @@ def largest_shape(coef, aspect, factor, budget_mib: float) -> tuple[list[int], f
 def analyse_run(run: str, args: argparse.Namespace, fits: dict) -> dict:
     """Measure one recipe at the fit scales and the check scale, fit, validate and solve for the budget."""
     setting, variant = common.parse_run(run)
-    factor = common.total_factor(common.FACTOR_SETTINGS[setting][1])
+    factor = common.total_factor(*common.FACTOR_SETTINGS[setting][1:3])
     flags = common.parse_variant(variant)
     meas = []
     for scale in args.fit_scales + [args.check_scale]:

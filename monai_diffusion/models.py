@@ -48,6 +48,9 @@ def autoencoder_args(ae: Any) -> dict[str, Any]:
         "use_convtranspose": ae.use_convtranspose,
         "downsample_factors": _plain(ae.downsample_factors),
         "upsample_factors": _plain(ae.upsample_factors),
+        # AutoencoderKL.init_args (what checkpoints store) records these two only when they are not the default
+        "initial_downsample_factor": _plain(ae.initial_downsample_factor),
+        "use_conv_downsample": ae.use_conv_downsample,
     }
 
 

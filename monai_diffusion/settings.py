@@ -72,6 +72,7 @@ __all__ = [
     "add_config_args",
     "settings_from_args",
     "total_downsample_factor",
+    "initial_downsample_factor",
     "unet_fit_problems",
     "build_data_settings",
 ]
@@ -439,6 +440,13 @@ class AutoencoderSettings:
     upsample_factors: Optional[Tuple[Factor, ...]] = _f(
         None, "decoder factors, latent first; null = downsample_factors reversed", ge=1
     )
+    initial_downsample_factor: Factor = _f(
+        1, "extra resampling at the encoder's input and the decoder's output: int or one int per axis; a patchify "
+           "convolution (kernel = stride = factor, no voxel skipped); total factor = this * prod(downsample_factors)",
+        ge=1,
+    )
+    use_conv_downsample: bool = _f(True, "levels downsample with strided convolutions; false = average pooling "
+                                         "(kernel = stride = factor, no parameters)")
     latent_channels: int = _f(3, "channels of the latent", ge=1)
     num_res_blocks: Union[int, IntList] = _f(1, "residual blocks per level: int or one per level", ge=1)
     norm_num_groups: int = _f(32, "GroupNorm groups; every num_channels entry must be divisible by it", ge=1)
@@ -915,7 +923,15 @@ def _check_autoencoder(s: Settings, problems: list[tuple[str, str]]) -> Optional
                  f"multiply to {list(_prod(up, ae.spatial_dims))} per axis but autoencoder.downsample_factors "
                  f"multiply to {list(_prod(down, ae.spatial_dims))}; the decoder must restore the input size")
             )
-    return None if down is None else _prod(down, ae.spatial_dims)
+    initial = ae.initial_downsample_factor
+    if not isinstance(initial, int) and len(initial) != ae.spatial_dims:
+        problems.append(
+            ("autoencoder.initial_downsample_factor",
+             f"expected an integer or a list of spatial_dims = {ae.spatial_dims} integers (one per axis), "
+             f"got {len(initial)}: {_short(initial)}")
+        )
+        return None
+    return None if down is None else _prod([initial_downsample_factor(ae), *down], ae.spatial_dims)
 
 
 def _check_data_shape(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
@@ -935,7 +951,8 @@ def _check_data_section(d: DataSettings, dims: int, total: Optional[tuple[int, .
                 problems.append(
                     ("data.voxel_size",
                      f"axis {axis}: {size} is not divisible by {factor} (the autoencoder's total downsample factor "
-                     f"on that axis); nearest valid sizes are {_nearest_multiples(size, factor)}")
+                     f"on that axis: initial_downsample_factor x the product of downsample_factors); nearest valid "
+                     f"sizes are {_nearest_multiples(size, factor)}")
                 )
     if d.spacing is not None and len(d.spacing) != dims:
         problems.append(
@@ -1542,14 +1559,21 @@ def build_data_settings(raw: Mapping[str, Any] | None = None, spatial_dims: int 
     return data
 
 
+def initial_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]:
+    """``autoencoder.initial_downsample_factor`` as one int per axis. Assumes validated settings."""
+    f = autoencoder.initial_downsample_factor
+    return (f,) * autoencoder.spatial_dims if isinstance(f, int) else tuple(f)
+
+
 def total_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]:
-    """Total downsample factor of the autoencoder per spatial axis (product of downsample_factors; None = 2 per
-    level, with len(num_channels) - 1 levels). Assumes validated settings."""
+    """Total downsample factor of the autoencoder per spatial axis: initial_downsample_factor times the product of
+    downsample_factors (None = 2 per level, with len(num_channels) - 1 levels). Assumes validated settings."""
     dims, levels = autoencoder.spatial_dims, len(autoencoder.num_channels) - 1
     if autoencoder.downsample_factors is None:
-        return (2**levels,) * dims
-    per_level = [(f,) * dims if isinstance(f, int) else tuple(f) for f in autoencoder.downsample_factors]
-    return _prod(per_level, dims)
+        per_level = [(2,) * dims] * levels
+    else:
+        per_level = [(f,) * dims if isinstance(f, int) else tuple(f) for f in autoencoder.downsample_factors]
+    return _prod([initial_downsample_factor(autoencoder), *per_level], dims)
 
 
 def settings_reference() -> str:

@@ -158,3 +158,42 @@ def test_polyphase_upsampling_path_is_exact(dims, factors, volume, tile, monkeyp
     with torch.no_grad():
         y = model.decode(z)
     assert rel_err(model.decode_tiled(z, tile_size=tile), y) < 1e-9
+
+
+# initial_downsample_factor (patchify input conv, inverse output layer) and use_conv_downsample=False (average pooling)
+# name: (spatial_dims, downsample_factors, initial_downsample_factor, use_conv_downsample, volume, tile,
+#        use_convtranspose)
+INITIAL_CASES = {
+    "3d-initial2-avgpool": (3, [2, 2], 2, False, (32, 24, 16), (16, 16, 8), False),
+    "3d-initial442-conv-convtranspose": (3, [2, (2, 2, 1)], (4, 4, 2), True, (32, 48, 16), (16, 32, 8), True),
+    "3d-initial4-avgpool-convtranspose": (3, [2, 2], 4, False, (48, 32, 16), (32, 16, 16), True),
+    "2d-initial3-avgpool": (2, [2, 2], 3, False, (24, 60), (12, 24), False),
+}
+
+
+@pytest.mark.parametrize("whole_voxels", [None, 1])
+@pytest.mark.parametrize("case", list(INITIAL_CASES))
+def test_initial_factor_and_average_pooling_tile_exactly(case, whole_voxels):
+    """Tiled == untiled in float64; ``whole_voxels=1`` streams every level, so the patchify convolution, the
+    average pooling and the output layer all run tile by tile."""
+    dims, factors, initial, use_conv, volume, tile, convtranspose = INITIAL_CASES[case]
+    torch.manual_seed(0)
+    model = AutoencoderKL(
+        spatial_dims=dims, num_channels=(8, 16, 16), attention_levels=(False, False, True), num_res_blocks=1,
+        latent_channels=3, norm_num_groups=4, downsample_factors=factors, initial_downsample_factor=initial,
+        use_conv_downsample=use_conv, use_convtranspose=convtranspose,
+    ).double().eval()
+    assert any(v % t for v, t in zip(volume, tile))  # the tiles do not divide the volume
+    x = 3.0 + 2.0 * torch.randn(1, 1, *volume, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        z_mu, _ = model.encode(x)
+        y = model.decode(z_mu)
+    assert rel_err(model.encode_tiled(x, tile_size=tile, whole_voxels=whole_voxels)[0], z_mu) < 1e-9
+    assert rel_err(model.decode_tiled(z_mu, tile_size=tile, whole_voxels=whole_voxels), y) < 1e-9
+
+
+def test_tile_not_aligned_to_the_initial_factor_is_refused():
+    model = AutoencoderKL(spatial_dims=2, num_channels=(8, 8), attention_levels=(False, False), num_res_blocks=1,
+                          norm_num_groups=4, downsample_factors=[2], initial_downsample_factor=4)
+    with pytest.raises(ValueError, match="`tile_size` .*multiple of the total downsample factor 8"):
+        model.encode_tiled(torch.randn(1, 1, 32, 32), tile_size=12)

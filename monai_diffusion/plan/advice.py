@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import uses_random_patches
-from ..settings import Settings, total_downsample_factor
+from ..settings import Settings, initial_downsample_factor, total_downsample_factor
 from .geometry import (
     MIB,
     compact_factors,
@@ -64,7 +64,7 @@ def _first_level_suggestion(s: Settings) -> tuple[list[Any], str] | None:
         changed = True
     if not changed:
         return None
-    voxel = s.data.voxel_size
+    voxel = [v // f for v, f in zip(s.data.voxel_size, initial_downsample_factor(ae))]  # level 0's size
     shrink = math.prod(n // f for n, f in zip(new[0], factors[0]))
     text = (f"a larger first-level factor ({set_value(compact_factors(factors))} now): same total factor and "
             f"latent, level 1 runs at {shape_text([v // f for v, f in zip(voxel, new[0])])} instead of "

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..settings import Settings, _set_value, total_downsample_factor
+from ..settings import Settings, _set_value, initial_downsample_factor, total_downsample_factor
 
 MIB = 2**20
 
@@ -86,7 +86,8 @@ def stage1_info(s: Settings, batch: int) -> dict[str, Any]:
     voxel = list(s.data.voxel_size)
     latent = latent_spatial(s)
     levels = []
-    spatial = list(voxel)
+    initial = list(initial_downsample_factor(ae))
+    spatial = [v // f for v, f in zip(voxel, initial)]  # the first level works after the patchify convolution
     res_blocks = per_level(ae.num_res_blocks, len(ae.num_channels))
     for i, ch in enumerate(ae.num_channels):
         levels.append({"level": i, "spatial": list(spatial), "channels": ch, "res_blocks": res_blocks[i],
@@ -110,6 +111,7 @@ def stage1_info(s: Settings, batch: int) -> dict[str, Any]:
         "latent_shape": [batch, ae.latent_channels, *latent],
         "total_factor": list(total_downsample_factor(ae)),
         "downsample_factors": factors,
+        "initial_downsample_factor": initial,
         "custom_upsample_factors": ae.upsample_factors is not None,
         "compression_ratio": n_in / n_lat,
         "levels": levels,

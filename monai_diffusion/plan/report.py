@@ -88,7 +88,10 @@ def format_plan(plan: dict[str, Any]) -> str:
     out.append(f"  input            {tuple(s1['input_shape'])}   (config trains with batch_size "
                f"{s1['training_batch_size']}, gradient_accumulation_steps {s1['gradient_accumulation_steps']})")
     out.append(f"  latent           {tuple(s1['latent_shape'])}")
-    out.append(f"  total factor     {shape_text(s1['total_factor'])} per axis (downsample_factors "
+    initial = s1.get("initial_downsample_factor", [1])
+    initial_text = ("" if set(initial) == {1}
+                    else f"initial_downsample_factor {set_value(compact_factors([initial])[0])} x ")
+    out.append(f"  total factor     {shape_text(s1['total_factor'])} per axis ({initial_text}downsample_factors "
                f"{set_value(compact_factors(s1['downsample_factors']))})")
     if s1["compression_ratio"]:
         out.append(f"  compression      {s1['compression_ratio']:.1f}x fewer values "

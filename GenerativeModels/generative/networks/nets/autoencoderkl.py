@@ -33,9 +33,12 @@ __all__ = [
     "Decoder",
     "Downsample",
     "Upsample",
+    "OutputUpsample",
+    "input_conv",
     "AttentionBlock",
     "ResBlock",
     "normalize_factors",
+    "normalize_factor",
     "total_factor",
 ]
 
@@ -97,6 +100,33 @@ def normalize_factors(
     return tuple(out)
 
 
+def normalize_factor(factor: Factor, spatial_dims: int, name: str) -> tuple[int, ...]:
+    """Check one resampling factor (an int, or one int per spatial axis, each >= 1) and expand it to a tuple.
+
+    Args:
+        factor: the factor.
+        spatial_dims: number of spatial axes.
+        name: argument name used in error messages.
+
+    Raises:
+        ValueError: when ``factor`` is not a positive integer or a sequence of ``spatial_dims`` positive integers.
+    """
+    if _is_int(factor):
+        per_axis: tuple[int, ...] = (int(factor),) * spatial_dims
+    elif isinstance(factor, Sequence) and not isinstance(factor, (str, bytes)) and all(_is_int(f) for f in factor):
+        if len(factor) != spatial_dims:
+            raise ValueError(
+                f"`{name}` = {list(factor)!r} must have one factor per spatial axis ({spatial_dims}), "
+                f"got {len(factor)}."
+            )
+        per_axis = tuple(int(f) for f in factor)
+    else:
+        raise ValueError(f"`{name}` must be an integer or a sequence of {spatial_dims} integers, got {factor!r}.")
+    if any(f < 1 for f in per_axis):
+        raise ValueError(f"`{name}` = {factor!r}: every factor must be >= 1.")
+    return per_axis
+
+
 def total_factor(factors: Sequence[Sequence[int]]) -> tuple[int, ...]:
     """Product of per-level, per-axis factors: the total resampling factor of each spatial axis."""
     if len(factors) == 0:
@@ -117,25 +147,33 @@ def _pad_arg(per_axis: Sequence[tuple[int, int]]) -> tuple[int, ...]:
 
 
 class Downsample(nn.Module):
-    """Strided convolution that divides each spatial axis by its factor.
+    """Divides each spatial axis by its factor, with a strided convolution (default) or average pooling.
 
-    For a factor ``s >= 2`` on an axis the input is padded by one voxel at the end of that axis and convolved with a
-    kernel of ``s + 1`` and stride ``s`` without padding: the output has exactly ``n / s`` voxels and consecutive
-    windows overlap by one voxel, so every input voxel reaches the output. For ``s = 2`` this is the legacy layer
-    (pad (0, 1), kernel 3, stride 2). A factor of 1 is a plain kernel-3 convolution with symmetric padding.
+    Convolution (``use_conv=True``): for a factor ``s >= 2`` on an axis the input is padded by one voxel at the end of
+    that axis and convolved with a kernel of ``s + 1`` and stride ``s`` without padding: the output has exactly
+    ``n / s`` voxels and consecutive windows overlap by one voxel, so every input voxel reaches the output. For
+    ``s = 2`` this is the legacy layer (pad (0, 1), kernel 3, stride 2). A factor of 1 is a plain kernel-3
+    convolution with symmetric padding.
+
+    Average pooling (``use_conv=False``): kernel = stride = the factor of each axis, no parameters; every input voxel
+    enters exactly one output voxel with weight ``1 / prod(factor)`` (a factor of 1 leaves that axis unchanged).
 
     Args:
         spatial_dims: number of spatial dimensions.
         in_channels: number of input (and output) channels.
         stride: an int (same on every axis) or one int per axis.
+        use_conv: if True, a learned strided convolution; if False, parameter-free average pooling.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, stride: Factor = 2) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, stride: Factor = 2, use_conv: bool = True) -> None:
         super().__init__()
         (strides,) = normalize_factors([stride], 1, spatial_dims, name="stride")
         self.stride = strides
-        kernel = tuple(3 if s == 1 else s + 1 for s in strides)
+        self.use_conv = bool(use_conv)
         self.pad = _pad_arg([(1, 1) if s == 1 else (0, 1) for s in strides])
+        if not self.use_conv:
+            return
+        kernel = tuple(3 if s == 1 else s + 1 for s in strides)
         self.conv = Convolution(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -147,8 +185,13 @@ class Downsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_conv:
+            return _AVG_POOL[len(self.stride)](x, kernel_size=self.stride, stride=self.stride)
         x = F.pad(x, self.pad, mode="constant", value=0.0)
         return self.conv(x)
+
+
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 class Upsample(nn.Module):
@@ -215,6 +258,78 @@ class Upsample(nn.Module):
         for key in [k for k in state_dict if k.startswith(f"{prefix}postconv.")]:
             state_dict[f"{prefix}conv." + key[len(f"{prefix}postconv.") :]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+def input_conv(spatial_dims: int, in_channels: int, out_channels: int, factor: Sequence[int]) -> Convolution:
+    """The encoder's first convolution, which also applies the initial downsample factor.
+
+    On an axis with factor 1 it is the legacy kernel-3, stride-1, padding-1 convolution. On an axis with factor
+    ``f > 1`` it is a "patchify" convolution: kernel = stride = ``f``, no padding, so the windows tile the axis and
+    every input voxel enters exactly one output voxel (a kernel-3 convolution with stride ``f > 3`` would skip
+    ``f - 3`` of every ``f`` voxels). With factor 1 on every axis this is the legacy layer.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: image channels.
+        out_channels: channels of the first level.
+        factor: initial downsample factor, one int per axis.
+    """
+    if all(f == 1 for f in factor):  # exactly the legacy layer
+        return Convolution(spatial_dims, in_channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True)
+    return Convolution(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        strides=tuple(factor),
+        kernel_size=tuple(3 if f == 1 else f for f in factor),
+        padding=tuple(1 if f == 1 else 0 for f in factor),
+        conv_only=True,
+    )
+
+
+class OutputUpsample(Upsample):
+    """The decoder's last convolution when it also undoes the initial downsample factor (changes channels).
+
+    With ``use_convtranspose``: a sub-pixel convolution written as one transposed convolution of kernel ``3 f``,
+    stride ``f`` and padding ``f`` per axis. Output voxel ``q f + r`` receives low-resolution voxels ``q - 1``,
+    ``q`` and ``q + 1`` through the kernel taps of its phase ``r``: every output voxel gets exactly three
+    contributions per axis (no checkerboard from uneven overlap) and no full-resolution hidden activation is
+    stored. It equals a kernel-3 convolution to ``out_channels * prod(f)`` channels followed by a pixel shuffle.
+    Without it: nearest-neighbour upsampling followed by a kernel-3 convolution (as the legacy ``Upsample``), which
+    holds one full-resolution tensor with ``in_channels`` channels. On an axis with factor 1 both are a kernel-3,
+    padding-1 (transposed) convolution.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: channels of the last decoder level.
+        out_channels: image channels.
+        use_convtranspose: if True, the sub-pixel transposed convolution; else interpolation + convolution.
+        scale_factor: one int per axis (the initial downsample factor).
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, use_convtranspose: bool, scale_factor: Factor
+    ) -> None:
+        nn.Module.__init__(self)
+        (scales,) = normalize_factors([scale_factor], 1, spatial_dims, name="scale_factor")
+        self.scale_factor = scales
+        self.use_convtranspose = use_convtranspose
+        if use_convtranspose:
+            self.conv = Convolution(
+                spatial_dims=spatial_dims,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                strides=scales,
+                kernel_size=tuple(3 * s for s in scales),
+                padding=scales,
+                output_padding=0,
+                conv_only=True,
+                is_transposed=True,
+            )
+        else:
+            self.conv = Convolution(
+                spatial_dims, in_channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True
+            )
 
 
 class AttentionBlock(nn.Module):
@@ -330,17 +445,22 @@ class _FactorState(nn.Module):
 
     Non-legacy factors are stored as a persistent integer buffer ``factors`` so that a state dict saved with other
     factors is refused with a clear message instead of loading into a different geometry. Legacy factors (all 2)
-    register no buffer, keeping the 0.2.3 keys.
+    register no buffer, keeping the 0.2.3 keys. Likewise an initial (encoder) / final (decoder) resampling factor
+    other than 1 is stored as the buffer ``initial_factor``; a factor of 1 registers none.
     """
 
     _factor_arg = "factors"
+    _initial_arg = "initial_downsample_factor"
     blocks: nn.ModuleList
 
-    def _init_factors(self, factors: tuple[tuple[int, ...], ...]) -> None:
+    def _init_factors(self, factors: tuple[tuple[int, ...], ...], initial: tuple[int, ...]) -> None:
         self.use_checkpointing = False
         self.legacy_factors = _is_legacy(factors)
         if not self.legacy_factors:
             self.register_buffer("factors", torch.tensor(factors, dtype=torch.long), persistent=True)
+        self._initial = initial
+        if any(f != 1 for f in initial):
+            self.register_buffer("initial_factor", torch.tensor(initial, dtype=torch.long), persistent=True)
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -366,6 +486,15 @@ class _FactorState(nn.Module):
                 f"differ (state dict: {theirs}; this model: {[list(r) for r in mine]}). Build the model with the "
                 "factors the checkpoint was trained with."
             )
+        stored = state_dict.get(f"{prefix}initial_factor")
+        theirs_i = (1,) * len(self._initial) if stored is None else tuple(torch.as_tensor(stored).tolist())
+        if theirs_i != self._initial:
+            raise ValueError(
+                f"Cannot load state dict into {type(self).__name__} at '{prefix or '<root>'}': the "
+                f"{self._initial_arg} differs (state dict: {list(theirs_i)}"
+                f"{' (none recorded)' if stored is None else ''}; this model: {list(self._initial)}). Build the model "
+                "with the initial_downsample_factor the checkpoint was trained with."
+            )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
 
@@ -386,6 +515,10 @@ class Encoder(_FactorState):
         downsample_factors: one factor per downsampling level (``len(num_channels) - 1`` entries), each an int or one
             int per spatial axis; None means 2 everywhere (0.2.3 behaviour).
         include_fc: if True, attention blocks apply their output projection (MONAI core default); False is 0.2.3.
+        initial_downsample_factor: an int or one int per axis; the first convolution becomes a patchify convolution
+            (kernel = stride = factor, see :func:`input_conv`). 1 (default) is the legacy kernel-3 convolution.
+        use_conv_downsample: if True (default), levels downsample with strided convolutions; if False, with
+            average pooling (kernel = stride = factor, no parameters).
     """
 
     _factor_arg = "downsample_factors"
@@ -404,6 +537,8 @@ class Encoder(_FactorState):
         use_flash_attention: bool = False,
         downsample_factors: Sequence[Factor] | None = None,
         include_fc: bool = False,
+        initial_downsample_factor: Factor = 1,
+        use_conv_downsample: bool = True,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -415,8 +550,12 @@ class Encoder(_FactorState):
         self.norm_eps = norm_eps
         self.attention_levels = attention_levels
         self.downsample_factors = normalize_factors(downsample_factors, len(num_channels) - 1, spatial_dims)
-        self.total_factor = total_factor(self.downsample_factors) or (1,) * spatial_dims
-        self._init_factors(self.downsample_factors)
+        self.initial_downsample_factor = normalize_factor(
+            initial_downsample_factor, spatial_dims, "initial_downsample_factor"
+        )
+        self.use_conv_downsample = bool(use_conv_downsample)
+        self.total_factor = total_factor((self.initial_downsample_factor, *self.downsample_factors))
+        self._init_factors(self.downsample_factors, self.initial_downsample_factor)
 
         def attention(channels: int) -> AttentionBlock:
             return AttentionBlock(
@@ -432,7 +571,7 @@ class Encoder(_FactorState):
             return ResBlock(spatial_dims, cin, norm_num_groups, norm_eps, cout)
 
         blocks: list[nn.Module] = [
-            Convolution(spatial_dims, in_channels, num_channels[0], strides=1, kernel_size=3, padding=1, conv_only=True)
+            input_conv(spatial_dims, in_channels, num_channels[0], self.initial_downsample_factor)
         ]
         channels = num_channels[0]
         for level, level_channels in enumerate(num_channels):
@@ -442,7 +581,9 @@ class Encoder(_FactorState):
                 if attention_levels[level]:
                     blocks.append(attention(channels))
             if level < len(num_channels) - 1:
-                blocks.append(Downsample(spatial_dims, channels, stride=self.downsample_factors[level]))
+                blocks.append(
+                    Downsample(spatial_dims, channels, self.downsample_factors[level], self.use_conv_downsample)
+                )
         if with_nonlocal_attn:
             blocks += [resblock(num_channels[-1], num_channels[-1]), attention(num_channels[-1])]
             blocks.append(resblock(num_channels[-1], num_channels[-1]))
@@ -493,9 +634,12 @@ class Decoder(_FactorState):
         upsample_factors: one factor per upsampling level in decoder order (lowest resolution first), each an int or
             one int per spatial axis; None means 2 everywhere (0.2.3 behaviour).
         include_fc: if True, attention blocks apply their output projection (MONAI core default); False is 0.2.3.
+        final_upsample_factor: an int or one int per axis, the encoder's ``initial_downsample_factor``: the last
+            convolution becomes an :class:`OutputUpsample`. 1 (default) is the legacy kernel-3 convolution.
     """
 
     _factor_arg = "upsample_factors"
+    _initial_arg = "final_upsample_factor"
 
     def __init__(
         self,
@@ -512,6 +656,7 @@ class Decoder(_FactorState):
         use_convtranspose: bool = False,
         upsample_factors: Sequence[Factor] | None = None,
         include_fc: bool = False,
+        final_upsample_factor: Factor = 1,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -525,8 +670,9 @@ class Decoder(_FactorState):
         self.upsample_factors = normalize_factors(
             upsample_factors, len(num_channels) - 1, spatial_dims, name="upsample_factors"
         )
-        self.total_factor = total_factor(self.upsample_factors) or (1,) * spatial_dims
-        self._init_factors(self.upsample_factors)
+        self.final_upsample_factor = normalize_factor(final_upsample_factor, spatial_dims, "final_upsample_factor")
+        self.total_factor = total_factor((*self.upsample_factors, self.final_upsample_factor))
+        self._init_factors(self.upsample_factors, self.final_upsample_factor)
 
         def attention(channels: int) -> AttentionBlock:
             return AttentionBlock(
@@ -562,9 +708,14 @@ class Decoder(_FactorState):
                     Upsample(spatial_dims, channels, use_convtranspose, scale_factor=self.upsample_factors[level])
                 )
         blocks.append(nn.GroupNorm(norm_num_groups, channels, eps=norm_eps, affine=True))
-        blocks.append(
-            Convolution(spatial_dims, channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True)
-        )
+        if any(f != 1 for f in self.final_upsample_factor):
+            blocks.append(
+                OutputUpsample(spatial_dims, channels, out_channels, use_convtranspose, self.final_upsample_factor)
+            )
+        else:
+            blocks.append(
+                Convolution(spatial_dims, channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True)
+            )
         self.blocks = nn.ModuleList(blocks)
 
     def check_input_shape(self, shape: Sequence[int]) -> None:
@@ -584,7 +735,8 @@ class AutoencoderKL(nn.Module):
     """Autoencoder with a KL-regularised latent (Rombach et al. 2022; Pinaya et al. 2022) and per-level factors.
 
     Arguments and defaults are those of monai-generative 0.2.3, plus ``downsample_factors``,
-    ``upsample_factors`` and ``include_fc``. Leaving the factors out reproduces 0.2.3 exactly.
+    ``upsample_factors``, ``include_fc``, ``initial_downsample_factor`` and ``use_conv_downsample``. Leaving them
+    at their defaults reproduces 0.2.3 exactly (module tree, state dict keys and numbers).
 
     Args:
         spatial_dims: number of spatial dimensions (1, 2 or 3).
@@ -610,6 +762,15 @@ class AutoencoderKL(nn.Module):
             Their per-axis product must equal that of ``downsample_factors``.
         include_fc: if True, attention blocks apply their output projection, as MONAI core's AutoencoderKL does by
             default; False (default) is 0.2.3's behaviour.
+        initial_downsample_factor: an int or one int per spatial axis (default 1 = none): an extra resampling step
+            at the very input of the encoder and the very output of the decoder. The encoder's first convolution
+            becomes a patchify convolution (kernel = stride = factor: every input voxel is used exactly once, none
+            is skipped); the decoder's last convolution becomes its inverse (:class:`OutputUpsample`: a sub-pixel
+            transposed convolution with ``use_convtranspose``, else nearest interpolation + kernel-3 convolution).
+            The total factor per axis is ``initial_downsample_factor * prod(downsample_factors)``; the first level
+            then works at ``1 / initial`` of the input size per axis (its activations shrink by the product).
+        use_conv_downsample: if True (default), each level downsamples with a strided convolution; if False, with
+            average pooling of kernel = stride = the level's factor (no parameters).
 
     Raises:
         ValueError: for channels not divisible by ``norm_num_groups``, mismatched list lengths, invalid factors, or
@@ -635,6 +796,8 @@ class AutoencoderKL(nn.Module):
         downsample_factors: Sequence[Factor] | None = None,
         upsample_factors: Sequence[Factor] | None = None,
         include_fc: bool = False,
+        initial_downsample_factor: Factor = 1,
+        use_conv_downsample: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):
@@ -692,6 +855,15 @@ class AutoencoderKL(nn.Module):
             "upsample_factors": None if upsample_factors is None else [list(f) for f in up],
             "include_fc": include_fc,
         }
+        # the newer arguments are recorded only when they differ from the default, so that the arguments of a model
+        # built without them (and the checkpoints that store them) stay exactly as they were
+        initial = normalize_factor(initial_downsample_factor, spatial_dims, "initial_downsample_factor")
+        if any(f != 1 for f in initial):
+            self.init_args["initial_downsample_factor"] = (
+                initial[0] if _is_int(initial_downsample_factor) else list(initial)
+            )
+        if not use_conv_downsample:
+            self.init_args["use_conv_downsample"] = False
 
         self.encoder = Encoder(
             spatial_dims=spatial_dims,
@@ -706,6 +878,8 @@ class AutoencoderKL(nn.Module):
             use_flash_attention=use_flash_attention,
             downsample_factors=down,
             include_fc=include_fc,
+            initial_downsample_factor=initial,
+            use_conv_downsample=use_conv_downsample,
         )
         self.decoder = Decoder(
             spatial_dims=spatial_dims,
@@ -721,6 +895,7 @@ class AutoencoderKL(nn.Module):
             use_convtranspose=use_convtranspose,
             upsample_factors=up,
             include_fc=include_fc,
+            final_upsample_factor=initial,
         )
 
         def pointwise() -> Convolution:
@@ -746,8 +921,14 @@ class AutoencoderKL(nn.Module):
         return self.decoder.upsample_factors
 
     @property
+    def initial_downsample_factor(self) -> tuple[int, ...]:
+        """Per-axis factor of the encoder's first (patchify) convolution and the decoder's last one."""
+        return self.encoder.initial_downsample_factor
+
+    @property
     def total_downsample_factor(self) -> tuple[int, ...]:
-        """Total factor by which each spatial axis shrinks from image to latent."""
+        """Total factor by which each spatial axis shrinks from image to latent:
+        ``initial_downsample_factor * prod(downsample_factors)``."""
         return self.encoder.total_factor
 
     def latent_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:

@@ -14,7 +14,9 @@ Why the result is exact:
 
 * A streamed convolution computes a box of its output from the box of its input that its kernel reaches (the halo),
   with zeros where that box leaves the volume, which is the convolution's own zero padding. Nearest-neighbour
-  upsampling, strided downsampling and transposed convolutions map boxes the same way.
+  upsampling, strided downsampling (including the patchify input convolution of ``initial_downsample_factor``) and
+  transposed convolutions (including the decoder's sub-pixel output convolution) map boxes the same way. Average
+  pooling (``use_conv_downsample=False``) needs no halo: an output box reads exactly the input box it averages.
 * A streamed GroupNorm is applied box by box with statistics of the whole volume. They are gathered once, when the
   node is built, by computing its input tile by tile: per-tile mean and variance merged in float64 with Chan's
   pooled formula. Every later GroupNorm therefore recomputes the streamed layers before it (compute is traded for
@@ -285,6 +287,24 @@ class _Conv(_Node):
         return self._phase_weights[key]
 
 
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+class _AvgPool(_Node):
+    """Average pooling with kernel = stride (``Downsample`` with ``use_conv=False``): no halo, no padding."""
+
+    def __init__(self, ctx: _Context, inp: _Node, stride: Sequence[int]) -> None:
+        super().__init__(ctx)
+        if any(n % s for n, s in zip(inp.shape, stride)):
+            raise ValueError(f"tiled average pooling: size {inp.shape} is not divisible by the stride {tuple(stride)}.")
+        self.inp, self.stride = inp, tuple(stride)
+        self.shape = tuple(n // s for n, s in zip(inp.shape, stride))
+
+    def compute(self, box: Box) -> torch.Tensor:
+        x = self.inp.get(tuple((a * s, b * s) for (a, b), s in zip(box, self.stride)))
+        return _AVG_POOL[len(box)](x, kernel_size=self.stride, stride=self.stride)
+
+
 class _ConvTranspose(_Node):
     """A transposed convolution (the decoder's ``use_convtranspose`` upsampling)."""
 
@@ -334,6 +354,8 @@ def _add_block(ctx: _Context, block: nn.Module, inp: _Node) -> _Node:
         h = _Conv(ctx, _GroupNorm(ctx, inp, block.norm1, silu=True), block.conv1.conv, _symmetric(block.conv1.conv))
         h = _GroupNorm(ctx, h, block.norm2, silu=True)
         out = _Conv(ctx, h, block.conv2.conv, _symmetric(block.conv2.conv), residual=(inp, block.nin_shortcut))
+    elif isinstance(block, Downsample) and not block.use_conv:
+        out = _AvgPool(ctx, inp, block.stride)
     elif isinstance(block, Downsample):
         conv = block.conv.conv
         pads = list(zip(block.pad[0::2], block.pad[1::2]))[::-1]  # F.pad order is last axis first
