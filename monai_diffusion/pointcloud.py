@@ -69,7 +69,7 @@ class PointCloudError(ValueError):
 # --------------------------------------------------------------------------------------------------------- export
 def _check_unit(unit: str, what: str = "unit") -> str:
     if unit not in UNITS:
-        raise ValueError(f"{what} must be one of {' | '.join(UNITS)}, got {unit!r}")
+        raise PointCloudError(f"invalid {what}: expected one of {' | '.join(UNITS)}, got {unit!r}")
     return unit
 
 
@@ -135,11 +135,13 @@ def sample_points(
     if method not in METHODS:
         raise ValueError(f"method must be one of {' | '.join(METHODS)}, got {method!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    flat = v.astype(np.float64, copy=False).ravel()
-    candidates = np.flatnonzero(flat > threshold)  # NaN > threshold is False
+    flat = v.ravel()
+    # compare in the volume's own precision: a float32 0.1 is not above a threshold of 0.1
+    limit = flat.dtype.type(threshold) if np.issubdtype(flat.dtype, np.floating) else threshold
+    candidates = np.flatnonzero(flat > limit)  # NaN > limit is False
     if candidates.size == 0:
         return np.zeros((0, v.ndim), dtype=np.float64)
-    values = flat[candidates]
+    values = flat[candidates].astype(np.float64)
     if method == "probabilistic":
         weights = values - threshold
     elif method == "random":
@@ -274,7 +276,8 @@ def _pick_columns(
     """Indices of the x, y, z columns and the unit each header names (None: not named)."""
     if columns is not None:
         if len(columns) != 3:
-            raise PointCloudError(f"--columns needs three names or 0-based indices (x,y,z), got {list(columns)}")
+            raise PointCloudError(f"invalid --columns: expected three names or 0-based indices (x,y,z), "
+                                  f"got {list(columns)}")
         picked, units = [], []
         for c in columns:
             c = c.strip()
@@ -310,6 +313,35 @@ def _pick_columns(
     return [found[a][0] for a in _AXES], [found[a][1] for a in _AXES]
 
 
+def _read_rows(path: Path, limit: int | None = None) -> list[list[str]]:
+    """The non-empty rows of a CSV or TSV file (the delimiter is the more frequent of tab and comma), at most
+    ``limit`` of them."""
+    rows: list[list[str]] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            sample = f.read(65536)
+            f.seek(0)
+            delimiter = "\t" if sample.count("\t") > sample.count(",") else ","
+            for r in csv.reader(f, delimiter=delimiter):
+                if r and any(c.strip() for c in r):
+                    rows.append(r)
+                    if limit is not None and len(rows) >= limit:
+                        break
+    except UnicodeDecodeError:
+        raise PointCloudError(f"{path} is not a text table (CSV/TSV); HDF5 files need a .h5 or .hdf5 suffix") from None
+    if not rows:
+        raise PointCloudError(f"{path} is empty; expected a table of x, y, z coordinates")
+    return rows
+
+
+def _table_columns(rows: list[list[str]], columns: Sequence[str] | None, where: str):
+    """``(header or None, column indices, units)`` of a table's x, y, z columns; a first row that is not all
+    numbers is the header."""
+    header = None if all(_is_number(c) for c in rows[0]) else rows[0]
+    picked, units = _pick_columns(header, columns, where)
+    return header, picked, units
+
+
 def read_points_csv(path: str | Path, columns: Sequence[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
     """``(points (N, 3), units)`` from a CSV (or TSV) table; ``units[a]`` is the unit the header names for axis
     ``a`` (None when it names none).
@@ -318,18 +350,8 @@ def read_points_csv(path: str | Path, columns: Sequence[str] | None = None) -> t
     unless ``columns`` names them (header names, or 0-based indices for a file without header).
     """
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            sample = f.read(65536)
-            f.seek(0)
-            delimiter = "\t" if sample.count("\t") > sample.count(",") else ","
-            rows = [r for r in csv.reader(f, delimiter=delimiter) if r and any(c.strip() for c in r)]
-    except UnicodeDecodeError:
-        raise PointCloudError(f"{path} is not a text table (CSV/TSV); HDF5 files need a .h5 or .hdf5 suffix") from None
-    if not rows:
-        raise PointCloudError(f"{path} is empty; expected a table of x, y, z coordinates")
-    header = None if all(_is_number(c) for c in rows[0]) else rows[0]
-    picked, units = _pick_columns(header, columns, str(path))
+    rows = _read_rows(path)
+    header, picked, units = _table_columns(rows, columns, str(path))
     body = rows[1:] if header is not None else rows
     try:
         points = np.array([[float(r[i]) for i in picked] for r in body], dtype=np.float64).reshape(-1, 3)
@@ -402,6 +424,16 @@ def read_points(path: str | Path, unit: str, columns: Sequence[str] | None = Non
     return points * scale
 
 
+# points within this fraction of a voxel below a voxel boundary count as on it, so that unit conversions
+# (20 nm -> 2e-5 mm) do not move a point that sits exactly on a boundary into the voxel below
+_BOUNDARY_TOLERANCE = 1e-9
+
+
+def _bin(points: np.ndarray, origin: np.ndarray, voxel_size: np.ndarray) -> np.ndarray:
+    """Voxel index of each point: ``floor((p - origin) / voxel_size)``, up to :data:`_BOUNDARY_TOLERANCE`."""
+    return np.floor((points - origin) / voxel_size + _BOUNDARY_TOLERANCE).astype(np.int64)
+
+
 def grid_from_extent(
     voxel_size: Sequence[float],
     extent: Sequence[float] | None = None,
@@ -419,35 +451,35 @@ def grid_from_extent(
     if vs.size == 1:
         vs = np.repeat(vs, 3)
     if vs.size != 3 or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise PointCloudError(f"--voxel-size must be one or three positive numbers, got {list(voxel_size)}")
+        raise PointCloudError(f"invalid --voxel-size: expected one or three positive numbers, got {list(voxel_size)}")
     if extent is not None and shape is not None:
-        raise PointCloudError("give --extent or --shape, not both")
+        raise PointCloudError("invalid grid: give --extent or --shape, not both")
     if extent is not None:
         if origin is not None:
-            raise PointCloudError("--origin goes with --shape; --extent already sets the origin (x0 y0 z0)")
+            raise PointCloudError("invalid --origin: it goes with --shape; --extent already sets the origin (x0 y0 z0)")
         e = np.asarray(extent, dtype=np.float64).reshape(-1)
         if e.size != 6 or not np.all(np.isfinite(e)):
-            raise PointCloudError(f"--extent needs six numbers x0 x1 y0 y1 z0 z1, got {list(extent)}")
+            raise PointCloudError(f"invalid --extent: expected six numbers x0 x1 y0 y1 z0 z1, got {list(extent)}")
         lo, hi = e[0::2], e[1::2]
         if np.any(hi <= lo):
-            raise PointCloudError(f"--extent is empty: each upper bound must exceed its lower bound, got "
+            raise PointCloudError(f"invalid --extent: it is empty; each upper bound must exceed its lower bound, got "
                                   f"{list(extent)}")
         n = np.maximum(np.ceil((hi - lo) / vs - 1e-9), 1).astype(int)
         return lo, (int(n[0]), int(n[1]), int(n[2]))
     o = np.zeros(3) if origin is None else np.asarray(origin, dtype=np.float64).reshape(-1)
     if o.size != 3 or not np.all(np.isfinite(o)):
-        raise PointCloudError(f"--origin needs three numbers, got {list(origin)}")
+        raise PointCloudError(f"invalid --origin: expected three numbers, got {list(origin)}")
     if shape is not None:
         s = [int(v) for v in shape]
         if len(s) != 3 or min(s) < 1:
-            raise PointCloudError(f"--shape needs three integers >= 1, got {list(shape)}")
+            raise PointCloudError(f"invalid --shape: expected three integers >= 1, got {list(shape)}")
         return o, (s[0], s[1], s[2])
     if points is None or len(points) == 0:
         raise PointCloudError("no points to take the extent from; give --extent or --shape")
     lo = points.min(axis=0) if origin is None else o
-    n = np.floor((points.max(axis=0) - lo) / vs).astype(int) + 1
+    n = _bin(points, lo, vs).max(axis=0) + 1  # as voxelize() bins them: the last point fits
     if np.any(n < 1):
-        raise PointCloudError(f"--origin {list(o)} lies beyond every point; give --extent or --shape")
+        raise PointCloudError(f"invalid --origin: {list(o)} lies beyond every point; give --extent or --shape")
     return lo, (int(n[0]), int(n[1]), int(n[2]))
 
 
@@ -478,16 +510,16 @@ def voxelize(
         at the centre of voxel 0), and the number of points outside the grid that were left out.
     """
     if mode not in MODES:
-        raise PointCloudError(f"--mode must be one of {' | '.join(MODES)}, got {mode!r}")
+        raise PointCloudError(f"invalid --mode: expected one of {' | '.join(MODES)}, got {mode!r}")
     if mode == "gaussian" and not (np.isfinite(sigma) and sigma > 0):
-        raise PointCloudError(f"--sigma must be a positive number of voxels, got {sigma!r}")
+        raise PointCloudError(f"invalid --sigma: expected a positive number of voxels, got {sigma!r}")
     vs = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64).reshape(-1), (3,))
     if np.any(vs <= 0):
         raise PointCloudError(f"voxel size must be positive, got {list(vs)}")
     o = np.asarray(origin_mm, dtype=np.float64).reshape(3)
     dims = np.asarray(shape, dtype=int).reshape(3)
     pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
-    idx = np.floor((pts - o) / vs).astype(np.int64)
+    idx = _bin(pts, o, vs)
     inside = np.all((idx >= 0) & (idx < dims), axis=1) & np.all(np.isfinite(pts), axis=1)
     flat = np.ravel_multi_index(tuple(idx[inside].T), tuple(dims))
     counts = np.bincount(flat, minlength=int(np.prod(dims))).reshape(tuple(dims)).astype(np.float32)
@@ -559,9 +591,9 @@ def voxelize_files(
 
     _check_unit(unit, "--unit")
     if mode not in MODES:
-        raise PointCloudError(f"--mode must be one of {' | '.join(MODES)}, got {mode!r}")
+        raise PointCloudError(f"invalid --mode: expected one of {' | '.join(MODES)}, got {mode!r}")
     if mode == "gaussian" and not (np.isfinite(sigma) and sigma > 0):
-        raise PointCloudError(f"--sigma must be a positive number of voxels, got {sigma!r}")
+        raise PointCloudError(f"invalid --sigma: expected a positive number of voxels, got {sigma!r}")
     if extent is not None or shape is not None:
         grid_from_extent(voxel_size, extent, shape, origin)  # check the grid options before reading anything
     else:
@@ -574,6 +606,8 @@ def voxelize_files(
             raise PointCloudError(f"input {src} does not exist or is not a file")
         if _is_hdf5(src):
             _require_h5py(src)
+        else:  # the header (or --columns) names x, y, z: found out before any file is written
+            _table_columns(_read_rows(src, limit=1), columns, str(src))
     out = Path(out_dir)
     targets = [_output_path(out, s) for s in sources]
     seen: dict[Path, Path] = {}
@@ -584,16 +618,18 @@ def voxelize_files(
         seen[target] = src
         _refuse_existing(target, overwrite, "pass --overwrite to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    scale = 1.0 / UNITS[unit]
+    def mm(values: Sequence[float] | None) -> np.ndarray | None:
+        return None if values is None else np.asarray(values, dtype=np.float64) / UNITS[unit]
+
+    vs = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64).reshape(-1), (3,))
     written = []
     for src, target in tqdm(list(zip(sources, targets)), desc="voxelize", unit="file", disable=not progress):
         points = read_points(src, unit, columns, dataset)
-        o, n = grid_from_extent(voxel_size, extent, shape, origin, points * UNITS[unit])
-        vs = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64).reshape(-1), (3,))
-        volume, affine, dropped = voxelize(points, vs * scale, o * scale, n, mode, sigma, normalize)
+        o, n = grid_from_extent(mm(vs), mm(extent), shape, mm(origin), points)
+        volume, affine, dropped = voxelize(points, mm(vs), o, n, mode, sigma, normalize)
         _refuse_existing(target, overwrite, "pass --overwrite to replace it, or choose another --out")
         nib.save(nib.Nifti1Image(volume, affine), str(target))
-        log(f"{src}: {points.shape[0]} points -> {target} {list(n)} voxels of {list(vs)} {unit}, {mode}; "
+        log(f"{src}: {points.shape[0]} points -> {target} {list(n)} voxels of {[float(v) for v in vs]} {unit}, {mode}; "
             f"{dropped} point(s) outside the extent left out")
         written.append(target)
     return written
