@@ -500,8 +500,8 @@ def voxelize(
         origin_mm: the grid's lower corner (voxel ``(0, 0, 0)`` covers ``[origin, origin + voxel_size)``).
         shape: voxels per axis.
         mode: ``occupancy`` (1 where a voxel holds a point, uint8), ``density`` (points per voxel, float32) or
-            ``gaussian`` (points per voxel smoothed by a Gaussian of ``sigma`` voxels, MONAI ``GaussianSmooth``,
-            zero outside the grid; float32).
+            ``gaussian`` (points per voxel smoothed by a sampled Gaussian kernel of ``sigma`` voxels, truncated at
+            4 sigma, zero outside the grid; float32).
         sigma: the Gaussian's standard deviation in voxels (``gaussian`` only, > 0).
         normalize: ``density`` / ``gaussian``: divide by the maximum, so values lie in [0, 1].
 
@@ -528,17 +528,31 @@ def voxelize(
     else:
         volume = counts
         if mode == "gaussian":
-            import torch
-            from monai.transforms import GaussianSmooth
-
-            smoothed = GaussianSmooth(sigma=float(sigma))(torch.from_numpy(counts)[None])
-            volume = torch.as_tensor(smoothed)[0].numpy().astype(np.float32)
+            volume = _gaussian(counts, float(sigma))
         if normalize and volume.max() > 0:
             volume = volume / volume.max()
     affine = np.eye(4)
     affine[:3, :3] = np.diag(vs)
     affine[:3, 3] = o + 0.5 * vs
     return volume, affine, int(pts.shape[0] - inside.sum())
+
+
+def _gaussian(counts: np.ndarray, sigma: float) -> np.ndarray:
+    """``counts`` smoothed by a sampled Gaussian kernel of ``sigma`` voxels, truncated at 4 sigma, zero outside.
+
+    scipy.ndimage when it is installed (several times faster on large grids), else MONAI's ``GaussianFilter``
+    with the same kernel (``approx="sampled"``, ``truncated=4``); the two agree to float32 rounding.
+    """
+    try:
+        from scipy.ndimage import gaussian_filter
+    except ImportError:
+        import torch
+        from monai.networks.layers import GaussianFilter
+
+        with torch.no_grad():
+            smooth = GaussianFilter(counts.ndim, sigma, truncated=4.0, approx="sampled")
+            return smooth(torch.from_numpy(counts)[None, None])[0, 0].numpy().astype(np.float32)
+    return gaussian_filter(counts, sigma, mode="constant", cval=0.0, truncate=4.0).astype(np.float32)
 
 
 def _output_path(out_dir: Path, source: Path) -> Path:

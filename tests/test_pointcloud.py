@@ -165,7 +165,7 @@ def test_export_refuses_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------------------- import
-def test_voxelize_modes_units_and_dropped_points(tmp_path):
+def test_voxelize_modes_units_and_dropped_points(tmp_path, monkeypatch):
     pts_nm = np.array([[10, 10, 10], [15, 12, 19], [30, 10, 10], [59, 39, 19], [60, 0, 0], [-1, 5, 5]], float)
     vol, affine, dropped = voxelize(pts_nm * 1e-6, 20e-6, [0, 0, 0], (3, 2, 1), mode="density")
     assert dropped == 2  # x = 60 is past the last voxel [40, 60), x = -1 before the first
@@ -182,6 +182,13 @@ def test_voxelize_modes_units_and_dropped_points(tmp_path):
     assert np.isclose(g[4, 5, 5], g[6, 5, 5]) and np.isclose(g[5, 4, 5], g[5, 5, 6])
     gn, _, _ = voxelize(one, 10.0, [0, 0, 0], (11, 11, 11), mode="gaussian", sigma=1.0, normalize=True)
     assert np.isclose(gn.max(), 1.0) and np.allclose(gn, g / g.max())
+    # the kernel: exp(-d^2 / 2 sigma^2), normalised per axis; without scipy, MONAI's filter gives the same
+    kernel = np.exp(-np.arange(-4, 5) ** 2 / 2.0)
+    kernel /= kernel.sum()
+    assert np.allclose(g[1:10, 5, 5], kernel[0:9] * kernel[4] ** 2, atol=1e-7)
+    monkeypatch.setitem(sys.modules, "scipy.ndimage", None)
+    g_monai, _, _ = voxelize(one, 10.0, [0, 0, 0], (11, 11, 11), mode="gaussian", sigma=1.0)
+    assert np.allclose(g_monai, g, atol=1e-6)
 
 
 def test_voxelize_command_reads_smlm_tables(tmp_path, capsys):
@@ -265,6 +272,10 @@ def test_hdf5_point_tables(tmp_path):
     assert np.allclose(read_points(tmp_path / "picasso.hdf5", "mm", dataset="other"), np.arange(12.0).reshape(4, 3))
     with pytest.raises(ValueError, match="dataset 'meta' has shape"):
         read_points(tmp_path / "picasso.hdf5", "mm", dataset="meta")
+    assert voxelize_main([str(tmp_path / "picasso.hdf5"), "--out", str(tmp_path / "v"), "--unit", "um",
+                          "--voxel-size", "1", "--extent", "0", "4", "0", "8", "0", "10", "--mode", "occupancy"]) == 0
+    occupied = np.argwhere(np.asarray(nib.load(tmp_path / "v" / "picasso.nii.gz").dataobj))
+    assert occupied.tolist() == [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
 
 
 # ------------------------------------------------------------------------------------------------------ round trip
