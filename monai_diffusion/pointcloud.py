@@ -28,6 +28,7 @@ Every length in a NIfTI header, and every length this module takes or returns un
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -465,7 +466,7 @@ def grid_from_extent(
             raise PointCloudError(f"invalid --extent: it is empty; each upper bound must exceed its lower bound, got "
                                   f"{list(extent)}")
         n = np.maximum(np.ceil((hi - lo) / vs - 1e-9), 1).astype(int)
-        return lo, (int(n[0]), int(n[1]), int(n[2]))
+        return lo, _checked_shape(n)
     o = np.zeros(3) if origin is None else np.asarray(origin, dtype=np.float64).reshape(-1)
     if o.size != 3 or not np.all(np.isfinite(o)):
         raise PointCloudError(f"invalid --origin: expected three numbers, got {list(origin)}")
@@ -473,14 +474,28 @@ def grid_from_extent(
         s = [int(v) for v in shape]
         if len(s) != 3 or min(s) < 1:
             raise PointCloudError(f"invalid --shape: expected three integers >= 1, got {list(shape)}")
-        return o, (s[0], s[1], s[2])
+        return o, _checked_shape(s)
+    if points is not None:
+        points = points[np.all(np.isfinite(points), axis=1)]
     if points is None or len(points) == 0:
         raise PointCloudError("no points to take the extent from; give --extent or --shape")
     lo = points.min(axis=0) if origin is None else o
     n = _bin(points, lo, vs).max(axis=0) + 1  # as voxelize() bins them: the last point fits
     if np.any(n < 1):
         raise PointCloudError(f"invalid --origin: {list(o)} lies beyond every point; give --extent or --shape")
-    return lo, (int(n[0]), int(n[1]), int(n[2]))
+    return lo, _checked_shape(n)
+
+
+# a grid larger than this is almost surely a unit mix-up (8 GiB as float32)
+_MAX_VOXELS = 2**31
+
+
+def _checked_shape(n: Sequence[int]) -> tuple[int, int, int]:
+    shape = (int(n[0]), int(n[1]), int(n[2]))
+    if math.prod(shape) > _MAX_VOXELS:
+        raise PointCloudError(f"the grid would be {list(shape)} voxels ({math.prod(shape):.3g}, more than 2^31); "
+                              "check --unit, --voxel-size and --extent")
+    return shape
 
 
 def voxelize(

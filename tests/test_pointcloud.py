@@ -240,6 +240,8 @@ def test_voxelize_errors_are_one_line(tmp_path, capsys, monkeypatch):
          ["invalid --origin", "goes with --shape"]),
         ([str(good), *base, "--voxel-size", "10", "--mode", "splat"], ["--mode", "splat"]),
         ([str(good), "--out", "o", "--voxel-size", "10"], ["--unit"]),
+        ([str(good), *base, "--voxel-size", "0.01", "--extent", "0", "20000", "0", "20000", "0", "2500"],
+         ["[2000000, 2000000, 250000] voxels", "check --unit"]),
     ]
     no_xyz = tmp_path / "no_xyz.csv"
     no_xyz.write_text("frame,intensity,x [nm]\n1,2,3\n")
