@@ -155,6 +155,27 @@ def test_2d_samples_export_x_and_y(tmp_path):
     assert header == ["x [um]", "y [um]"] and np.allclose(rows, [[12000.0, 20250.0]] * 10)
 
 
+def test_write_sample_formats(tmp_path):
+    import torch
+
+    from monai_diffusion.sampling import write_sample
+
+    image = torch.zeros(1, 6, 5)
+    image[0, 4, 1] = 1.0
+    affine = np.diag([0.5, 0.25, 1.0, 1.0])
+    cfg = PointCloudSettings(num_points=3, threshold=0.5, method="center", unit="mm")
+    written = write_sample(image, tmp_path / "s2d", affine, "pointcloud", png=False, pointcloud=cfg, seed=0)
+    assert written == [tmp_path / "s2d.csv"]
+    assert (tmp_path / "s2d.csv").read_text().splitlines() == ["x [mm],y [mm]"] + ["2,0.25"] * 3
+    written = write_sample(image, tmp_path / "s2d_both", affine, "both", png=True, pointcloud=cfg, seed=0)
+    assert [p.name for p in written] == ["s2d_both.nii.gz", "s2d_both.csv", "s2d_both.png"]
+    with pytest.raises(FileExistsError, match="s2d.csv already exists"):  # nothing is written then
+        write_sample(image, tmp_path / "s2d", affine, "both", png=False, pointcloud=cfg, seed=0)
+    assert not (tmp_path / "s2d.nii.gz").exists()
+    with pytest.raises(ValueError, match="single-channel samples, got 2 channels"):
+        write_sample(torch.zeros(2, 4, 4, 4), tmp_path / "two", None, "both", pointcloud=cfg)
+
+
 def test_export_refuses_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         sample_points(np.ones((2, 2, 2)), None, 5, method="surface")
