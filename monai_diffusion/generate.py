@@ -151,7 +151,8 @@ def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> lis
     for first, images in sampler.batches(cfg.num_samples, seed):
         for i in range(images.shape[0]):
             stem = out_dir / f"sample_{start + first + i:04d}"
-            written += write_sample(images[i], stem, sampler.affine, cfg.save_format, cfg.save_png)
+            written += write_sample(images[i], stem, sampler.affine, cfg.save_format, cfg.save_png,
+                                    pointcloud=cfg.pointcloud, seed=seed + first + i)
     print(f"wrote {len(written)} file(s) to {out_dir}")
     return written
 

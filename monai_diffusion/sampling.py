@@ -1,4 +1,5 @@
-"""Reverse diffusion in latent space, conditioning tensors, and writing samples as NIfTI (+ PNG previews)."""
+"""Reverse diffusion in latent space, conditioning tensors, and writing samples as NIfTI (+ PNG previews) or point
+clouds."""
 
 from __future__ import annotations
 
@@ -228,7 +229,8 @@ def next_free_index(folder: Path, prefix: str = "sample_") -> int:
 
 
 def write_sample(
-    volume: torch.Tensor, path_stem: Path, affine: np.ndarray | None, save_format: str = "auto", png: bool = True
+    volume: torch.Tensor, path_stem: Path, affine: np.ndarray | None, save_format: str = "auto", png: bool = True,
+    pointcloud: Any = None, seed: int = 0,
 ) -> list[Path]:
     """Write one (C, *spatial) sample; returns the files written. Refuses to replace an existing file.
 
@@ -237,21 +239,35 @@ def write_sample(
         path_stem: file path without extension.
         affine: the training data's affine (NIfTI header); None = identity.
         save_format: ``nifti`` (.nii.gz), ``npy``, ``png`` (2D only: the image itself, 8-bit, values in [0, 1]
-            mapped to 0-255, oriented as PIL read the training images) or ``auto`` (png for 2D, nifti for 3D).
+            mapped to 0-255, oriented as PIL read the training images), ``auto`` (png for 2D, nifti for 3D),
+            ``pointcloud`` (a CSV of points in physical units, see :func:`monai_diffusion.pointcloud.export_sample`)
+            or ``both`` (nifti and pointcloud).
         png: also write a preview PNG of the mid-slices (not needed, and not written, when the sample is a PNG).
+        pointcloud: the ``sampling.pointcloud`` settings (needed by ``pointcloud`` and ``both``).
+        seed: seed of the point draw (sampling seed + sample index).
     """
     spatial_dims = volume.ndim - 1
     if save_format == "auto":
         save_format = "png" if spatial_dims == 2 else "nifti"
     array = volume.detach().float().cpu().numpy()
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # channels last, as NIfTI stores them
+    points = save_format in ("pointcloud", "both")
+    if points:
+        if volume.shape[0] != 1:
+            raise ValueError(f"save_format {save_format} exports single-channel samples, "
+                             f"got {volume.shape[0]} channels")
+        if pointcloud is None:
+            raise ValueError(f"save_format {save_format} needs the sampling.pointcloud settings, got None")
+        for suffix in (".csv",) + ((".ply",) if pointcloud.ply else ()):
+            _refuse_existing(path_stem.with_name(path_stem.name + suffix))
     written = []
-    if save_format == "nifti":
+    if save_format in ("nifti", "both"):
         import nibabel as nib
 
         path = path_stem.with_name(path_stem.name + ".nii.gz")
         _refuse_existing(path)
         nib.save(nib.Nifti1Image(array.astype(np.float32), affine if affine is not None else np.eye(4)), str(path))
+        written.append(path)
     elif save_format == "png":
         from PIL import Image
 
@@ -263,12 +279,17 @@ def write_sample(
         # MONAI's PILReader gives (width, height): transpose back to PIL's (height, width)
         pixels = np.swapaxes(pixels, 0, 1).astype(np.uint8)
         Image.fromarray(pixels).save(path)
+        written.append(path)
         png = False
-    else:
+    elif save_format == "npy":
         path = path_stem.with_name(path_stem.name + ".npy")
         _refuse_existing(path)
         np.save(path, array.astype(np.float32))
-    written.append(path)
+        written.append(path)
+    if points:
+        from .pointcloud import export_sample
+
+        written += export_sample(array, affine, path_stem, pointcloud, seed)
     if png:
         png_path = path_stem.with_name(path_stem.name + ".png")
         _refuse_existing(png_path)

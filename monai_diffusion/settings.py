@@ -64,6 +64,7 @@ __all__ = [
     "SchedulerSettings",
     "DiffusionTrainingSettings",
     "ConditioningSettings",
+    "PointCloudSettings",
     "SamplingSettings",
     "DeviceSettings",
     "load_settings",
@@ -551,6 +552,21 @@ class DiffusionSettings:
 
 
 @dataclass(frozen=True)
+class PointCloudSettings:
+    """Point-cloud export of samples (``sampling.save_format`` pointcloud or both; see docs/pointclouds.md)."""
+
+    num_points: int = _f(100000, "points per sample (always exactly this many rows, unless no voxel is above "
+                                 "threshold: then an empty file and a warning)", ge=1)
+    threshold: float = _f(0.1, "voxels with intensity above this are candidates", ge=0)
+    method: Literal["probabilistic", "center", "random", "weighted"] = _f(
+        "probabilistic", "probabilistic (P ~ intensity - threshold, sub-voxel jitter) | center (P ~ intensity, voxel "
+                         "centres) | random (uniform over candidates, jitter) | weighted (P ~ intensity, jitter)"
+    )
+    unit: Literal["mm", "um", "nm"] = _f("mm", "unit of the coordinates written (the affine is in mm)")
+    ply: bool = _f(False, "also write a binary PLY of the same points")
+
+
+@dataclass(frozen=True)
 class SamplingSettings:
     """Generating new volumes from a trained diffusion model."""
 
@@ -558,8 +574,9 @@ class SamplingSettings:
     num_samples: int = _f(4, "volumes to generate", ge=1)
     batch_size: int = _f(1, "volumes generated at once", ge=1)
     output_dir: str = _f("samples", "folder the samples are written to")
-    save_format: Literal["auto", "nifti", "npy", "png"] = _f(
-        "auto", "auto (png for 2D, nifti for 3D) | nifti (.nii.gz) | npy | png (2D only, 8-bit)"
+    save_format: Literal["auto", "nifti", "npy", "png", "pointcloud", "both"] = _f(
+        "auto", "auto (png for 2D, nifti for 3D) | nifti (.nii.gz) | npy | png (2D only, 8-bit) | pointcloud "
+                "(CSV of sampling.pointcloud points, 2D: x,y) | both (nifti + pointcloud)"
     )
     seed: Optional[int] = _f(None, "sampling seed; null = use the top-level seed", ge=0)
     checkpoint: Optional[str] = _f(None, "stage 2 checkpoint; null = <diffusion.checkpoints.output_dir>/best_model.pt")
@@ -574,6 +591,7 @@ class SamplingSettings:
     save_png: bool = _f(True, "also write a PNG of three orthogonal mid-slices per sample")
     clip: bool = _f(True, "clip decoded samples to [0, 1], the range the data is scaled to; false = raw decoder output")
     tile_size: Optional[IntList] = _f(None, "decode the latent in tiles of this many voxels (large volumes)", ge=1)
+    pointcloud: PointCloudSettings = _section(PointCloudSettings, "point-cloud export (save_format pointcloud | both)")
 
 
 @dataclass(frozen=True)
@@ -1069,6 +1087,9 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
     if s.sampling.save_format == "png" and ae.spatial_dims != 2:
         problems.append(("sampling.save_format", f"png holds 2D images, but autoencoder.spatial_dims is "
                                                  f"{ae.spatial_dims}; use nifti or npy (or auto)"))
+    if s.sampling.save_format in ("pointcloud", "both") and ae.out_channels != 1:
+        problems.append(("sampling.save_format", f"{s.sampling.save_format} exports single-channel samples, but "
+                                                 f"autoencoder.out_channels is {ae.out_channels}; use nifti or npy"))
     if s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
         problems.append(
             ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
