@@ -433,6 +433,7 @@ def build_transforms(
     spatial_dims: int,
     train: bool,
     divisible_by: Sequence[int] | int | None = None,
+    whole_volume: bool = False,
 ):
     """MONAI dictionary transforms on key ``"image"``.
 
@@ -455,6 +456,8 @@ def build_transforms(
         train: training (random patches, augmentation) or validation transforms.
         divisible_by: validation volumes in ``random_patch`` mode are padded to a multiple of this
             (e.g. the autoencoder's total downsampling factor per axis).
+        whole_volume: validation only: skip the ``crop_mode`` step, so that volumes keep their size after
+            orientation, spacing and intensity scaling (stage 1 validates them by sliding windows).
     """
     from monai.transforms import (
         Compose,
@@ -502,7 +505,9 @@ def build_transforms(
                 channel_wise=True,
             )
         )
-    if cfg.crop_mode == "resize":
+    if whole_volume and not train:
+        pass  # sliding-window validation: the whole volume, neither cropped nor resized
+    elif cfg.crop_mode == "resize":
         xforms.append(
             Resized(
                 keys=keys,
@@ -532,7 +537,7 @@ def build_transforms(
 # ----------------------------------------------------------------------------------------------
 
 
-def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_by) -> str:
+def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_by, whole_volume: bool = False) -> str:
     """Identify the transform chain, so a PersistentDataset cache never serves stale results."""
     payload = {
         "version": _TRANSFORM_VERSION,
@@ -545,6 +550,8 @@ def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_
         "intensity": None if cfg.synthetic.enabled else dataclasses.asdict(cfg.intensity),
         "crop_mode": cfg.crop_mode,
     }
+    if whole_volume:
+        payload["whole_volume"] = True
     digest = hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return f"{'train' if train else 'val'}_{digest}"
 
@@ -597,6 +604,7 @@ def build_datasets(
     in_channels: int,
     work_dir: str | os.PathLike | None = None,
     divisible_by: Sequence[int] | int | None = None,
+    whole_val_volumes: bool = False,
 ):
     """Resolve the data source, check every file's header, and build the training/validation datasets.
 
@@ -620,6 +628,9 @@ def build_datasets(
         spatial shape), ``in_channels``, ``spatial_dims``, ``crop_mode``, ``voxel_size`` and
         ``val_whole_volumes`` (True in ``random_patch`` mode: validation items are whole volumes of
         varying size; load them with batch size 1).
+
+    ``whole_val_volumes``: validation volumes are not cropped or resized to ``voxel_size`` (see
+    :func:`build_transforms`), for sliding-window validation.
     """
     in_channels = int(in_channels)
     if cfg.synthetic.enabled:
@@ -677,9 +688,10 @@ def build_datasets(
             val_split = f"no validation source: the last {n_val} of {n} training files were held out for validation"
 
     train_tf = build_transforms(cfg, spatial_dims, train=True, divisible_by=divisible_by)
-    val_tf = build_transforms(cfg, spatial_dims, train=False, divisible_by=divisible_by)
+    val_tf = build_transforms(cfg, spatial_dims, train=False, divisible_by=divisible_by, whole_volume=whole_val_volumes)
     train_ds = _make_dataset(train_entries, train_tf, cfg, _transform_key(cfg, spatial_dims, True, divisible_by))
-    val_ds = _make_dataset(val_entries, val_tf, cfg, _transform_key(cfg, spatial_dims, False, divisible_by))
+    val_ds = _make_dataset(val_entries, val_tf, cfg,
+                           _transform_key(cfg, spatial_dims, False, divisible_by, whole_val_volumes))
 
     # Geometry of the output volumes: the first training file through the deterministic transforms.
     first = train_entries[0]["image"]
@@ -703,7 +715,7 @@ def build_datasets(
         "spatial_dims": spatial_dims,
         "crop_mode": cfg.crop_mode,
         "voxel_size": list(cfg.voxel_size),
-        "val_whole_volumes": cfg.crop_mode == "random_patch",
+        "val_whole_volumes": cfg.crop_mode == "random_patch" or whole_val_volumes,
     }
     return train_ds, val_ds, info
 
