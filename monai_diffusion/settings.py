@@ -315,8 +315,8 @@ class LoggingSettings:
     num_visualize_samples: int = _f(1, "validation volumes shown per visualization", ge=0)
     use_sliding_window: bool = _f(
         False, "validate (losses, PSNR, SSIM, pictures) on whole validation volumes, not cropped or resized to "
-               "data.voxel_size, reconstructed by sliding windows (validation batch size 1); data.crop_mode "
-               "random_patch always does"
+               "data.voxel_size, reconstructed by sliding windows (validation batch size 1, so pictures show one "
+               "volume); data.crop_mode random_patch always does"
     )
     sliding_window_roi_size: Optional[IntList] = _f(
         None, "window size, one int per spatial axis, each divisible by the autoencoder's total downsample factor; "
