@@ -14,6 +14,7 @@ from nibabel.testing import data_path as NIB_DATA
 from PIL import Image
 
 from monai_diffusion.data import build_datasets
+from monai_diffusion import stage2
 from monai_diffusion.engine import Runtime
 from monai_diffusion.settings import ConfigError, load_settings
 from monai_diffusion.stage1 import AutoencoderStage, train_autoencoder, validation_window
@@ -166,19 +167,26 @@ def test_pictures_come_at_their_epochs_with_one_generation_each(autoencoder_run,
         "diffusion.logging.num_inference_steps=3",
         "sampling.num_inference_steps=7",
     ))
-    calls: list[tuple[int, int, int | None]] = []
-    original = DiffusionStage.generate
+    calls: list[tuple[int, int]] = []
+    steps_used: list[int] = []
+    original, original_steps = DiffusionStage.generate, stage2.set_sampling_steps
 
     def record(self, n, batch=None, seed=0, steps=None):
-        calls.append((self.epoch, n, steps))
+        calls.append((self.epoch, n))
         out = original(self, n, batch, seed, steps)
-        assert self.logging.num_inference_steps == 3 and out.shape == (n, 1, 16, 16, 16)
+        assert out.shape == (n, 1, 16, 16, 16)
         return out
 
+    def record_steps(scheduler, steps, *args):
+        steps_used.append(steps)
+        return original_steps(scheduler, steps, *args)
+
     monkeypatch.setattr(DiffusionStage, "generate", record)
+    monkeypatch.setattr(stage2, "set_sampling_steps", record_steps)
     train_diffusion(settings)
     # epoch 2: comparison (2 samples); 3: samples (1); 4: comparison; never twice in one epoch
-    assert calls == [(2, 2, None), (3, 1, None), (4, 2, None)]
+    assert calls == [(2, 2), (3, 1), (4, 2)]
+    assert steps_used == [3, 3, 3]  # diffusion.logging.num_inference_steps, not sampling's 7
     logs = tmp_path / "dm" / "logs"
     assert sorted(p.name for p in logs.glob("*.png")) == ["compare_epoch_2.png", "compare_epoch_4.png"]
     with Image.open(logs / "compare_epoch_4.png") as png:
@@ -196,3 +204,15 @@ def test_fast_dev_run_makes_the_comparison_but_writes_no_picture(autoencoder_run
     train_diffusion(settings)
     assert "visualisation made 4 image(s)" in capsys.readouterr().out  # 3 sample slices + 1 comparison
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_the_seed_configs_logging_sections_are_accepted(tmp_path):
+    """The logging sections of the seed's ldm_config_patched.yaml (values as published), at its patch size."""
+    s = load_settings(QUICKSTART, tiny(
+        tmp_path, "data.voxel_size=[96, 96, 48]",
+        "autoencoder.logging={log_dir: null, log_interval: 20, visualize_interval: 10, num_visualize_samples: 4, "
+        "use_sliding_window: true, sliding_window_roi_size: [96, 96, 48], sliding_window_batch_size: 4}",
+        "diffusion.logging={log_dir: null, log_interval: 20, visualize_interval: 10, num_visualize_samples: 4}",
+    ))
+    assert validation_window(s) == (96, 96, 48)
+    assert s.diffusion.logging.num_inference_steps is None  # the pictures sample with sampling.num_inference_steps
