@@ -479,6 +479,7 @@ def build_transforms(
     spatial_dims: int,
     train: bool,
     divisible_by: Sequence[int] | int | None = None,
+    whole_volume: bool = False,
 ):
     """MONAI dictionary transforms on key ``"image"``.
 
@@ -507,6 +508,8 @@ def build_transforms(
         train: training (random patches, augmentation) or validation transforms.
         divisible_by: validation volumes kept whole (:func:`validates_whole_volumes`) are padded to a multiple
             of this (e.g. the autoencoder's total downsampling factor per axis).
+        whole_volume: validation only: skip the crop / resize step, so that volumes keep their size after
+            orientation, spacing, voxel_resize and intensity scaling (stage 1 validates them by sliding windows).
     """
     from monai.transforms import (
         Compose,
@@ -573,7 +576,9 @@ def build_transforms(
 
     centre = ResizeWithPadOrCropd(keys=keys, spatial_size=size, mode="constant", value=0.0)
     resize = Resized(keys=keys, spatial_size=size, mode=interpolation, align_corners=False, anti_aliasing=True)
-    if train and uses_random_patches(cfg):
+    if whole_volume and not train:
+        pass  # sliding-window validation: the whole volume, neither cropped nor resized
+    elif train and uses_random_patches(cfg):
         xforms.append(SpatialPadd(keys=keys, spatial_size=size, mode="constant", value=0.0))
         xforms.append(RandSpatialCropd(keys=keys, roi_size=size, random_size=False, random_center=True))
     elif not train and aug.use_center_crop_for_val is not None:
@@ -599,7 +604,7 @@ def build_transforms(
 # ----------------------------------------------------------------------------------------------
 
 
-def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_by) -> str:
+def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_by, whole_volume: bool = False) -> str:
     """Identify the transform chain, so a PersistentDataset cache never serves stale results."""
     payload = {
         "version": _TRANSFORM_VERSION,
@@ -622,6 +627,8 @@ def _transform_key(cfg: DataSettings, spatial_dims: int, train: bool, divisible_
         "invert_intensity": cfg.augmentation.invert_intensity or None,
     }
     payload.update({k: v for k, v in extra.items() if v is not None})
+    if whole_volume:
+        payload["whole_volume"] = True
     digest = hashlib.md5(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return f"{'train' if train else 'val'}_{digest}"
 
@@ -674,6 +681,7 @@ def build_datasets(
     in_channels: int,
     work_dir: str | os.PathLike | None = None,
     divisible_by: Sequence[int] | int | None = None,
+    whole_val_volumes: bool = False,
 ):
     """Resolve the data source, check every file's header, and build the training/validation datasets.
 
@@ -702,6 +710,9 @@ def build_datasets(
         spatial shape), ``in_channels``, ``spatial_dims``, ``crop_mode``, ``voxel_size`` and
         ``val_whole_volumes`` (:func:`validates_whole_volumes`: validation items are whole volumes of
         varying size; load them with batch size 1).
+
+    ``whole_val_volumes``: validation volumes are not cropped or resized to ``voxel_size`` (see
+    :func:`build_transforms`), for sliding-window validation.
     """
     in_channels = int(in_channels)
     if cfg.synthetic.enabled:
@@ -769,9 +780,10 @@ def build_datasets(
         logger.info("data: %s", subset_note)
 
     train_tf = build_transforms(cfg, spatial_dims, train=True, divisible_by=divisible_by)
-    val_tf = build_transforms(cfg, spatial_dims, train=False, divisible_by=divisible_by)
+    val_tf = build_transforms(cfg, spatial_dims, train=False, divisible_by=divisible_by, whole_volume=whole_val_volumes)
     train_ds = _make_dataset(train_entries, train_tf, cfg, _transform_key(cfg, spatial_dims, True, divisible_by))
-    val_ds = _make_dataset(val_entries, val_tf, cfg, _transform_key(cfg, spatial_dims, False, divisible_by))
+    val_ds = _make_dataset(val_entries, val_tf, cfg,
+                           _transform_key(cfg, spatial_dims, False, divisible_by, whole_val_volumes))
 
     # Geometry of the output volumes: the first training file through the deterministic transforms.
     first = train_entries[0]["image"]
@@ -796,7 +808,7 @@ def build_datasets(
         "spatial_dims": spatial_dims,
         "crop_mode": cfg.crop_mode,
         "voxel_size": list(cfg.voxel_size),
-        "val_whole_volumes": validates_whole_volumes(cfg),
+        "val_whole_volumes": validates_whole_volumes(cfg) or whole_val_volumes,
     }
     return train_ds, val_ds, info
 

@@ -428,7 +428,8 @@ def load_weights(model: nn.Module, state_dict: dict[str, Any], path: str | Path)
 
 # --------------------------------------------------------------------------------------------------- stages
 class Stage(Protocol):
-    """What a stage provides to the loop."""
+    """What a stage provides to the loop. Optional hooks, called when a stage has them: ``on_epoch_start(epoch)``
+    (0-based, before the epoch's first batch) and ``on_validation_start()``."""
 
     name: str  # "autoencoder" or "diffusion"
     modules: dict[str, nn.Module]  # trained (and checkpointed) networks
@@ -899,6 +900,8 @@ def run_loop(
                     sampler.set_epoch(epoch)
                 for module in stage.modules.values():
                     module.train()
+                if hasattr(stage, "on_epoch_start"):
+                    stage.on_epoch_start(epoch)
 
                 epoch_start = time.perf_counter()
                 n_batches = len(train_loader) if max_batches is None else min(max_batches, len(train_loader))
@@ -988,14 +991,16 @@ def run_loop(
                 if run_val:
                     val = validate(stage, val_loader, runtime, max_batches)
                     epoch_logs.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})
-                    if runtime.is_main and (cfg.fast_dev_run or (epoch + 1) % cfg.visualize_interval == 0):
-                        with torch.no_grad():
-                            images = stage.visualize(next(iter(val_loader)), quick=cfg.fast_dev_run)
-                        for tag, image in images.items():
-                            if writer is not None:
-                                writer.add_image(tag, image, epoch + 1)
-                        if cfg.fast_dev_run:
-                            runtime.print(f"fast_dev_run: visualisation made {len(images)} image(s)")
+                # pictures every visualize_interval epochs, whether or not this epoch validates
+                if (val_loader is not None and runtime.is_main
+                        and (cfg.fast_dev_run or (epoch + 1) % cfg.visualize_interval == 0)):
+                    with torch.no_grad():
+                        images = stage.visualize(next(iter(val_loader)), quick=cfg.fast_dev_run)
+                    for tag, image in images.items():
+                        if writer is not None:
+                            writer.add_image(tag, image, epoch + 1)
+                    if cfg.fast_dev_run:
+                        runtime.print(f"fast_dev_run: visualisation made {len(images)} image(s)")
                 if writer is not None:
                     for key, value in epoch_logs.items():
                         writer.add_scalar(f"epoch/{key}", value, epoch + 1)

@@ -416,15 +416,34 @@ class LoggingSettings:
     log_interval: int = _f(10, "log training losses every N steps", ge=1)
     visualize_interval: int = _f(1, "log input / reconstruction / error slices every N epochs", ge=1)
     num_visualize_samples: int = _f(1, "validation volumes shown per visualization", ge=0)
+    use_sliding_window: bool = _f(
+        False, "validate (losses, PSNR, SSIM, pictures) on whole validation volumes, not cropped or resized to "
+               "data.voxel_size, reconstructed by sliding windows (validation batch size 1, so pictures show one "
+               "volume); data.crop_mode random_patch always does"
+    )
+    sliding_window_roi_size: Optional[IntList] = _f(
+        None, "window size, one int per spatial axis, each divisible by the autoencoder's total downsample factor; "
+              "null = data.voxel_size", ge=1
+    )
+    sliding_window_batch_size: int = _f(1, "windows reconstructed together (more = faster, more memory)", ge=1)
 
 
 @dataclass(frozen=True)
 class DiffusionLoggingSettings:
-    """TensorBoard logging of stage 2 (samples: diffusion.training.generate_samples_interval and
-    num_samples_to_generate)."""
+    """TensorBoard logging of stage 2: samples (diffusion.training.generate_samples_interval and
+    num_samples_to_generate) and samples next to real validation volumes (visualize_interval)."""
 
     log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
     log_interval: int = _f(10, "log training losses every N steps", ge=1)
+    visualize_interval: int = _f(
+        10, "every N epochs, log generated mid-slices next to real validation mid-slices (TensorBoard image "
+            "compare/generated_vs_real and <log_dir>/compare_epoch_<N>.png)", ge=1
+    )
+    num_visualize_samples: int = _f(1, "generated (and real) volumes in that picture, one row each; 0 = none", ge=0)
+    num_inference_steps: Optional[int] = _f(
+        None, "sampling steps of every picture made during training (these and the samples of "
+              "training.generate_samples_interval); null = sampling.num_inference_steps", ge=1
+    )
 
 
 @dataclass(frozen=True)
@@ -1116,6 +1135,26 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
         )
 
 
+def _check_logging(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
+    """The sliding windows of stage 1's validation and the sampling steps of stage 2's pictures."""
+    roi, dims = s.autoencoder.logging.sliding_window_roi_size, s.autoencoder.spatial_dims
+    key = "autoencoder.logging.sliding_window_roi_size"
+    if roi is not None and len(roi) != dims:
+        problems.append((key, f"expected autoencoder.spatial_dims = {dims} entries (one per axis) or null "
+                              f"(= data.voxel_size), got {len(roi)}: {_short(roi)}"))
+    elif roi is not None and total is not None:
+        for axis, (size, factor) in enumerate(zip(roi, total)):
+            if size % factor:
+                problems.append(
+                    (key, f"axis {axis}: {size} is not divisible by {factor} (the autoencoder's total downsample "
+                          f"factor on that axis); nearest valid sizes are {_nearest_multiples(size, factor)}")
+                )
+    steps, timesteps = s.diffusion.logging.num_inference_steps, s.diffusion.scheduler.num_train_timesteps
+    if steps is not None and steps > timesteps:
+        problems.append(("diffusion.logging.num_inference_steps",
+                         f"must be <= diffusion.scheduler.num_train_timesteps ({timesteps}), got {steps}"))
+
+
 def _two_adic(n: int) -> int:
     """Largest k with 2**k dividing n (n > 0)."""
     k = 0
@@ -1351,6 +1390,7 @@ def _validate(s: Settings, check_paths: bool, require_data: bool, stage: Optiona
     problems: list[tuple[str, str]] = []
     total = _check_autoencoder(s, problems)
     _check_data_shape(s, total, problems)
+    _check_logging(s, total, problems)
     _check_diffusion(s, total, problems)
     _check_losses(s, problems)
     _check_perceptual(s, check_paths, problems)

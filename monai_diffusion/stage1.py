@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
+from monai.inferers import SlidingWindowInferer
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
@@ -60,8 +60,10 @@ class AutoencoderStage:
         runtime: device / precision / rank.
         perceptual_loss: a frozen perceptual loss module, or None.
         data_info: facts about the training data (spacing, orientation, affine) stored in checkpoints.
-        val_tile: when set (random-patch training), validation volumes are reconstructed by sliding windows of
-            this size.
+        val_window: when set, validation volumes (whole, of any size) are reconstructed by sliding windows of
+            this size (MONAI ``SlidingWindowInferer``, overlap 0.25, Gaussian blending), each window through
+            the whole autoencoder as in training; None: in one piece.
+        val_window_batch_size: windows reconstructed together.
         num_visualize: validation volumes shown in TensorBoard (from the first validation batch).
         reconstruction_loss: ``loss(recon, target) -> (loss, logs)``; None = built from ``training.loss`` (see
             :func:`monai_diffusion.losses.build_reconstruction_loss`).
@@ -83,7 +85,8 @@ class AutoencoderStage:
         runtime: Runtime,
         perceptual_loss: nn.Module | None = None,
         data_info: dict[str, Any] | None = None,
-        val_tile: tuple[int, ...] | None = None,
+        val_window: tuple[int, ...] | None = None,
+        val_window_batch_size: int = 1,
         num_visualize: int = 1,
         reconstruction_loss: ReconstructionLoss | None = None,
     ) -> None:
@@ -93,7 +96,12 @@ class AutoencoderStage:
         self.runtime = runtime
         self.perceptual_loss = perceptual_loss
         self.data_info = data_info or {}
-        self.val_tile = val_tile
+        self.val_window = val_window
+        self.inferer = None
+        if val_window is not None:
+            self.inferer = SlidingWindowInferer(
+                roi_size=val_window, sw_batch_size=val_window_batch_size, overlap=0.25, mode="gaussian"
+            )
         self.num_visualize = num_visualize
         self.reconstruction_loss = reconstruction_loss or build_reconstruction_loss(training.loss)
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -177,13 +185,10 @@ class AutoencoderStage:
 
     # ---------------------------------------------------------------------------------------------- validation
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of validation volumes: window by window when ``val_window`` is set, else in one piece."""
         ae = self.autoencoder
-        if self.val_tile is not None:
-            # trained on patches: reconstruct whole volumes patch by patch, each patch through the whole
-            # autoencoder as in training, blended with Gaussian weights
-            return sliding_window_inference(
-                images, roi_size=self.val_tile, sw_batch_size=1, predictor=ae.reconstruct, overlap=0.25, mode="gaussian"
-            ).float()
+        if self.inferer is not None:
+            return self.inferer(images, ae.reconstruct).float()
         return ae.reconstruct(images).float()
 
     def validation_step(self, batch: Any) -> dict[str, float]:
@@ -264,10 +269,11 @@ def build_autoencoder_stage(
     runtime: Runtime,
     perceptual: nn.Module | None = None,
     data_info: dict[str, Any] | None = None,
-    val_tile: tuple[int, ...] | None = None,
+    val_window: tuple[int, ...] | None = None,
 ) -> AutoencoderStage:
     """Stage 1's networks and optimizers from the settings, seeded so every rank starts from the same weights,
-    wrapped in DDP under ``torchrun``. Used by training and by ``plan`` alike."""
+    wrapped in DDP under ``torchrun``. Used by training and by ``plan`` alike. ``val_window``: see
+    :class:`AutoencoderStage` (its batch size is ``autoencoder.logging.sliding_window_batch_size``)."""
     ae_cfg, t = settings.autoencoder, settings.autoencoder.training
     seed_everything(settings.seed if settings.seed is not None else 0)
     autoencoder = build_autoencoder(ae_cfg).to(runtime.device)
@@ -291,7 +297,8 @@ def build_autoencoder_stage(
         runtime,
         perceptual_loss=perceptual,
         data_info=data_info,
-        val_tile=val_tile,
+        val_window=val_window,
+        val_window_batch_size=ae_cfg.logging.sliding_window_batch_size,
         num_visualize=ae_cfg.logging.num_visualize_samples,
     )
 
@@ -310,14 +317,15 @@ def train_autoencoder(settings: Any) -> LoopState:
         prepare_output_dir(loop_cfg, runtime)
         perceptual = build_perceptual_loss(t, ae_cfg.spatial_dims)
 
-        whole_val = validates_whole_volumes(settings.data)  # random patches in training, whole volumes in validation
+        window = validation_window(settings)
         with _rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
                 settings.data,
                 spatial_dims=ae_cfg.spatial_dims,
                 in_channels=ae_cfg.in_channels,
                 work_dir=output_dir.parent,
-                divisible_by=total_downsample_factor(ae_cfg) if whole_val else None,
+                divisible_by=total_downsample_factor(ae_cfg) if window is not None else None,
+                whole_val_volumes=ae_cfg.logging.use_sliding_window,
             )
         runtime.print(f"data: {info.get('source', '')} ({info.get('n_train')} training, {info.get('n_val')} validation volumes)"
                       + (f"; {info['subset']}" if info.get("subset") else ""))
@@ -331,11 +339,10 @@ def train_autoencoder(settings: Any) -> LoopState:
             seed=seed,
             num_replicas=runtime.world_size if runtime.distributed else None,
             rank=runtime.rank if runtime.distributed else None,
-            val_batch_size=1 if whole_val else None,
+            val_batch_size=1 if window is not None else None,  # whole volumes can differ in size
         )
         stage = build_autoencoder_stage(
-            settings, runtime, perceptual=perceptual, data_info=_json_safe(info),
-            val_tile=tuple(settings.data.voxel_size) if whole_val else None,
+            settings, runtime, perceptual=perceptual, data_info=_json_safe(info), val_window=window,
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run and not state.stopped_by:
@@ -343,6 +350,17 @@ def train_autoencoder(settings: Any) -> LoopState:
         return state
     finally:
         teardown_runtime(runtime)
+
+
+def validation_window(settings: Any) -> tuple[int, ...] | None:
+    """The sliding window of stage 1's validation: ``autoencoder.logging.sliding_window_roi_size`` (default
+    ``data.voxel_size``) when validation volumes are whole (``autoencoder.logging.use_sliding_window``, or training
+    on random patches without ``data.augmentation.use_center_crop_for_val``: :func:`data.validates_whole_volumes`),
+    else None (validation volumes are ``voxel_size`` and go in one piece)."""
+    log = settings.autoencoder.logging
+    if not (log.use_sliding_window or validates_whole_volumes(settings.data)):
+        return None
+    return tuple(log.sliding_window_roi_size or settings.data.voxel_size)
 
 
 @contextlib.contextmanager

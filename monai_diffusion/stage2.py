@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -76,6 +77,8 @@ class DiffusionStage:
         settings: the full settings (``diffusion.training``, ``sampling``).
         runtime: device / precision / rank.
         extra: checkpoint content that describes the run (autoencoder, data geometry, model arguments).
+        picture_dir: where the comparison pictures are written as ``compare_epoch_<N>.png`` (the TensorBoard
+            folder); None = TensorBoard only.
     """
 
     name = "diffusion"
@@ -93,6 +96,7 @@ class DiffusionStage:
         settings: Any,
         runtime: Runtime,
         extra: dict[str, Any],
+        picture_dir: Path | None = None,
     ) -> None:
         self.modules = {"unet": unet} if ema is None else {"unet": unet, "ema": ema}
         self.optimizers = {"unet": optimizer}
@@ -104,7 +108,10 @@ class DiffusionStage:
         self.scale_factor = scale_factor
         self.conditioner = conditioner
         self.training = settings.diffusion.training
+        self.logging = settings.diffusion.logging
         self.sampling = settings.sampling
+        self.picture_dir = picture_dir
+        self.epoch = 1  # the epoch being run, 1-based (set by the loop through on_epoch_start)
         self.runtime = runtime
         self.extra = extra
         self._val_generator: torch.Generator | None = None
@@ -215,8 +222,10 @@ class DiffusionStage:
 
     @torch.no_grad()
     def generate(self, n: int, batch: Any | None = None, seed: int = 0, steps: int | None = None) -> torch.Tensor:
-        """``n`` decoded samples (conditions taken from ``batch`` when the model is conditioned), with DDIM in
-        ``steps`` steps (default ``sampling.num_inference_steps``)."""
+        """``n`` decoded samples (conditions taken from ``batch`` when the model is conditioned, then at most as many
+        samples as ``batch`` has volumes), by the fast sampler of the training objective (DDIM for DDPM, the
+        rectified-flow sampler for rflow) in ``steps`` steps (default ``diffusion.logging.num_inference_steps``,
+        or ``sampling.num_inference_steps`` when that is null). The one sampler of every picture in training."""
         net = self.ema if self.ema is not None else unwrap(self.modules["unet"])
         latent_shape = self.extra["latent_shape"]
         generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
@@ -229,23 +238,48 @@ class DiffusionStage:
         if sampler == "ddpm":  # in training, preview with the fast sampler of the same objective
             sampler = "ddim"
         scheduler = build_scheduler(self.scheduler_args, sampler)
-        steps = self.sampling.num_inference_steps if steps is None else steps
+        if steps is None:
+            steps = self.logging.num_inference_steps or self.sampling.num_inference_steps
         set_sampling_steps(scheduler, min(steps, self.scheduler_args["num_train_timesteps"]), latent_shape[1:],
                            self.runtime.device)
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
             return decode_latents(self.autoencoder, z.float(), self.scale_factor, None).float()
 
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch + 1
+
+    def pictures_due(self, epoch: int) -> tuple[int, int]:
+        """How many samples the two pictures of 1-based ``epoch`` show: ``samples/*`` (every
+        ``training.generate_samples_interval`` epochs) and the comparison with real volumes (every
+        ``logging.visualize_interval`` epochs); 0 = not this epoch."""
+        samples = self.extra["num_samples_to_generate"] if epoch % self.training.generate_samples_interval == 0 else 0
+        compare = self.logging.num_visualize_samples if epoch % self.logging.visualize_interval == 0 else 0
+        return samples, compare
+
     def visualize(self, batch: Any, quick: bool = False) -> dict[str, torch.Tensor]:
-        """Mid-slices of ``num_samples_to_generate`` samples; ``quick``: one sample in 2 DDIM steps."""
-        n = 1 if quick else self.extra["num_samples_to_generate"]
+        """The pictures due this epoch, from one set of samples (:meth:`generate`): mid-slices of each sample
+        (``samples/<i>/<axis>``), and generated next to real validation volumes from ``batch``
+        (``compare/generated_vs_real``, also written to ``picture_dir/compare_epoch_<N>.png``). ``quick``
+        (fast_dev_run): both, with one sample in 2 steps, and no file."""
+        n_samples, n_compare = self.pictures_due(self.epoch)
+        if quick:
+            n_samples, n_compare = 1, min(1, self.logging.num_visualize_samples)
+        n = max(n_samples, n_compare)
         if n == 0:
             return {}
         samples = self.generate(n, batch, steps=2 if quick else None)
         images = {}
-        for i in range(samples.shape[0]):
+        for i in range(min(n_samples, samples.shape[0])):
             for axis, image in orthogonal_slices([samples[i : i + 1]]).items():
                 images[f"samples/{i}/{axis}"] = image
+        if n_compare:
+            real = batch["image"][:n_compare].as_subclass(torch.Tensor).float()
+            picture = comparison_picture(samples[:n_compare], real)
+            images["compare/generated_vs_real"] = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255)[None]
+            if not quick and self.picture_dir is not None:
+                self.picture_dir.mkdir(parents=True, exist_ok=True)
+                picture.save(self.picture_dir / f"compare_epoch_{self.epoch}.png")
         return images
 
     # --------------------------------------------------------------------------------------------- checkpoints
@@ -270,6 +304,21 @@ class DiffusionStage:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def comparison_picture(generated: torch.Tensor, real: torch.Tensor):
+    """A labelled 8-bit PIL image: a row of generated volumes above a row of real ones, mid-slices in every plane,
+    in one intensity window (the real volumes' range) so brightness differences show.
+
+    Args:
+        generated: (N, C, *spatial) samples.
+        real: (M, C, *spatial) real volumes (their spatial size may differ from the samples').
+    """
+    from .evaluate import picture_grid
+
+    lo, hi = float(real.min()), float(real.max())
+    rows = [("generated", generated.detach().float().cpu()), ("real", real.detach().float().cpu())]
+    return picture_grid(rows, (lo, hi) if hi > lo else (0.0, 1.0), max_columns=max(len(generated), len(real)))
+
+
 def lr_lambda(warmup_steps: int, schedule: str, total_steps: int):
     """Multiplier of the base learning rate at each optimizer step: linear warm-up, then constant or cosine."""
 
@@ -369,6 +418,7 @@ def build_diffusion_stage(
     steps_per_epoch: int,
     data_info: dict[str, Any] | None = None,
     autoencoder_source: str = "",
+    picture_dir: Path | None = None,
 ) -> DiffusionStage:
     """Stage 2's UNet (+ EMA copy), optimizer and learning-rate schedule from the settings, around a frozen
     ``autoencoder``; seeded so every rank starts from the same weights, DDP-wrapped under ``torchrun``. Used by
@@ -404,15 +454,17 @@ def build_diffusion_stage(
         "num_samples_to_generate": t.num_samples_to_generate,
     }
     return DiffusionStage(
-        unet, ema, optimizer, lr_scheduler, autoencoder, scheduler_args, 1.0, conditioner, settings, runtime, extra
+        unet, ema, optimizer, lr_scheduler, autoencoder, scheduler_args, 1.0, conditioner, settings, runtime, extra,
+        picture_dir=picture_dir,
     )
 
 
 def train_diffusion(settings: Any) -> LoopState:
     """Stage 2 end to end: checks, autoencoder from its checkpoint, data, UNet, then the shared loop."""
     df, t = settings.diffusion, settings.diffusion.training
-    # samples are what stage 2 shows in TensorBoard, every generate_samples_interval epochs
-    loop_cfg = loop_config(settings, "diffusion", visualize_interval=t.generate_samples_interval)
+    # the loop offers a picture every gcd of the two intervals; the stage makes the ones due (pictures_due)
+    loop_cfg = loop_config(settings, "diffusion",
+                           visualize_interval=math.gcd(t.generate_samples_interval, df.logging.visualize_interval))
     seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
     ae_path = Path(df.checkpoints.autoencoder_path)
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
@@ -457,6 +509,7 @@ def train_diffusion(settings: Any) -> LoopState:
         stage = build_diffusion_stage(
             settings, runtime, autoencoder, conditioner, steps_per_epoch,
             data_info=_json_safe(ae_ckpt.get("data_info") or info), autoencoder_source=str(ae_path),
+            picture_dir=None if t.fast_dev_run else loop_cfg.log_dir,  # fast_dev_run writes nothing
         )
         if t.cache_latents:
             if settings.data.augmentation.enabled:

@@ -84,7 +84,8 @@ def test_fast_dev_run_runs_everything_once_and_writes_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert train_diffusion_main(args(tmp_path, "diffusion.training.fast_dev_run=true")) == 0
     out = capsys.readouterr().out
-    assert "fast_dev_run: visualisation made 3 image(s)" in out  # one sample, three planes, after 2 DDIM steps
+    # one sample after 2 DDIM steps: three planes, and the same sample next to a real volume
+    assert "fast_dev_run: visualisation made 4 image(s)" in out
     assert "checkpoint serialised in memory" in out and "peak memory of the last training step" in out
     assert not (tmp_path / "dm").exists()
 
