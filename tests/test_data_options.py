@@ -281,7 +281,7 @@ def test_stage1_validates_use_patch_based_runs_with_sliding_windows(tmp_path, mo
     seen = {}
 
     def fake_loop(stage, train_loader, val_loader, loop_cfg, runtime):
-        seen.update(val_tile=stage.val_tile, val_batch=val_loader.batch_size, val_shape=tuple(
+        seen.update(val_tile=stage.val_window, val_batch=val_loader.batch_size, val_shape=tuple(
             next(iter(val_loader))["image"].shape))
         raise RuntimeError("stop here")
 

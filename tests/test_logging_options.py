@@ -16,7 +16,7 @@ from PIL import Image
 from monai_diffusion.data import build_datasets
 from monai_diffusion import stage2
 from monai_diffusion.engine import Runtime
-from monai_diffusion.settings import ConfigError, load_settings
+from monai_diffusion.settings import ConfigError, load_settings, settings_from_dict
 from monai_diffusion.stage1 import AutoencoderStage, train_autoencoder, validation_window
 from monai_diffusion.stage2 import DiffusionStage, comparison_picture, train_diffusion
 
@@ -78,7 +78,8 @@ class PointwiseAutoencoder(nn.Module):
 def _stage(window: tuple[int, ...] | None, window_batch: int = 1) -> AutoencoderStage:
     ae, disc = PointwiseAutoencoder(), nn.Conv3d(1, 1, 1)
     opt = torch.optim.SGD(disc.parameters(), lr=0.1)
-    return AutoencoderStage(ae, disc, opt, opt, None, Runtime(torch.device("cpu"), None), val_window=window,
+    training = settings_from_dict({}, check_paths=False, require_data=False).autoencoder.training
+    return AutoencoderStage(ae, disc, opt, opt, training, Runtime(torch.device("cpu"), None), val_window=window,
                             val_window_batch_size=window_batch)
 
 
