@@ -196,17 +196,20 @@ class AutoencoderStage:
         recon = self._reconstruct(images)
         if self.ssim is None:
             self.ssim = SSIMMetric(spatial_dims=images.ndim - 2, data_range=1.0, win_size=min(7, *images.shape[2:]))
-        clamped = recon.clamp(0, 1)
-        l1 = F.l1_loss(clamped, images).item()
-        metrics = {
-            "val_loss": l1,
-            "l1": l1,
-            "psnr": self.psnr(clamped, images).mean().item(),
-            "ssim": self.ssim(clamped, images).mean().item(),
-        }
-        if self.reconstruction_loss.loss_type != "l1":
-            # the configured training loss too (on the unclamped reconstruction, as in training): val_recon, ...
-            metrics.update(self.reconstruction_loss(recon, images)[1])
+        # metrics in fp32 outside autocast: SSIM's variances (E[x^2] - E[x]^2) cancel catastrophically in bf16
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            images = images.float()
+            clamped = recon.clamp(0, 1)
+            l1 = F.l1_loss(clamped, images).item()
+            metrics = {
+                "val_loss": l1,
+                "l1": l1,
+                "psnr": self.psnr(clamped, images).mean().item(),
+                "ssim": self.ssim(clamped, images).mean().item(),
+            }
+            if self.reconstruction_loss.loss_type != "l1":
+                # the configured training loss too (on the unclamped reconstruction, as in training): val_recon, ...
+                metrics.update(self.reconstruction_loss(recon, images)[1])
         return metrics
 
     @torch.no_grad()

@@ -3,6 +3,7 @@ pictures of generated next to real volumes (epochs, sampling steps, PNG files) a
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -217,3 +218,16 @@ def test_the_seed_configs_logging_sections_are_accepted(tmp_path):
     ))
     assert validation_window(s) == (96, 96, 48)
     assert s.diffusion.logging.num_inference_steps is None  # the pictures sample with sampling.num_inference_steps
+
+
+def test_validation_metrics_are_fp32_under_bf16_autocast():
+    """Sparse volumes (filaments on black) under bf16 autocast: SSIM's local variances must not cancel in bf16."""
+    volume = torch.zeros(1, 1, 24, 24, 12)
+    volume[0, 0, :, 5, 3] = 1.0
+    volume[0, 0, 7, :, 8] = 0.8
+    volume[0, 0, :, 17, 6] = 0.6
+    reference = _stage(None).validation_step({"image": volume})
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = _stage(None).validation_step({"image": volume})
+    assert all(math.isfinite(v) for v in mixed.values()), mixed
+    assert mixed == pytest.approx(reference, rel=1e-6)
