@@ -99,8 +99,10 @@ class AutoencoderStage:
         self.val_window = val_window
         self.inferer = None
         if val_window is not None:
+            # a progress bar per volume on the main process: whole large volumes take many windows
             self.inferer = SlidingWindowInferer(
-                roi_size=val_window, sw_batch_size=val_window_batch_size, overlap=0.25, mode="gaussian"
+                roi_size=val_window, sw_batch_size=val_window_batch_size, overlap=0.25, mode="gaussian",
+                progress=runtime.is_main,
             )
         self.num_visualize = num_visualize
         self.reconstruction_loss = reconstruction_loss or build_reconstruction_loss(training.loss)
