@@ -118,8 +118,8 @@ class Sampler:
         self.affine = np.asarray(info["affine"], dtype=np.float64) if info.get("affine") is not None else None
 
     def describe(self) -> str:
-        space = "pixel space" if self.pixel_space else "latent space"
-        return f"{self.sampler.upper()} ({self.steps} steps, {space}) on {self.device}"
+        space = " in pixel space" if self.pixel_space else ""
+        return f"{self.sampler.upper()} ({self.steps} steps) on {self.device}{space}"
 
     def noise(self, count: int, seed: int) -> torch.Tensor:
         """The initial noise of a batch of ``count`` samples drawn with ``seed`` (a latent's shape, or in pixel
