@@ -1166,7 +1166,12 @@ def _check_checkpoints(s: Settings, check_paths: bool, problems: list[tuple[str,
 
 
 def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems: list[tuple[str, str]]) -> None:
-    """Checks that only one command needs: stage 2 learns whole volumes from a stage-1 checkpoint."""
+    """Checks that only one command needs: stage 2 learns whole volumes from a stage-1 checkpoint (or, in pixel space,
+    without one); a pixel-space config has no stage 1."""
+    if stage == "autoencoder" and s.diffusion.space == "pixel":
+        problems.append(("diffusion.space", "is pixel: the UNet learns the images directly and no autoencoder is "
+                                            "trained; run train_diffusion.py with this config (or --set "
+                                            "diffusion.space=latent to train a latent pipeline's autoencoder)"))
     if stage != "diffusion":
         return
     if s.data.crop_mode == "random_patch":

@@ -83,6 +83,15 @@ def test_settings_accept_pixel_space_and_refuse_what_does_not_fit(tmp_path):
     assert "autoencoder_path=null" in problems["diffusion.checkpoints.autoencoder_path"]
     assert "tile_size=null" in problems["sampling.tile_size"]
 
+    # no stage 1 and no plan for a pixel-space config
+    with pytest.raises(ConfigError, match="no autoencoder is trained"):
+        settings(tmp_path, stage="autoencoder")
+    from monai_diffusion.engine import RunError
+    from monai_diffusion.plan import make_plan
+
+    with pytest.raises(RunError, match="fast-dev-run"):
+        make_plan(s, measure=False, device="cpu")
+
     # a latent config without an autoencoder, whose UNet takes the image channels, is told about pixel space
     latent = config(tmp_path, space="latent")
     latent["autoencoder"]["latent_channels"] = 1
