@@ -18,6 +18,7 @@ from .sampling import (
     Conditioner,
     build_scheduler,
     decode_samples,
+    objective,
     next_free_index,
     resolve_sampler,
     sample_latents,
@@ -71,7 +72,8 @@ class Sampler:
     Args:
         settings: the settings (``sampling``, ``device``, ``diffusion.use_flash_attention``).
         path: the stage-2 checkpoint.
-        sampler: the sampler to use instead of ``sampling.scheduler`` (e.g. ``"ddim"`` for interpolation).
+        sampler: the sampler to use instead of ``sampling.scheduler``; ``"deterministic"``: DDIM (eta 0) for a
+            DDPM-trained model, rectified flow's Euler sampler for a rectified-flow one (interpolation uses it).
     """
 
     def __init__(self, settings: Any, path: str | Path, sampler: str | None = None) -> None:
@@ -103,6 +105,8 @@ class Sampler:
             raise RunError(f"sampling.class_label {cfg.class_label} is not a class of {path} "
                            f"(classes 0..{self.conditioner.num_classes - 1})")
         args = ckpt["scheduler_args"]
+        if sampler == "deterministic":
+            sampler = "rflow" if objective(args) == "rflow" else "ddim"
         try:
             self.sampler = resolve_sampler(args, sampler or cfg.scheduler, where=str(path))
         except ValueError as exc:
@@ -241,12 +245,9 @@ def interpolate(
         raise FileExistsError(f"{out_dir} already holds files; interpolations are never overwritten (remove it or "
                               "choose another sampling.output_dir)")
     path = checkpoint_path(settings, checkpoint)
-    probe = load_checkpoint(path, expected_stage="diffusion")
-    deterministic = "ddim" if probe["scheduler_args"].get("type", "ddpm") == "ddpm" else "rflow"
-    del probe
-    sampler = Sampler(settings, path, sampler=deterministic)
-    if cfg.scheduler not in ("auto", deterministic):
-        print(f"note: interpolation samples with {deterministic.upper()} (deterministic), not "
+    sampler = Sampler(settings, path, sampler="deterministic")
+    if cfg.scheduler not in ("auto", sampler.sampler):
+        print(f"note: interpolation samples with {sampler.sampler.upper()} (deterministic), not "
               f"sampling.scheduler={cfg.scheduler}")
     weights = [i / (steps - 1) for i in range(steps)]
     mixed = slerp(sampler.noise(1, seed_a)[0], sampler.noise(1, seed_b)[0], weights)

@@ -172,6 +172,11 @@ def test_interpolation_ends_are_the_samples_of_the_two_seeds_pixel(run_2d, tmp_p
     assert sorted(p.name for p in folder.glob("frame_*.png")) == [f"frame_{i:04d}.png" for i in range(4)]
     strip = np.asarray(Image.open(folder / "strip.png"))
     assert strip.shape == (32, 4 * 32 + 3 * 2)  # N images in one row
+    # sampling.scheduler=ddpm (stochastic) is replaced by DDIM: the same ends
+    ddpm = settings_from_dict({**s.to_dict(), "sampling": {**s.to_dict()["sampling"], "scheduler": "ddpm",
+                                                           "output_dir": str(tmp_path / "ddpm")}}, stage="sampling")
+    ends, _ = interpolate(ddpm, 3, 7, steps=2, progress=False)
+    assert torch.allclose(ends[0], samples[0], atol=1e-5) and torch.allclose(ends[1], samples[-1], atol=1e-5)
     # refuses to overwrite; --steps without --interpolate and too few steps are one-line errors
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(s.to_dict()))
