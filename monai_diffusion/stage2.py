@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from .data import DataError, build_datasets, build_loaders, load_datalist
 from .engine import (
     LoopState,
+    RunError,
     Runtime,
     count_parameters,
     load_checkpoint,
@@ -280,6 +281,10 @@ class DiffusionStage:
         return architecture(self.extra["model_args"])
 
     def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        space, here = ckpt.get("space", "latent"), "pixel" if self.pixel_space else "latent"
+        if space != here:
+            raise RunError(f"{path} was trained with diffusion.space={space}, but this run has diffusion.space={here}; "
+                           f"resume it with --set diffusion.space={space}")
         self.scale_factor = float(ckpt["scale_factor"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
 

@@ -120,6 +120,14 @@ def test_training_resumes_exactly_and_checkpoint_describes_itself(tmp_path):
     resumed = settings(part, training={"ema_decay": 0.9},
                        checkpoints={"resume_from": str(part / "dm" / "latest_checkpoint.pt")})
     train_diffusion(resumed)
+    # a pixel-space run does not resume a latent checkpoint (or the other way round), even with the same UNet
+    from monai_diffusion.engine import RunError, setup_runtime
+    from monai_diffusion.sampling import Conditioner
+    from monai_diffusion.stage2 import build_diffusion_stage
+
+    stage = build_diffusion_stage(settings(part), setup_runtime(False, 0, False), None, Conditioner(), 1)
+    with pytest.raises(RunError, match="trained with diffusion.space=latent"):
+        stage.load_extra({"space": "latent", "scale_factor": 0.5, "lr_scheduler": {}}, "latent.pt")
     a = load_checkpoint(tmp_path / "full" / "dm" / "latest_checkpoint.pt", "diffusion")
     b = load_checkpoint(part / "dm" / "latest_checkpoint.pt", "diffusion")
     assert a["epoch"] == b["epoch"] == 1
