@@ -87,7 +87,8 @@ def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
 
 def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
     """``train_diffusion.py --config FILE [--set key=value ...]``: stage 2."""
-    parser = _parser("train_diffusion", "Train the stage-2 latent diffusion UNet on a trained autoencoder.")
+    parser = _parser("train_diffusion", "Train the stage-2 diffusion UNet on a trained autoencoder's latents, or "
+                                        "(diffusion.space: pixel) on the images directly.")
     args = parser.parse_args(argv)
     if args.plan:
         return _run_plan(args)
@@ -104,14 +105,29 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
 
 
 def generate_samples_main(argv: Sequence[str] | None = None) -> int:
-    """``generate_samples.py --config FILE [--checkpoint PATH] [--set key=value ...]``: write samples."""
+    """``generate_samples.py --config FILE [--checkpoint PATH] [--interpolate A B --steps N] [--set key=value ...]``:
+    write samples, or an interpolation between the samples of two seeds."""
     parser = argparse.ArgumentParser(prog="generate_samples", description="Generate volumes with a trained stage-2 model.")
     add_config_args(parser)
     parser.add_argument("--checkpoint", help="stage-2 checkpoint (default: sampling.checkpoint, else best_model.pt)")
+    parser.add_argument("--interpolate", nargs=2, type=int, metavar=("A", "B"),
+                        help="instead of sampling.num_samples samples: --steps samples between the samples of seeds A "
+                             "and B (spherical interpolation of the initial noise, deterministic DDIM / rflow "
+                             "sampling), written to <sampling.output_dir>/interpolation_A_B/ with strip.png")
+    parser.add_argument("--steps", type=int, default=None, help="with --interpolate: samples, both ends included "
+                                                                "(default 8)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.interpolate is None:
+        parser.error("--steps goes with --interpolate A B")
 
     def work() -> None:
         settings = settings_from_args(args, require_data=False, stage="sampling")
+        if args.interpolate is not None:
+            from .generate import interpolate
+
+            steps = 8 if args.steps is None else args.steps
+            interpolate(settings, args.interpolate[0], args.interpolate[1], steps, args.checkpoint)
+            return
         from .generate import generate_samples
 
         generate_samples(settings, args.checkpoint)

@@ -6,6 +6,9 @@ samples are drawn from the stage-2 checkpoint with the ``sampling`` settings (or
 metrics compare samples with real volumes and with the reconstructions (the best a latent model can do, so that
 stage 2 is judged apart from stage 1); reconstruction metrics are reported on the validation volumes, whole, through
 sliding windows of ``data.voxel_size`` when they are larger.
+
+A pixel-space checkpoint (``diffusion.space: pixel``) has no autoencoder: its report has the generation metrics
+against the real volumes only, without reconstructions or ``stage1_validation``.
 """
 
 from __future__ import annotations
@@ -109,12 +112,15 @@ def evaluate_pipeline(
         raise RunError(f"stage-2 checkpoint not found: {path} (train stage 2 first, or pass --checkpoint)")
     sampler = Sampler(settings, path)
     autoencoder = sampler.autoencoder
-    ae_args = sampler.ckpt["autoencoder"]["model_args"]
+    pixel = autoencoder is None
+    # a pixel-space UNet takes the images themselves: its own arguments give their axes and channels
+    ae_args = sampler.ckpt["model_args"] if pixel else sampler.ckpt["autoencoder"]["model_args"]
     dims = ae_args["spatial_dims"]
     roi = tuple(settings.data.voxel_size)
-    whole_val = validates_whole_volumes(settings.data)
+    whole_val = validates_whole_volumes(settings.data) and not pixel
+    stage_dir = settings.diffusion.checkpoints.output_dir if pixel else settings.autoencoder.checkpoints.output_dir
     _, _, info = build_datasets(settings.data, spatial_dims=dims, in_channels=ae_args["in_channels"],
-                                work_dir=Path(settings.autoencoder.checkpoints.output_dir).expanduser().parent)
+                                work_dir=Path(stage_dir).expanduser().parent)
     val_tf = build_transforms(settings.data, dims, train=False,
                               divisible_by=autoencoder.total_downsample_factor if whole_val else None)
     # generation is compared with training volumes as training sees them (random patches: centre crops)
@@ -123,8 +129,8 @@ def evaluate_pipeline(
     val = _load(val_tf, info["val_files"], "validation volumes")
     device = sampler.device
     clip = settings.sampling.clip
-    recon = torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes", clip))
-    val_recon = _reconstruct(autoencoder, val, roi, device, "validation volumes", clip)
+    recon = None if pixel else torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes", clip))
+    val_recon = None if pixel else _reconstruct(autoencoder, val, roi, device, "validation volumes", clip)
     sampling_seconds = None
     if samples_dir is not None:
         samples, samples_meta = load_volume_folder(samples_dir, what="samples")
@@ -138,15 +144,18 @@ def evaluate_pipeline(
         samples, samples_meta = sampler.sample(n, seed), None
         sampling_seconds = time.perf_counter() - t0
         how = f"drawn from {path}"
-    names = {"real": f"training volumes of {info['source_description']}", "samples": f"samples {how}",
-             "recon": "reconstructions of the training volumes"}
+    names = {"real": f"training volumes of {info['source_description']}", "samples": f"samples {how}"}
+    if not pixel:
+        names["recon"] = "reconstructions of the training volumes"
     report = compare_sets(real, samples, recon=recon, seed=seed, c2st=c2st, fid_weights=fid_weights, names=names,
                           meta={"samples": samples_meta} if samples_meta else None)
-    report["stage1_validation"] = _validation_metrics(val, val_recon, roi)
-    report["stage1_validation"]["files"] = info["val_files"]
+    if not pixel:
+        report["stage1_validation"] = _validation_metrics(val, val_recon, roi)
+        report["stage1_validation"]["files"] = info["val_files"]
     report["pipeline"] = {
         "checkpoint": str(path),
-        "autoencoder": sampler.ckpt["autoencoder"].get("source"),
+        "space": "pixel" if pixel else "latent",
+        "autoencoder": None if pixel else sampler.ckpt["autoencoder"].get("source"),
         "sampler": sampler.sampler,
         "steps": sampler.steps,
         "guidance_scale": sampler.cfg.guidance_scale,

@@ -1,4 +1,5 @@
-"""Sampling: rebuild autoencoder and UNet from a stage-2 checkpoint and write NIfTI samples."""
+"""Sampling: rebuild the UNet (and the autoencoder of a latent model) from a stage-2 checkpoint, write samples, sample
+grids (2D) and interpolations between two seeds."""
 
 from __future__ import annotations
 
@@ -16,23 +17,35 @@ from .models import autoencoder_from_args, build_unet, load_weights
 from .sampling import (
     Conditioner,
     build_scheduler,
-    decode_latents,
+    decode_samples,
+    objective,
     next_free_index,
     resolve_sampler,
     sample_latents,
     set_sampling_steps,
+    slerp,
+    write_picture,
     write_sample,
 )
 
 
+def is_pixel_space(ckpt: dict[str, Any]) -> bool:
+    """Whether a stage-2 checkpoint's UNet works on the images themselves (no autoencoder); older checkpoints are
+    latent models."""
+    return ckpt.get("space", "latent") == "pixel"
+
+
 def load_diffusion(
     path: str | Path, use_ema: bool = True, use_flash_attention: bool = False
-) -> tuple[torch.nn.Module, AutoencoderKL, dict[str, Any]]:
-    """UNet (EMA weights when present and wanted) and autoencoder of a stage-2 checkpoint, from the checkpoint alone."""
+) -> tuple[torch.nn.Module, AutoencoderKL | None, dict[str, Any]]:
+    """UNet (EMA weights when present and wanted) and autoencoder of a stage-2 checkpoint, from the checkpoint alone;
+    the autoencoder is None for a pixel-space checkpoint."""
     ckpt = load_checkpoint(path, expected_stage="diffusion")
     unet = build_unet(ckpt["model_args"], use_flash_attention)
     weights = ckpt["state_dict"].get("ema") if use_ema else None
     load_weights(unet, weights if weights is not None else ckpt["state_dict"]["unet"], path)
+    if is_pixel_space(ckpt):
+        return unet.eval(), None, ckpt
     autoencoder = autoencoder_from_args(ckpt["autoencoder"]["model_args"], use_flash_attention=use_flash_attention)
     load_weights(autoencoder, ckpt["autoencoder"]["state_dict"], path)
     return unet.eval(), autoencoder.eval(), ckpt
@@ -54,22 +67,29 @@ def checkpoint_path(settings: Any, checkpoint: str | Path | None = None) -> Path
 
 class Sampler:
     """Draws decoded samples from a stage-2 checkpoint with the ``sampling`` settings (scheduler, steps, guidance,
-    condition, tiled decoding).
+    condition, tiled decoding). A pixel-space checkpoint's samples are the UNet's output mapped back to [0, 1].
 
     Args:
         settings: the settings (``sampling``, ``device``, ``diffusion.use_flash_attention``).
         path: the stage-2 checkpoint.
+        sampler: the sampler to use instead of ``sampling.scheduler``; ``"deterministic"``: DDIM (eta 0) for a
+            DDPM-trained model, rectified flow's Euler sampler for a rectified-flow one (interpolation uses it).
     """
 
-    def __init__(self, settings: Any, path: str | Path) -> None:
+    def __init__(self, settings: Any, path: str | Path, sampler: str | None = None) -> None:
         cfg = settings.sampling
         self.cfg = cfg
         self.path = Path(path)
         self.device, self.amp = sampling_device(settings)
         unet, autoencoder, ckpt = load_diffusion(path, use_ema=cfg.use_ema,
                                                  use_flash_attention=settings.diffusion.use_flash_attention)
-        self.unet, self.autoencoder, self.ckpt = unet.to(self.device), autoencoder.to(self.device), ckpt
+        self.unet, self.ckpt = unet.to(self.device), ckpt
+        self.autoencoder = None if autoencoder is None else autoencoder.to(self.device)
+        self.pixel_space = autoencoder is None
         self.conditioner = Conditioner.from_state(ckpt.get("conditioning"))
+        if cfg.tile_size is not None and self.pixel_space:
+            raise RunError(f"sampling.tile_size tiles the autoencoder's decoding, but {path} is a pixel-space model "
+                           "(no decoder); set sampling.tile_size=null")
         if cfg.tile_size is not None:
             try:  # fail before sampling
                 autoencoder._check_tiling(tuple(cfg.tile_size), None)
@@ -85,8 +105,10 @@ class Sampler:
             raise RunError(f"sampling.class_label {cfg.class_label} is not a class of {path} "
                            f"(classes 0..{self.conditioner.num_classes - 1})")
         args = ckpt["scheduler_args"]
+        if sampler == "deterministic":
+            sampler = "rflow" if objective(args) == "rflow" else "ddim"
         try:
-            self.sampler = resolve_sampler(args, cfg.scheduler, where=str(path))
+            self.sampler = resolve_sampler(args, sampler or cfg.scheduler, where=str(path))
         except ValueError as exc:
             raise RunError(str(exc)) from None
         self.scheduler = build_scheduler(args, self.sampler)
@@ -100,7 +122,39 @@ class Sampler:
         self.affine = np.asarray(info["affine"], dtype=np.float64) if info.get("affine") is not None else None
 
     def describe(self) -> str:
-        return f"{self.sampler.upper()} ({self.steps} steps) on {self.device}"
+        space = " in pixel space" if self.pixel_space else ""
+        return f"{self.sampler.upper()} ({self.steps} steps) on {self.device}{space}"
+
+    def noise(self, count: int, seed: int) -> torch.Tensor:
+        """The initial noise of a batch of ``count`` samples drawn with ``seed`` (a latent's shape, or in pixel
+        space an image's), on the sampling device."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn((count, *self.latent_shape), generator=generator, device=self.device)
+
+    def conditions(self, count: int, seed: int) -> dict[str, torch.Tensor]:
+        """UNet conditions of a batch from the ``sampling`` settings (random classes drawn with ``seed`` when no
+        ``sampling.class_label`` is given)."""
+        cfg, cond = self.cfg, {}
+        if self.conditioner.class_key is not None:
+            if cfg.class_label is not None:
+                labels = torch.full((count,), cfg.class_label, dtype=torch.long)
+            else:
+                labels = torch.randint(0, self.conditioner.num_classes, (count,),
+                                       generator=torch.Generator().manual_seed(seed))
+            cond["class_labels"] = labels.to(self.device)
+        if self.conditioner.covariate_keys:
+            cond["context"] = self.conditioner.context(torch.tensor([list(cfg.covariates)] * count), self.device)
+        return cond
+
+    @torch.no_grad()
+    def denoise(self, noise: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """The reverse process from ``noise`` to images on the data's [0, 1] scale (clipped when ``sampling.clip``)."""
+        with _autocast(self.device, self.amp):
+            z = sample_latents(self.unet, self.scheduler, noise, cond, self.conditioner, self.cfg.guidance_scale,
+                               generator)
+            images = decode_samples(z.float(), self.autoencoder, float(self.ckpt["scale_factor"]), self.cfg.tile_size,
+                                    self.ckpt.get("pixel_range")).float()
+        return images.clamp(0.0, 1.0) if self.cfg.clip else images
 
     @torch.no_grad()
     def batches(self, n: int, seed: int, progress: bool = True):
@@ -111,22 +165,7 @@ class Sampler:
             count = min(cfg.batch_size, n - first)
             generator = torch.Generator(device=device).manual_seed(seed + first)
             noise = torch.randn((count, *self.latent_shape), generator=generator, device=device)
-            cond: dict[str, torch.Tensor] = {}
-            if self.conditioner.class_key is not None:
-                if cfg.class_label is not None:
-                    labels = torch.full((count,), cfg.class_label, dtype=torch.long)
-                else:
-                    labels = torch.randint(0, self.conditioner.num_classes, (count,),
-                                           generator=torch.Generator().manual_seed(seed + first))
-                cond["class_labels"] = labels.to(device)
-            if self.conditioner.covariate_keys:
-                cond["context"] = self.conditioner.context(torch.tensor([list(cfg.covariates)] * count), device)
-            with _autocast(device, self.amp):
-                z = sample_latents(self.unet, self.scheduler, noise, cond, self.conditioner, cfg.guidance_scale,
-                                   generator)
-                images = decode_latents(self.autoencoder, z.float(), float(self.ckpt["scale_factor"]),
-                                        cfg.tile_size).float()
-            yield first, images.clamp(0.0, 1.0) if cfg.clip else images
+            yield first, self.denoise(noise, self.conditions(count, seed + first), generator)
 
     def sample(self, n: int, seed: int, progress: bool = True) -> torch.Tensor:
         """``n`` decoded samples on the CPU, ``(n, C, *spatial)``."""
@@ -137,7 +176,9 @@ def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> lis
     """Write ``sampling.num_samples`` samples to ``sampling.output_dir``; returns the files written.
 
     Samples carry the voxel spacing and orientation of the training data (the affine stored in the checkpoints),
-    are numbered after any samples already in the folder, and never replace an existing file.
+    are numbered after any samples already in the folder, and never replace an existing file. 2D samples written with
+    ``sampling.save_format: auto`` also get one grid picture of all of them, ``grids/grid_<first>-<last>.png`` (in
+    a subfolder, so that the samples folder holds only samples, as ``evaluate --samples`` reads it).
     """
     cfg = settings.sampling
     path = checkpoint_path(settings, checkpoint)
@@ -147,14 +188,85 @@ def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> lis
     start = next_free_index(out_dir)
     seed = cfg.seed if cfg.seed is not None else (settings.seed or 0)
     written: list[Path] = []
+    grid = len(sampler.latent_shape) == 3 and cfg.save_format == "auto"  # 2D samples: (C, H, W)
+    kept: list[torch.Tensor] = []
     print(f"sampling {cfg.num_samples} volume(s) from {path} with {sampler.describe()}")
     for first, images in sampler.batches(cfg.num_samples, seed):
         for i in range(images.shape[0]):
             stem = out_dir / f"sample_{start + first + i:04d}"
             written += write_sample(images[i], stem, sampler.affine, cfg.save_format, cfg.save_png,
                                     pointcloud=cfg.pointcloud, seed=seed + first + i)
+        if grid:
+            kept.append(images.cpu())
+    if grid:
+        (out_dir / "grids").mkdir(exist_ok=True)
+        last = start + cfg.num_samples - 1
+        written.append(write_picture(torch.cat(kept), out_dir / "grids" / f"grid_{start:04d}-{last:04d}.png"))
     print(f"wrote {len(written)} file(s) to {out_dir}")
     return written
+
+
+def interpolation_dir(settings: Any, seed_a: int, seed_b: int) -> Path:
+    """Where :func:`interpolate` writes: ``<sampling.output_dir>/interpolation_<A>_<B>``."""
+    return Path(settings.sampling.output_dir) / f"interpolation_{seed_a}_{seed_b}"
+
+
+@torch.no_grad()
+def interpolate(
+    settings: Any, seed_a: int, seed_b: int, steps: int, checkpoint: str | Path | None = None, progress: bool = True,
+) -> tuple[torch.Tensor, list[Path]]:
+    """Samples between two seeds: the initial noise of seed A and of seed B (a latent model's latent noise, or a
+    pixel-space model's image noise) interpolated spherically, each mixture denoised deterministically (DDIM with
+    eta 0 for DDPM-trained models, whatever ``sampling.scheduler`` says; rectified flow's own Euler sampler), so the
+    first and last are the samples that seed A and seed B give alone (``generate_samples`` with ``sampling.seed`` A
+    and ``sampling.batch_size`` 1, first sample).
+
+    Writes ``frame_NNNN`` volumes (``sampling.save_format``) and ``strip.png`` (2D: the images in one row; 3D:
+    their axial mid-slices) into :func:`interpolation_dir`, which must not hold files yet.
+
+    Args:
+        settings: the settings (``sampling``, ``device``).
+        seed_a: seed of the first end.
+        seed_b: seed of the second end.
+        steps: number of samples, both ends included (>= 2).
+        checkpoint: stage-2 checkpoint (default as :func:`checkpoint_path`).
+        progress: show a progress bar.
+
+    Returns:
+        ``(samples (steps, C, *spatial) on the CPU, files written)``.
+    """
+    if steps < 2:
+        raise RunError(f"--steps must be at least 2 (the two ends), got {steps}")
+    for name, value in (("A", seed_a), ("B", seed_b)):
+        if value < 0:
+            raise RunError(f"--interpolate seed {name} must be >= 0, got {value}")
+    cfg = settings.sampling
+    out_dir = interpolation_dir(settings, seed_a, seed_b)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already holds files; interpolations are never overwritten (remove it or "
+                              "choose another sampling.output_dir)")
+    path = checkpoint_path(settings, checkpoint)
+    sampler = Sampler(settings, path, sampler="deterministic")
+    if cfg.scheduler not in ("auto", sampler.sampler):
+        print(f"note: interpolation samples with {sampler.sampler.upper()} (deterministic), not "
+              f"sampling.scheduler={cfg.scheduler}")
+    weights = [i / (steps - 1) for i in range(steps)]
+    mixed = slerp(sampler.noise(1, seed_a)[0], sampler.noise(1, seed_b)[0], weights)
+    print(f"interpolating seeds {seed_a} -> {seed_b} in {steps} samples from {path} with {sampler.describe()}")
+    out = []
+    for first in tqdm(range(0, steps, cfg.batch_size), desc="interpolating", disable=not progress):
+        noise = mixed[first: first + cfg.batch_size]
+        # one condition for the whole path: the class (or random class) that seed A draws
+        cond = {k: v[:1].expand(noise.shape[0], *v.shape[1:]) for k, v in sampler.conditions(1, seed_a).items()}
+        out.append(sampler.denoise(noise, cond, None).cpu())
+    samples = torch.cat(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for i in range(steps):
+        written += write_sample(samples[i], out_dir / f"frame_{i:04d}", sampler.affine, cfg.save_format, cfg.save_png)
+    written.append(write_picture(samples, out_dir / "strip.png", columns=steps))
+    print(f"wrote {len(written)} file(s) to {out_dir}")
+    return samples, written
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

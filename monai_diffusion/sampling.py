@@ -1,5 +1,5 @@
-"""Reverse diffusion in latent space, conditioning tensors, and writing samples as NIfTI (+ PNG previews) or point
-clouds."""
+"""Reverse diffusion (in latent or pixel space), conditioning tensors, interpolation of the initial noise, and writing
+samples as NIfTI / PNG / npy / point clouds (+ PNG previews, sample grids and interpolation strips)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,22 @@ from .visualize import orthogonal_slices
 
 # the samplers that are valid for each training objective, the first being the default ("auto")
 SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
+
+# pixel-space diffusion learns the images mapped linearly from [0, 1] (the data's scaled range) to this interval, the
+# range of the DDPM paper, whose spread matches the unit-variance noise better than [0, 1] does
+PIXEL_RANGE = (-1.0, 1.0)
+
+
+def to_pixel_space(images: torch.Tensor, pixel_range: Sequence[float] = PIXEL_RANGE) -> torch.Tensor:
+    """Images in [0, 1] -> the interval ``pixel_range`` that a pixel-space UNet learns."""
+    lo, hi = float(pixel_range[0]), float(pixel_range[1])
+    return images * (hi - lo) + lo
+
+
+def from_pixel_space(x: torch.Tensor, pixel_range: Sequence[float] = PIXEL_RANGE) -> torch.Tensor:
+    """Inverse of :func:`to_pixel_space`: back to the data's [0, 1] scale."""
+    lo, hi = float(pixel_range[0]), float(pixel_range[1])
+    return (x - lo) / (hi - lo)
 
 
 def objective(args: dict[str, Any]) -> str:
@@ -48,7 +64,8 @@ def build_scheduler(args: dict[str, Any], kind: str = "train") -> DDPMScheduler 
         kind: ``train`` (the objective's training scheduler), or a sampler: ``ddpm`` / ``ddim`` for DDPM-trained
             models, ``rflow`` for rectified-flow ones.
 
-    Latents are not bounded, so DDPM/DDIM sample clipping is off. Rectified flow uses MONAI's ``RFlowScheduler``
+    Latents are not bounded, so DDPM/DDIM sample clipping is off unless ``args`` has ``clip_sample`` (pixel-space
+    models: the predicted clean image is clipped to ``clip_range``). Rectified flow uses MONAI's ``RFlowScheduler``
     with discrete timesteps; its timestep transform, when on, shifts timesteps by the latent's size relative to
     32 voxels per axis.
     """
@@ -68,8 +85,11 @@ def build_scheduler(args: dict[str, Any], kind: str = "train") -> DDPMScheduler 
         "num_train_timesteps": args["num_train_timesteps"],
         "schedule": args["schedule"],
         "prediction_type": args["prediction_type"],
-        "clip_sample": False,
+        "clip_sample": bool(args.get("clip_sample", False)),
     }
+    if common["clip_sample"]:
+        low, high = args.get("clip_range", PIXEL_RANGE)
+        common.update(clip_sample_min=float(low), clip_sample_max=float(high))
     if args["schedule"] != "cosine":
         common.update(beta_start=args["beta_start"], beta_end=args["beta_end"])
     if kind == "ddim":
@@ -221,6 +241,55 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float,
     return autoencoder.decode_stage_2_outputs(z)
 
 
+def decode_samples(
+    x: torch.Tensor, autoencoder: nn.Module | None, scale_factor: float, tile_size: Sequence[int] | None,
+    pixel_range: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """What the reverse process produced -> images on the data's [0, 1] scale: decoded latents, or (no autoencoder:
+    a pixel-space model) the samples mapped back from ``pixel_range``."""
+    if autoencoder is None:
+        return from_pixel_space(x, pixel_range if pixel_range is not None else PIXEL_RANGE)
+    return decode_latents(autoencoder, x, scale_factor, tile_size)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors of the same shape, one result per weight in [0, 1].
+
+    Gaussian noise of many values lies near a sphere; the great-circle path keeps the norm a sampler expects, where
+    a straight line would shrink it halfway. Nearly parallel inputs fall back to the straight line. Weight 0 gives
+    ``a`` and weight 1 gives ``b`` exactly.
+
+    Args:
+        a: noise of the first end, any shape.
+        b: noise of the second end, the shape of ``a``.
+        weights: positions along the path, 0 = ``a``, 1 = ``b``.
+
+    Returns:
+        ``(len(weights), *a.shape)``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs two tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    fa, fb = a.double().flatten(), b.double().flatten()
+    cos = torch.dot(fa, fb) / (fa.norm() * fb.norm()).clamp_min(1e-300)
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    out = []
+    for w in weights:
+        w = float(w)
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"slerp weights must be in [0, 1], got {w}")
+        if w == 0.0:
+            out.append(a.clone())
+        elif w == 1.0:
+            out.append(b.clone())
+        elif float(theta) < 1e-4:
+            out.append(((1 - w) * fa + w * fb).to(a.dtype).view_as(a))
+        else:
+            s = torch.sin(theta)
+            mixed = torch.sin((1 - w) * theta) / s * fa + torch.sin(w * theta) / s * fb
+            out.append(mixed.to(a.dtype).view_as(a))
+    return torch.stack(out)
+
+
 def next_free_index(folder: Path, prefix: str = "sample_") -> int:
     """First index after every ``<prefix>NNNN.*`` already in ``folder`` (so nothing is overwritten)."""
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
@@ -311,3 +380,50 @@ def save_png(panels: dict[str, torch.Tensor], path: Path) -> None:
 def _refuse_existing(path: Path) -> None:
     if path.exists():
         raise FileExistsError(f"{path} already exists; samples are never overwritten.")
+
+
+def image_panel(volume: torch.Tensor) -> torch.Tensor:
+    """One (C, *spatial) sample as a 2D picture on the data's [0, 1] scale (clipped, not rescaled, so panels of a
+    grid compare): a 2D image as its PNG shows it (rows = the second axis), a 3D volume as its axial mid-slice (the
+    middle of the last axis), oriented as in the preview PNGs. The first channel is shown."""
+    v = volume.detach().float().cpu()[0]
+    if v.ndim == 2:
+        panel = v.transpose(0, 1)
+    elif v.ndim == 3:
+        panel = v[:, :, v.shape[2] // 2].transpose(0, 1).flip(0)
+    else:
+        raise ValueError(f"expected a (C, H, W) or (C, H, W, D) sample, got shape {tuple(volume.shape)}")
+    return panel.clamp(0.0, 1.0)
+
+
+def tile_panels(panels: Sequence[torch.Tensor], columns: int, gap: int = 2, fill: float = 1.0) -> torch.Tensor:
+    """Panels of one size tiled row by row, ``columns`` per row, ``gap`` pixels of ``fill`` between them."""
+    if not panels:
+        raise ValueError("tile_panels needs at least one panel")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    height, width = panels[0].shape
+    rows = -(-len(panels) // columns)
+    cols = min(columns, len(panels))
+    canvas = torch.full((rows * height + (rows - 1) * gap, cols * width + (cols - 1) * gap), fill)
+    for i, panel in enumerate(panels):
+        if tuple(panel.shape) != (height, width):
+            raise ValueError(f"panel {i} has shape {tuple(panel.shape)}, expected {(height, width)} like panel 0")
+        r, c = divmod(i, columns)
+        canvas[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = panel
+    return canvas
+
+
+def write_picture(images: torch.Tensor, path: Path, columns: int | None = None) -> Path:
+    """A grid (``columns`` per row; default: about square) or, with ``columns = len(images)``, a strip of
+    :func:`image_panel` pictures of ``(N, C, *spatial)`` samples, as an 8-bit grey PNG. Refuses to replace a file."""
+    import math
+
+    from PIL import Image
+
+    n = images.shape[0]
+    columns = columns or math.ceil(math.sqrt(n))
+    canvas = tile_panels([image_panel(images[i]) for i in range(n)], columns)
+    _refuse_existing(path)
+    Image.fromarray(canvas.mul(255).round().byte().numpy(), mode="L").save(path)
+    return path

@@ -531,7 +531,8 @@ class DiffusionTrainingSettings:
     latent_sampling: Literal["sample", "mean"] = _f(
         "sample", "latent drawn from the encoder: sample (mu + sigma * noise) | mean (mu, deterministic)"
     )
-    cache_latents: bool = _f(False, "encode the training set once and train on the stored latents (no augmentation)")
+    cache_latents: bool = _f(False, "encode the training set once and train on the stored latents (no augmentation; "
+                                    "latent space only)")
     input_noise: CorruptionSettings = _section(
         CorruptionSettings, "corrupt training volumes before they are encoded (not with cache_latents)"
     )
@@ -550,11 +551,16 @@ class ConditioningSettings:
 
 @dataclass(frozen=True)
 class DiffusionSettings:
-    """Stage 2: diffusion UNet on the autoencoder's latents (MONAI DiffusionModelUNet) and its training."""
+    """Stage 2: diffusion UNet (MONAI DiffusionModelUNet) on the autoencoder's latents or, with ``space: pixel``, on
+    the images themselves, and its training."""
 
+    space: Literal["latent", "pixel"] = _f(
+        "latent", "latent (the UNet works on a stage-1 autoencoder's latents) | pixel (on the images directly: no "
+                  "autoencoder; autoencoder.spatial_dims and in_channels still state the images' axes and channels)"
+    )
     spatial_dims: int = _f(3, "number of spatial axes; must equal autoencoder.spatial_dims")
-    in_channels: int = _f(3, "must equal autoencoder.latent_channels", ge=1)
-    out_channels: int = _f(3, "must equal autoencoder.latent_channels", ge=1)
+    in_channels: int = _f(3, "must equal autoencoder.latent_channels (space pixel: autoencoder.in_channels)", ge=1)
+    out_channels: int = _f(3, "must equal autoencoder.latent_channels (space pixel: autoencoder.in_channels)", ge=1)
     num_channels: IntList = _f((64, 128, 128), "channels of each level", ge=1)
     attention_levels: Tuple[bool, ...] = _f((False, True, True), "attention at each level (one per level)")
     num_head_channels: Union[int, IntList] = _f(
@@ -1050,7 +1056,9 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
     if df.spatial_dims != ae.spatial_dims:
         problems.append(
             ("diffusion.spatial_dims",
-             f"must equal autoencoder.spatial_dims ({ae.spatial_dims}), got {df.spatial_dims}")
+             f"must equal autoencoder.spatial_dims ({ae.spatial_dims}), got {df.spatial_dims}"
+             + (" (in pixel space autoencoder.spatial_dims still states the images' axes: set both)"
+                if df.space == "pixel" else ""))
         )
     _check_unet_lists("diffusion", df.num_channels, df.attention_levels, df.num_res_blocks, df.norm_num_groups,
                       problems)
@@ -1073,7 +1081,16 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
                 problems.append((key, f"must be >= 1 because {why}, got {h}"))
             elif c % h:
                 problems.append((key, f"must divide diffusion.num_channels[{i}] ({c}) because {why}, got {h}"))
-    if (total is not None and len(s.data.voxel_size) == ae.spatial_dims
+    if df.space == "pixel":
+        if len(s.data.voxel_size) == ae.spatial_dims:
+            problems += unet_fit_problems(df, ae.in_channels, ae.spatial_dims, s.data.voxel_size,
+                                          (1,) * ae.spatial_dims, space="pixel")
+        if df.training.cache_latents:
+            problems.append(("diffusion.training.cache_latents",
+                             "is true, but diffusion.space is pixel: there is no autoencoder, so no latents to cache "
+                             "(the images themselves are cached by data.cache_rate); "
+                             "--set diffusion.training.cache_latents=false"))
+    elif (total is not None and len(s.data.voxel_size) == ae.spatial_dims
             and all(v % t == 0 for v, t in zip(s.data.voxel_size, total))):
         problems += unet_fit_problems(df, ae.latent_channels, ae.spatial_dims, s.data.voxel_size, total)
     cond = df.conditioning
@@ -1109,7 +1126,10 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
     if s.sampling.save_format in ("pointcloud", "both") and ae.out_channels != 1:
         problems.append(("sampling.save_format", f"{s.sampling.save_format} exports single-channel samples, but "
                                                  f"autoencoder.out_channels is {ae.out_channels}; use nifti or npy"))
-    if s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
+    if s.sampling.tile_size is not None and df.space == "pixel":
+        problems.append(("sampling.tile_size", "tiles the autoencoder's decoding, but diffusion.space is pixel (no "
+                                               "decoder); set sampling.tile_size=null"))
+    elif s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
         problems.append(
             ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
         )
@@ -1177,10 +1197,10 @@ def _set_value(value: Any) -> str:
 
 def unet_fit_problems(
     df: DiffusionSettings, latent_channels: int, spatial_dims: int, voxel_size: Sequence[int],
-    total_factor: Sequence[int], autoencoder_source: str = "autoencoder",
+    total_factor: Sequence[int], autoencoder_source: str = "autoencoder", space: str = "latent",
 ) -> list[tuple[str, str]]:
-    """Does the diffusion UNet fit the autoencoder's latent? One ``(key, message)`` per problem, each with the
-    ``--set`` lines that fix it.
+    """Does the diffusion UNet fit the autoencoder's latent (or, in pixel space, the images)? One ``(key, message)``
+    per problem, each with the ``--set`` lines that fix it.
 
     The one place this is checked: settings validation calls it with the YAML's autoencoder, stage 2 with the
     autoencoder stored in its checkpoint (``autoencoder_source`` names it in the messages).
@@ -1193,6 +1213,8 @@ def unet_fit_problems(
         total_factor: the autoencoder's total downsample factor per axis.
         autoencoder_source: how the messages name the autoencoder: ``"autoencoder"`` (the settings section) or
             e.g. ``"the autoencoder in runs/ae/best_model.pt"``.
+        space: ``"latent"``, or ``"pixel"``: the UNet works on the images, ``latent_channels`` is then the image
+            channels (``autoencoder.in_channels``) and ``total_factor`` is 1 on every axis.
     """
     problems: list[tuple[str, str]] = []
 
@@ -1202,10 +1224,13 @@ def unet_fit_problems(
     if df.spatial_dims != spatial_dims:
         problems.append(("diffusion.spatial_dims", f"must equal {of('spatial_dims')} ({spatial_dims}), got "
                                                    f"{df.spatial_dims}: --set diffusion.spatial_dims={spatial_dims}"))
+    pixel = space == "pixel"
+    channels_key, works_on = ("in_channels", "the images (diffusion.space is pixel)") if pixel else \
+        ("latent_channels", "latents")
     for name in ("in_channels", "out_channels"):
         if getattr(df, name) != latent_channels:
-            problems.append((f"diffusion.{name}", f"must equal {of('latent_channels')} ({latent_channels}) because "
-                                                  f"the UNet works on latents, got {getattr(df, name)}: "
+            problems.append((f"diffusion.{name}", f"must equal {of(channels_key)} ({latent_channels}) because "
+                                                  f"the UNet works on {works_on}, got {getattr(df, name)}: "
                                                   f"--set diffusion.{name}={latent_channels}"))
     levels = len(df.num_channels)
     if not levels:
@@ -1236,6 +1261,13 @@ def unet_fit_problems(
     for v, m in zip(voxel_size, step):
         lo, hi = (v // m) * m, (v // m + 1) * m
         sizes.append(lo if lo >= 1 and v - lo <= hi - v else hi)
+    if pixel:
+        fixes.append(f"or make every axis a multiple of {need}: --set data.voxel_size={_set_value(sizes)}")
+        where = ", ".join(f"axis {a} is {n}" for a, n in bad)
+        problems.append(("diffusion.num_channels",
+                         f"{levels} UNet levels halve the image {levels - 1} time(s) (diffusion.space is pixel), so "
+                         f"each axis of data.voxel_size must be divisible by {need}, but {where}; " + "; ".join(fixes)))
+        return problems
     fixes.append(f"or make every latent axis a multiple of {need}: --set data.voxel_size={_set_value(sizes)}")
     where = ", ".join(f"axis {a} is {n} (data.voxel_size {voxel_size[a]} / total factor {total_factor[a]})"
                       for a, n in bad)
@@ -1345,7 +1377,12 @@ def _check_checkpoints(s: Settings, check_paths: bool, problems: list[tuple[str,
 
 
 def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems: list[tuple[str, str]]) -> None:
-    """Checks that only one command needs: stage 2 learns whole volumes from a stage-1 checkpoint."""
+    """Checks that only one command needs: stage 2 learns whole volumes from a stage-1 checkpoint (or, in pixel space,
+    without one); a pixel-space config has no stage 1."""
+    if stage == "autoencoder" and s.diffusion.space == "pixel":
+        problems.append(("diffusion.space", "is pixel: the UNet learns the images directly and no autoencoder is "
+                                            "trained; run train_diffusion.py with this config (or --set "
+                                            "diffusion.space=latent to train a latent pipeline's autoencoder)"))
     if stage != "diffusion":
         return
     if s.data.crop_mode == "random_patch":
@@ -1357,9 +1394,18 @@ def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems:
                          "data.augmentation.use_patch_based=false (and data.crop_mode resize or pad_crop)"))
     path = s.diffusion.checkpoints.autoencoder_path
     key = "diffusion.checkpoints.autoencoder_path"
+    if s.diffusion.space == "pixel":
+        if path is not None:
+            problems.append((key, f"is {path!r}, but diffusion.space is pixel: the UNet learns the images directly, "
+                                  f"without an autoencoder; --set {key}=null (or --set diffusion.space=latent)"))
+        return
     if path is None:
+        pixel_hint = ""
+        if s.diffusion.in_channels == s.autoencoder.in_channels:
+            pixel_hint = (f"; or, since diffusion.in_channels equals the image channels ({s.autoencoder.in_channels}),"
+                          " train on the images without an autoencoder: --set diffusion.space=pixel")
         problems.append((key, f"is not set: point it at the stage-1 checkpoint, e.g. --set {key}="
-                              f"{Path(s.autoencoder.checkpoints.output_dir) / 'best_model.pt'}"))
+                              f"{Path(s.autoencoder.checkpoints.output_dir) / 'best_model.pt'}" + pixel_hint))
     elif check_paths and not Path(path).expanduser().is_file():
         problems.append((key, f"file not found: {path!r} (resolved to {Path(path).expanduser().resolve()}); "
                               "train stage 1 first, or point it at its best_model.pt"))
@@ -1389,6 +1435,8 @@ STAGES = ("autoencoder", "diffusion", "sampling")
 def _validate(s: Settings, check_paths: bool, require_data: bool, stage: Optional[str] = None) -> None:
     problems: list[tuple[str, str]] = []
     total = _check_autoencoder(s, problems)
+    if s.diffusion.space == "pixel":
+        total = None  # no autoencoder downsamples the images: the UNet's own fit is checked in _check_diffusion
     _check_data_shape(s, total, problems)
     _check_logging(s, total, problems)
     _check_diffusion(s, total, problems)

@@ -1,8 +1,10 @@
-"""Stage 2: a diffusion UNet trained on the latents of a frozen stage-1 autoencoder."""
+"""Stage 2: a diffusion UNet trained on the latents of a frozen stage-1 autoencoder, or (``diffusion.space: pixel``)
+on the images themselves, mapped from [0, 1] to ``PIXEL_RANGE``."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from .data import DataError, build_datasets, build_loaders, load_datalist
 from .engine import (
     LoopState,
+    RunError,
     Runtime,
     count_parameters,
     load_checkpoint,
@@ -34,16 +37,19 @@ from .engine import (
 from .losses import corrupt
 from .models import architecture, build_unet, load_autoencoder, unet_args
 from .settings import ConfigError, unet_fit_problems
+from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 
 from .sampling import (
+    PIXEL_RANGE,
     Conditioner,
     build_scheduler,
-    decode_latents,
+    decode_samples,
     objective,
     resolve_sampler,
     sample_latents,
     set_sampling_steps,
+    to_pixel_space,
 )
 from .stage1 import _json_safe, _rank0_first
 from .visualize import orthogonal_slices
@@ -70,9 +76,10 @@ class DiffusionStage:
         ema: a copy of the UNet holding the exponential moving average of its weights, or None.
         optimizer: optimizer of the UNet.
         lr_scheduler: per-optimizer-step learning-rate schedule.
-        autoencoder: the frozen stage-1 autoencoder.
+        autoencoder: the frozen stage-1 autoencoder; None in pixel space (the UNet learns the images, mapped from
+            [0, 1] to ``extra["pixel_range"]``).
         scheduler_args: noise-schedule arguments (stored in checkpoints).
-        scale_factor: latents are multiplied by this (1 / std of training latents).
+        scale_factor: latents are multiplied by this (1 / std of training latents); 1 in pixel space.
         conditioner: turns batch conditions into UNet inputs.
         settings: the full settings (``diffusion.training``, ``sampling``).
         runtime: device / precision / rank.
@@ -89,7 +96,7 @@ class DiffusionStage:
         ema: nn.Module | None,
         optimizer: torch.optim.Optimizer,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-        autoencoder: nn.Module,
+        autoencoder: nn.Module | None,
         scheduler_args: dict[str, Any],
         scale_factor: float,
         conditioner: Conditioner,
@@ -105,6 +112,7 @@ class DiffusionStage:
         self.autoencoder = autoencoder
         self.scheduler_args = scheduler_args
         self.noise_scheduler = build_scheduler(scheduler_args, "train")
+        self.inferer = DiffusionInferer(self.noise_scheduler)
         self.scale_factor = scale_factor
         self.conditioner = conditioner
         self.training = settings.diffusion.training
@@ -147,7 +155,27 @@ class DiffusionStage:
             z = z_mu
         return z * self.scale_factor
 
+    @property
+    def pixel_space(self) -> bool:
+        return self.autoencoder is None
+
+    def model_input(self, batch: Any, mode: str | None = None, corruption: Any = None) -> torch.Tensor:
+        """What the UNet learns to generate: scaled latents (``mode`` as :meth:`latent`), or in pixel space the
+        images mapped from [0, 1] to the pixel range; ``corruption`` (``diffusion.training.input_noise``, training
+        only) is applied to the images first, as in :meth:`encode`."""
+        if self.pixel_space:
+            images = batch["image"].to(self.runtime.device).as_subclass(torch.Tensor).float()
+            if corruption is not None:
+                images = corrupt(images, corruption)
+            return to_pixel_space(images, self.extra["pixel_range"])
+        return self.latent(*self.encode(batch, corruption), mode)
+
     def describe(self, batch: Any) -> list[str]:
+        if self.pixel_space:
+            x = self.model_input(batch)
+            lo, hi = self.extra["pixel_range"]
+            return [f"pixel-space batch {tuple(x.shape)} (images [0, 1] mapped to [{lo:g}, {hi:g}]; no autoencoder)",
+                    f"parameters: UNet {count_parameters(unwrap(self.modules['unet'])):,}"]
         z_mu, _ = self.encode(batch)
         return [
             f"latent batch {tuple(z_mu.shape)} (scale factor {self.scale_factor:.5g})",
@@ -173,8 +201,10 @@ class DiffusionStage:
     def _loss(self, unet: nn.Module, z: torch.Tensor, cond: dict, generator: torch.Generator | None = None):
         noise = torch.randn(z.shape, generator=generator, device=z.device)
         t = self._timesteps(z, generator)
-        noisy = self.noise_scheduler.add_noise(original_samples=z, noise=noise, timesteps=t)
-        prediction = unet(noisy, t, **cond)
+        # MONAI's DiffusionInferer noises z and runs the UNet; class labels ride along as a bound argument
+        model = functools.partial(unet, class_labels=cond["class_labels"]) if "class_labels" in cond else unet
+        prediction = self.inferer(inputs=z, diffusion_model=model, noise=noise, timesteps=t,
+                                  condition=cond.get("context"))
         if objective(self.scheduler_args) == "rflow":
             target = z - noise  # the velocity that carries noise (t = T) to data (t = 0)
         elif self.scheduler_args["prediction_type"] == "epsilon":
@@ -186,7 +216,7 @@ class DiffusionStage:
         return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        z = self.latent(*self.encode(batch, self.training.input_noise))
+        z = self.model_input(batch, corruption=self.training.input_noise)
         cond = self.conditioner.drop(self.conditioner.from_batch(batch, self.runtime.device), self.dropout)
         loss = self._loss(self.modules["unet"], z, cond)
         return {"unet": loss}, {"mse": loss.item(), "lr": self.optimizers["unet"].param_groups[0]["lr"]}
@@ -213,8 +243,7 @@ class DiffusionStage:
         self._val_generator = torch.Generator(device=self.runtime.device).manual_seed(1234)
 
     def validation_step(self, batch: Any) -> dict[str, float]:
-        z_mu, z_sigma = self.encode(batch)
-        z = self.latent(z_mu, z_sigma, mode="mean")
+        z = self.model_input(batch, mode="mean")
         cond = self.conditioner.from_batch(batch, self.runtime.device)
         net = self.ema if self.ema is not None else unwrap(self.modules["unet"])
         loss = self._loss(net, z, cond, generator=self._val_generator)
@@ -244,7 +273,8 @@ class DiffusionStage:
                            self.runtime.device)
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
-            return decode_latents(self.autoencoder, z.float(), self.scale_factor, None).float()
+            return decode_samples(z.float(), self.autoencoder, self.scale_factor, None,
+                                  self.extra.get("pixel_range")).float()
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch + 1
@@ -290,6 +320,8 @@ class DiffusionStage:
             "scale_factor": self.scale_factor,
             "latent_shape": self.extra["latent_shape"],
             "autoencoder": self.extra["autoencoder"],
+            "space": "pixel" if self.pixel_space else "latent",
+            "pixel_range": self.extra.get("pixel_range"),
             "data_info": self.extra["data_info"],
             "conditioning": self.conditioner.state(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -299,6 +331,10 @@ class DiffusionStage:
         return architecture(self.extra["model_args"])
 
     def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        space, here = ckpt.get("space", "latent"), "pixel" if self.pixel_space else "latent"
+        if space != here:
+            raise RunError(f"{path} was trained with diffusion.space={space}, but this run has diffusion.space={here}; "
+                           f"resume it with --set diffusion.space={space}")
         self.scale_factor = float(ckpt["scale_factor"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
 
@@ -413,7 +449,7 @@ def _cache_latents(stage: DiffusionStage, dataset: Any, runtime: Runtime, keep: 
 def build_diffusion_stage(
     settings: Any,
     runtime: Runtime,
-    autoencoder: nn.Module,
+    autoencoder: nn.Module | None,
     conditioner: Conditioner,
     steps_per_epoch: int,
     data_info: dict[str, Any] | None = None,
@@ -421,10 +457,14 @@ def build_diffusion_stage(
     picture_dir: Path | None = None,
 ) -> DiffusionStage:
     """Stage 2's UNet (+ EMA copy), optimizer and learning-rate schedule from the settings, around a frozen
-    ``autoencoder``; seeded so every rank starts from the same weights, DDP-wrapped under ``torchrun``. Used by
-    training and by ``plan`` alike. The latent scale factor starts at 1 (training estimates it)."""
+    ``autoencoder`` (None in pixel space: the UNet works on ``data.voxel_size`` images); seeded so every rank starts
+    from the same weights, DDP-wrapped under ``torchrun``. Used by training and by ``plan`` alike. The latent scale
+    factor starts at 1 (training estimates it; pixel space keeps 1)."""
     df, t = settings.diffusion, settings.diffusion.training
-    latent_spatial = autoencoder.latent_shape(tuple(settings.data.voxel_size))
+    if autoencoder is None:
+        sample_shape = [df.in_channels, *settings.data.voxel_size]
+    else:
+        sample_shape = [autoencoder.latent_channels, *autoencoder.latent_shape(tuple(settings.data.voxel_size))]
     args = unet_args(df, df.conditioning.num_classes, len(df.conditioning.covariate_keys))
     seed_everything(settings.seed if settings.seed is not None else 0)
     unet = build_unet(args, df.use_flash_attention).to(runtime.device)
@@ -444,11 +484,15 @@ def build_diffusion_stage(
         scheduler_args = {"type": "ddpm", "num_train_timesteps": sch.num_train_timesteps, "schedule": sch.schedule,
                           "beta_start": sch.beta_start, "beta_end": sch.beta_end,
                           "prediction_type": sch.prediction_type}
+        if autoencoder is None:  # images are bounded: DDPM / DDIM clip the predicted clean image to the pixel range
+            scheduler_args.update(clip_sample=True, clip_range=list(PIXEL_RANGE))
     extra = {
         "model_args": args,
-        "latent_shape": [autoencoder.latent_channels, *latent_spatial],
-        "autoencoder": {"model_args": architecture(autoencoder.init_args), "state_dict": autoencoder.state_dict(),
-                        "source": autoencoder_source},
+        "latent_shape": sample_shape,  # the shape the UNet generates: a latent's, or in pixel space an image's
+        "autoencoder": None if autoencoder is None else {
+            "model_args": architecture(autoencoder.init_args), "state_dict": autoencoder.state_dict(),
+            "source": autoencoder_source},
+        "pixel_range": list(PIXEL_RANGE) if autoencoder is None else None,
         "data_info": data_info or {},
         "conditioning_dropout": df.conditioning.dropout,
         "num_samples_to_generate": t.num_samples_to_generate,
@@ -459,25 +503,37 @@ def build_diffusion_stage(
     )
 
 
+def _load_frozen_autoencoder(settings: Any, runtime: Runtime) -> tuple[nn.Module | None, dict[str, Any], Path | None]:
+    """The frozen stage-1 autoencoder from its checkpoint (never from the YAML's autoencoder section), checked against
+    the UNet; in pixel space ``(None, image geometry from the settings, None)``."""
+    df = settings.diffusion
+    if df.space == "pixel":
+        return None, {"spatial_dims": df.spatial_dims, "in_channels": df.in_channels}, None
+    ae_path = Path(df.checkpoints.autoencoder_path)
+    autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
+    autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
+    check_unet_fits(settings, autoencoder, ae_path)
+    return autoencoder, {**ae_ckpt["model_args"], "data_info": ae_ckpt.get("data_info")}, ae_path
+
+
 def train_diffusion(settings: Any) -> LoopState:
-    """Stage 2 end to end: checks, autoencoder from its checkpoint, data, UNet, then the shared loop."""
+    """Stage 2 end to end: checks, autoencoder from its checkpoint (none in pixel space), data, UNet, then the
+    shared loop."""
     df, t = settings.diffusion, settings.diffusion.training
     # the loop offers a picture every gcd of the two intervals; the stage makes the ones due (pictures_due)
     loop_cfg = loop_config(settings, "diffusion",
                            visualize_interval=math.gcd(t.generate_samples_interval, df.logging.visualize_interval))
     seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
-    ae_path = Path(df.checkpoints.autoencoder_path)
+    if df.space == "pixel" and t.cache_latents:  # settings refuse this too; the API may be called with edited settings
+        raise ConfigError("is true, but diffusion.space is pixel: there are no latents to cache; set it to false",
+                          key="diffusion.training.cache_latents")
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
     try:
         loop_cfg = resolve_resume(loop_cfg, runtime, "diffusion")  # resume_from: latest -> a file, or None
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="diffusion")
         prepare_output_dir(loop_cfg, runtime)
-        # the autoencoder comes from its checkpoint alone, never from the YAML's autoencoder section
-        autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
-        autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
-        ae_args = ae_ckpt["model_args"]
-        check_unet_fits(settings, autoencoder, ae_path)
+        autoencoder, ae_args, ae_path = _load_frozen_autoencoder(settings, runtime)
         cond_cfg = df.conditioning
         conditioner = Conditioner(
             cond_cfg.class_key,
@@ -508,7 +564,7 @@ def train_diffusion(settings: Any) -> LoopState:
         steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
         stage = build_diffusion_stage(
             settings, runtime, autoencoder, conditioner, steps_per_epoch,
-            data_info=_json_safe(ae_ckpt.get("data_info") or info), autoencoder_source=str(ae_path),
+            data_info=_json_safe(ae_args.get("data_info") or info), autoencoder_source=str(ae_path),
             picture_dir=None if t.fast_dev_run else loop_cfg.log_dir,  # fast_dev_run writes nothing
         )
         if t.cache_latents:
@@ -519,7 +575,7 @@ def train_diffusion(settings: Any) -> LoopState:
             latents = _cache_latents(stage, train_ds, runtime, keep)
             train_loader, _ = build_loaders(latents, val_ds, **loader_args)
             runtime.print(f"cached {len(latents)} training latents in {time.perf_counter() - started:.1f} s")
-        if loop_cfg.resume_from is None:
+        if loop_cfg.resume_from is None and autoencoder is not None:
             seed_everything(seed + 1)  # the estimate does not depend on what consumed random numbers before
             stage.scale_factor = estimate_scale_factor(stage.encode, stage.latent, train_loader, t.scale_factor_batches, runtime)
             runtime.print(f"latent scale factor 1/std = {stage.scale_factor:.5g} (from {t.scale_factor_batches} batches)")

@@ -61,8 +61,10 @@ def test_all_expected_configs_are_shipped():
 def test_shipped_configs_load_and_are_consistent(path):
     s = load_settings(path, check_paths=False)
     assert isinstance(s, Settings)
-    assert s.diffusion.in_channels == s.autoencoder.latent_channels == s.diffusion.out_channels
-    total = total_downsample_factor(s.autoencoder)
+    pixel = s.diffusion.space == "pixel"  # the UNet takes the images (no autoencoder), else the latents
+    channels = s.autoencoder.in_channels if pixel else s.autoencoder.latent_channels
+    assert s.diffusion.in_channels == channels == s.diffusion.out_channels
+    total = (2 ** (len(s.diffusion.num_channels) - 1),) * 3 if pixel else total_downsample_factor(s.autoencoder)
     assert all(v % t == 0 for v, t in zip(s.data.voxel_size, total))
     # round trip through a plain dict and through YAML text
     assert settings_from_dict(s.to_dict(), check_paths=False) == s

@@ -107,6 +107,12 @@ def make_plan(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if settings.diffusion.space == "pixel":
+        from ..engine import RunError
+
+        raise RunError("the plan covers latent pipelines (autoencoder + latent UNet); this config has diffusion.space "
+                       "pixel: run train_diffusion.py --fast-dev-run instead, which prints the UNet's batch shape, "
+                       "the time of a step and its peak memory")
     dev, dev_name = _resolve_device(device, settings)
     precision, precision_note = _resolve_precision(settings, dev)
     s1 = stage1_info(settings, batch_size)

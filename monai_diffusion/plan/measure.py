@@ -279,7 +279,8 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
         times.append(time.perf_counter() - t0)
         peaks.append(meter.peak_mib())
     phases = {"train step": max(peaks)}
-    if "image" in batch and hasattr(stage, "encode"):  # stage 2 encoding in every step: how much is encoding alone
+    # stage 2 encoding in every step: how much is encoding alone (a pixel-space stage 2 has no autoencoder)
+    if "image" in batch and hasattr(stage, "encode") and getattr(stage, "autoencoder", None) is not None:
         meter.start(stage_tensor_bytes(stage, batch))
         stage.encode(batch)
         sync()
