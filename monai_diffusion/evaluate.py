@@ -35,6 +35,7 @@ __all__ = [
     "reconstruction_metrics",
     "ms_ssim_settings",
     "mmd",
+    "unbiased_mmd",
     "ms_ssim_diversity",
     "histogram_w1",
     "nn_ratio",
@@ -391,7 +392,8 @@ def _mmd_features(x: torch.Tensor, max_side: int) -> torch.Tensor:
 
 
 def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) -> float:
-    """MONAI ``MMDMetric`` (unbiased, linear kernel) between standardised features of the two sets, per feature.
+    """MMD (MONAI ``MMDMetric``'s unbiased linear-kernel estimator, :func:`unbiased_mmd`, so that the set sizes may
+    differ) between standardised features of the two sets, per feature.
 
     Each volume is mapped to two channels: its intensities and its local high-frequency amplitude
     (``sqrt(area_downsample((x - gauss_sigma1(x))**2))``, which blur lowers and noise raises), both
@@ -407,8 +409,6 @@ def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) 
         samples: generated volumes, at least 2, same shape.
         max_side: largest side after downsampling (default by dimensionality).
     """
-    from monai.metrics import MMDMetric
-
     _check_volumes(real, "real", 2)
     _check_volumes(samples, "samples", 2)
     _check_same_shape(real, samples, "real", "samples")
@@ -417,8 +417,29 @@ def mmd(real: torch.Tensor, samples: torch.Tensor, max_side: int | None = None) 
         fr, fs = _mmd_features(real, side).double(), _mmd_features(samples, side).double()
         both, dims = torch.cat([fr, fs]), [0] + list(range(2, fr.ndim))
         mean, std = both.mean(dim=dims, keepdim=True), both.std(dim=dims, keepdim=True).clamp_min(1e-8)
-        value = MMDMetric()((fr - mean) / std, (fs - mean) / std)
+        value = unbiased_mmd((fr - mean) / std, (fs - mean) / std)
     return float(value) / fr[0].numel()
+
+
+def unbiased_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD^2 with a linear kernel between two sets of any sizes m, n >= 2 (items flattened):
+    ``sum_{i!=j} <x_i, x_j> / (m (m-1)) + sum_{i!=j} <y_i, y_j> / (n (n-1)) - 2 sum_{i,j} <x_i, y_j> / (m n)``.
+
+    The estimator of MONAI's ``MMDMetric`` (equal to it when m == n, which a test checks); MONAI's requires two
+    sets of the same size, and evaluating N samples against a different number of real volumes must work.
+
+    Args:
+        x: first set, shape (m, ...).
+        y: second set, shape (n, ...), the same item shape.
+    """
+    if x.shape[0] < 2 or y.shape[0] < 2 or x.shape[1:] != y.shape[1:]:
+        raise ValueError(f"x and y must hold at least 2 items of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+    m, n = x.shape[0], y.shape[0]
+    xx, yy = x @ x.T, y @ y.T
+    within_x = (xx.sum() - xx.diagonal().sum()) / (m * (m - 1))
+    within_y = (yy.sum() - yy.diagonal().sum()) / (n * (n - 1))
+    return within_x + within_y - 2 * (x @ y.T).sum() / (m * n)
 
 
 def ms_ssim_diversity(volumes: torch.Tensor, data_range: float = 1.0, seed: int = 0, max_pairs: int = MAX_PAIRS) -> float:

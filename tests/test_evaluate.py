@@ -292,3 +292,20 @@ def test_write_report_refuses_existing_files(tmp_path):
         E.write_report(report, tmp_path / "q.json", real=x, samples=x)
     assert (tmp_path / "q.md").read_text() == "mine" and not (tmp_path / "q.json").exists()
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_unbiased_mmd_is_monais_estimator_and_takes_sets_of_different_sizes(sets_2d):
+    from monai.metrics import MMDMetric
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 2, 5, 5, generator=g), torch.randn(6, 2, 5, 5, generator=g) + 0.3
+    assert E.unbiased_mmd(x, y).item() == pytest.approx(MMDMetric()(x, y).item(), rel=1e-6)
+    # unequal sizes: the same formula, checked against the pairwise definition
+    z = y[:4]
+    k = lambda a, b: float((a.flatten() * b.flatten()).sum())  # noqa: E731
+    within = lambda s: sum(k(s[i], s[j]) for i in range(len(s)) for j in range(len(s)) if i != j) / (len(s) * (len(s) - 1))  # noqa: E731
+    expected = within(x) + within(z) - 2 * sum(k(a, b) for a in x for b in z) / (len(x) * len(z))
+    assert E.unbiased_mmd(x, z).item() == pytest.approx(expected, rel=1e-5)
+    real, other, _ = sets_2d
+    report = E.compare_sets(real, other[:10], c2st=E.C2STSettings(epochs=2))  # 16 real volumes, 10 samples
+    assert math.isfinite(report["samples_vs_real"]["mmd"])
