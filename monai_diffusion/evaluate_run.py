@@ -10,6 +10,7 @@ sliding windows of ``data.voxel_size`` when they are larger.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .data import build_datasets, build_transforms
 from .engine import RunError
 from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, reconstruction_metrics, write_report
 from .generate import Sampler, checkpoint_path
+from .models import reconstruct, total_factor
 
 
 def default_report_path(settings: Any) -> Path:
@@ -46,9 +48,9 @@ def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi:
     for v in tqdm(volumes, desc=f"reconstructing {what}", leave=False):
         x = v.unsqueeze(0).to(device)
         if tuple(x.shape[2:]) == roi:
-            y = autoencoder.reconstruct(x)
+            y = reconstruct(autoencoder, x)
         else:
-            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=autoencoder.reconstruct,
+            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=functools.partial(reconstruct, autoencoder),
                                          overlap=0.25, mode="gaussian")
         y = y.float().cpu()[0]
         out.append(y.clamp(0.0, 1.0) if clip else y)
@@ -116,7 +118,7 @@ def evaluate_pipeline(
     _, _, info = build_datasets(settings.data, spatial_dims=dims, in_channels=ae_args["in_channels"],
                                 work_dir=Path(settings.autoencoder.checkpoints.output_dir).expanduser().parent)
     val_tf = build_transforms(settings.data, dims, train=False,
-                              divisible_by=autoencoder.total_downsample_factor if random_patch else None)
+                              divisible_by=total_factor(autoencoder) if random_patch else None)
     if random_patch:  # whole volumes of any size: generation is compared on centre crops of the network size
         import dataclasses
 

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from generative.networks.nets import AutoencoderKL
 
 from .engine import RunError, load_checkpoint, resolve_precision
 from .models import autoencoder_from_args, build_unet, load_weights
@@ -27,8 +26,9 @@ from .sampling import (
 
 def load_diffusion(
     path: str | Path, use_ema: bool = True, use_flash_attention: bool = False
-) -> tuple[torch.nn.Module, AutoencoderKL, dict[str, Any]]:
-    """UNet (EMA weights when present and wanted) and autoencoder of a stage-2 checkpoint, from the checkpoint alone."""
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
+    """UNet (EMA weights when present and wanted) and stage-1 network (AutoencoderKL or VQVAE) of a stage-2
+    checkpoint, from the checkpoint alone."""
     ckpt = load_checkpoint(path, expected_stage="diffusion")
     unet = build_unet(ckpt["model_args"], use_flash_attention)
     weights = ckpt["state_dict"].get("ema") if use_ema else None

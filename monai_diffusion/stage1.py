@@ -1,8 +1,10 @@
-"""Stage 1: the KL autoencoder with L1 + KL + adversarial (+ perceptual) losses."""
+"""Stage 1: the KL autoencoder with L1 + KL + adversarial (+ perceptual) losses, or the VQ-VAE with L1 +
+quantisation (+ the same adversarial / perceptual terms)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
-from .models import architecture, build_autoencoder
+from .models import architecture, build_autoencoder, code_usage, latent_channels, latent_spatial, reconstruct, total_factor
 from .settings import total_downsample_factor
 from .visualize import orthogonal_slices
 
@@ -117,13 +119,21 @@ class AutoencoderStage:
         cfg = self.training
         images = self._images(batch)
         autoencoder = self.modules["autoencoder"]
-        discriminator = self.modules["discriminator"]
         recon, z_mu, z_sigma = autoencoder(images)
         recon_f = recon.float()
         l1 = F.l1_loss(recon_f, images)
         kl = kl_divergence(z_mu, z_sigma)
         loss_g = l1 + cfg.kl_weight * kl
         logs = {"l1": l1.item(), "kl": kl.item()}
+        return self._generator_losses(loss_g, logs, recon_f, images, epoch)
+
+    def _generator_losses(
+        self, loss_g: torch.Tensor, logs: dict[str, float], recon_f: torch.Tensor, images: torch.Tensor, epoch: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Add the perceptual and (after the warm-up) adversarial terms to the generator loss ``loss_g`` and compute
+        the discriminator's loss; shared by the KL and the VQ-VAE stage."""
+        cfg = self.training
+        discriminator = self.modules["discriminator"]
         if self.perceptual_loss is not None:
             p_loss = self.perceptual_loss(recon_f, images)
             loss_g = loss_g + cfg.perceptual_weight * p_loss
@@ -157,9 +167,10 @@ class AutoencoderStage:
             # trained on patches: reconstruct whole volumes patch by patch, each patch through the whole
             # autoencoder as in training, blended with Gaussian weights
             return sliding_window_inference(
-                images, roi_size=self.val_tile, sw_batch_size=1, predictor=ae.reconstruct, overlap=0.25, mode="gaussian"
+                images, roi_size=self.val_tile, sw_batch_size=1, predictor=functools.partial(reconstruct, ae),
+                overlap=0.25, mode="gaussian"
             ).float()
-        return ae.reconstruct(images).float()
+        return reconstruct(ae, images).float()
 
     def validation_step(self, batch: Any) -> dict[str, float]:
         images = self._images(batch)
@@ -200,6 +211,66 @@ class AutoencoderStage:
 
     def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
         """Nothing beyond the weights and optimizer states (restored by the loop)."""
+
+
+class VQVAEStage(AutoencoderStage):
+    """Per-batch computation of stage 1 with the VQ-VAE (MONAI core's VQVAE): reconstruction loss + the VQVAE's
+    quantisation (commitment) loss, plus the perceptual and adversarial terms under the same keys as the KL stage.
+    The codebook itself is updated by the VQVAE's exponential moving average in training mode, not by gradients.
+
+    Codebook usage is logged every step (``perplexity``: exp of the entropy of the batch's code histogram, between 1
+    and num_embeddings; ``codes_used``: the fraction of codes used at least once in the batch) and at validation.
+    The arguments are those of :class:`AutoencoderStage`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._codes: list[torch.Tensor] = []
+        # the code indices of every quantisation, as chosen inside the forward pass (works under DDP too)
+        self.autoencoder.quantizer.quantizer.register_forward_hook(
+            lambda module, inputs, output: self._codes.append(output[2].detach())
+        )
+
+    def _code_logs(self) -> dict[str, float]:
+        codes, self._codes = self._codes, []
+        if not codes:
+            return {}
+        perplexity, used = code_usage(torch.cat([c.flatten() for c in codes]), self.autoencoder.num_embeddings)
+        return {"perplexity": perplexity, "codes_used": used}
+
+    def describe(self, batch: Any) -> list[str]:
+        images = self._images(batch)
+        ae = self.autoencoder
+        latent = (images.shape[0], latent_channels(ae), *latent_spatial(ae, tuple(images.shape[2:])))
+        n_lat = int(torch.tensor(latent[1:]).prod())
+        return [
+            f"input batch {tuple(images.shape)} -> latent {latent} (total downsample factor {total_factor(ae)} per "
+            f"axis; {images[0].numel() / n_lat:.1f}x fewer values; codebook of {ae.num_embeddings} codes)",
+            f"parameters: VQ-VAE {count_parameters(ae):,}, "
+            f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
+        ]
+
+    def _reconstruction_loss(self, recon: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The reconstruction term and its logs (L1; the one place to switch to the configured loss)."""
+        l1 = F.l1_loss(recon, images)
+        return l1, {"l1": l1.item()}
+
+    def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        images = self._images(batch)
+        self._codes = []
+        recon, quantization_loss = self.modules["autoencoder"](images)
+        recon_f = recon.float()
+        recon_loss, logs = self._reconstruction_loss(recon_f, images)
+        loss_g = recon_loss + quantization_loss.float()
+        logs["quantization"] = quantization_loss.item()
+        logs.update(self._code_logs())
+        return self._generator_losses(loss_g, logs, recon_f, images, epoch)
+
+    def validation_step(self, batch: Any) -> dict[str, float]:
+        self._codes = []
+        metrics = super().validation_step(batch)
+        metrics.update(self._code_logs())
+        return metrics
 
 
 def build_discriminator(spatial_dims: int, in_channels: int, num_layers_d: int, num_channels: int) -> PatchDiscriminator:
@@ -252,7 +323,8 @@ def build_autoencoder_stage(
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         autoencoder = DistributedDataParallel(autoencoder, device_ids=ids)
         discriminator = DistributedDataParallel(discriminator, device_ids=ids)
-    return AutoencoderStage(
+    stage_class = VQVAEStage if ae_cfg.type == "vq" else AutoencoderStage
+    return stage_class(
         autoencoder,
         discriminator,
         optimizer_g,

@@ -30,7 +30,17 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
-from .models import architecture, build_unet, load_autoencoder, unet_args
+from .models import (
+    architecture,
+    build_unet,
+    encode_to_latent,
+    is_vq,
+    latent_channels,
+    latent_spatial,
+    load_autoencoder,
+    total_factor,
+    unet_args,
+)
 from .settings import ConfigError, unet_fit_problems
 from monai.networks.schedulers import RFlowScheduler
 
@@ -117,7 +127,7 @@ class DiffusionStage:
             return batch["z_mu"].to(device).float(), batch["z_sigma"].to(device).float()
         images = batch["image"].to(device).as_subclass(torch.Tensor).float()
         with self.runtime.autocast():
-            z_mu, z_sigma = self.autoencoder.encode(images)
+            z_mu, z_sigma = encode_to_latent(self.autoencoder, images)
         return z_mu.float(), z_sigma.float()
 
     def latent(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -296,16 +306,17 @@ def check_unet_fits(settings: Any, autoencoder: nn.Module, ae_path: Path) -> tup
     """
     voxel_size = tuple(settings.data.voxel_size)
     try:
-        latent_spatial = autoencoder.latent_shape(voxel_size)
+        spatial = latent_spatial(autoencoder, voxel_size)
     except ValueError as exc:
         raise ConfigError(f"{list(voxel_size)} does not fit the autoencoder in {ae_path}: {exc}",
                           key="data.voxel_size") from None
-    problems = unet_fit_problems(settings.diffusion, autoencoder.latent_channels, autoencoder.spatial_dims,
-                                 voxel_size, autoencoder.total_downsample_factor,
-                                 autoencoder_source=f"the autoencoder in {ae_path}")
+    problems = unet_fit_problems(settings.diffusion, latent_channels(autoencoder), autoencoder.spatial_dims,
+                                 voxel_size, total_factor(autoencoder),
+                                 autoencoder_source=f"the autoencoder in {ae_path}",
+                                 latent_key="embedding_dim" if is_vq(autoencoder) else "latent_channels")
     if problems:
         raise ConfigError(problems=problems)
-    return tuple(latent_spatial)
+    return tuple(spatial)
 
 
 def _covariate_stats(datalist: str | None, keys: list[str], class_key: str | None = None,
@@ -361,7 +372,7 @@ def build_diffusion_stage(
     ``autoencoder``; seeded so every rank starts from the same weights, DDP-wrapped under ``torchrun``. Used by
     training and by ``plan`` alike. The latent scale factor starts at 1 (training estimates it)."""
     df, t = settings.diffusion, settings.diffusion.training
-    latent_spatial = autoencoder.latent_shape(tuple(settings.data.voxel_size))
+    spatial = latent_spatial(autoencoder, tuple(settings.data.voxel_size))
     args = unet_args(df, df.conditioning.num_classes, len(df.conditioning.covariate_keys))
     seed_everything(settings.seed if settings.seed is not None else 0)
     unet = build_unet(args, df.use_flash_attention).to(runtime.device)
@@ -383,7 +394,7 @@ def build_diffusion_stage(
                           "prediction_type": sch.prediction_type}
     extra = {
         "model_args": args,
-        "latent_shape": [autoencoder.latent_channels, *latent_spatial],
+        "latent_shape": [latent_channels(autoencoder), *spatial],
         "autoencoder": {"model_args": architecture(autoencoder.init_args), "state_dict": autoencoder.state_dict(),
                         "source": autoencoder_source},
         "data_info": data_info or {},
