@@ -352,6 +352,10 @@ class VQVAESettings:
     decay: float = _f(0.5, "EMA decay of the codebook updates (MONAI VQVAE default)", ge=0, le=1)
     epsilon: float = _f(1.0e-5, "EMA smoothing of the code counts", gt=0)
     embedding_init: Literal["normal", "kaiming_uniform"] = _f("normal", "codebook initialisation")
+    init_codebook_from_data: bool = _f(
+        True, "at the first step of a new run, set the codes to encoder outputs of that batch (keeps codes in use; "
+              "false = MONAI's random codebook only, as the seed system)"
+    )
     dropout: float = _f(0.0, "dropout ratio of the encoder and decoder", ge=0, le=1)
     act: Literal[VQ_ACTIVATIONS] = _f("relu", "activation of the encoder and decoder")
     output_act: Optional[Literal[VQ_ACTIVATIONS]] = _f(
@@ -1369,6 +1373,29 @@ def fold_seed_vqvae(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _seed_names(raw: Mapping[str, Any] | None) -> dict[str, str]:
+    """Where each key of a seed ``vqvae:`` section lands (``autoencoder.vqvae.num_channels`` ->
+    ``vqvae.num_channels``), so that problems name the key as the user wrote it."""
+    seed = raw.get("vqvae") if isinstance(raw, Mapping) else None
+    if not isinstance(seed, Mapping):
+        return {}
+    return {(f"autoencoder.{k}" if k in _SEED_VQVAE_SHARED else f"autoencoder.vqvae.{k}"): f"vqvae.{k}" for k in seed}
+
+
+def _renamed(err: ConfigError, names: Mapping[str, str]) -> ConfigError:
+    """``err`` with each problem's key given in the seed's naming where it came from a seed ``vqvae:`` section."""
+    if not names:
+        return err
+
+    def rename(key: str) -> str:
+        for new, old in names.items():
+            if key == new or key.startswith((new + ".", new + "[")):
+                return old + key[len(new):]
+        return key
+
+    return ConfigError(problems=[(rename(k), m) for k, m in err.problems], source=err.source)
+
+
 def settings_from_dict(
     d: Mapping[str, Any] | None, check_paths: bool = True, *, require_data: bool = True, stage: Optional[str] = None
 ) -> Settings:
@@ -1390,10 +1417,14 @@ def settings_from_dict(
     if stage is not None and stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
     problems: list[tuple[str, str]] = []
+    names = _seed_names(d)
     settings = _build(Settings, fold_seed_vqvae(d), "", problems)
     if problems:
-        raise ConfigError(problems=problems)
-    _validate(settings, check_paths, require_data, stage)
+        raise _renamed(ConfigError(problems=problems), names)
+    try:
+        _validate(settings, check_paths, require_data, stage)
+    except ConfigError as e:
+        raise _renamed(e, names) from None
     return settings
 
 
@@ -1506,13 +1537,15 @@ def load_settings(
         ConfigError: for an unreadable file, an unknown override key, or any invalid value (the file is named).
     """
     raw = {} if path is None else _read_yaml(Path(path).expanduser())
+    names = _seed_names(raw)  # problems of a seed vqvae: section name its keys as written there
     try:
         raw = apply_overrides(fold_seed_vqvae(raw), overrides)
         return settings_from_dict(raw, check_paths=check_paths, require_data=require_data, stage=stage)
     except ConfigError as e:
+        e = _renamed(e, names)
         if path is not None and e.source is None:
             raise e.with_source(path) from None
-        raise
+        raise e from None
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -213,6 +213,34 @@ class AutoencoderStage:
         """Nothing beyond the weights and optimizer states (restored by the loop)."""
 
 
+def codebook_is_untrained(vq: nn.Module) -> bool:
+    """Whether a VQVAE's codebook has never been updated: MONAI's EMA code counts start at zero and stay positive
+    once a batch has been quantised in training mode (so a resumed run is never re-initialised)."""
+    return bool(vq.quantizer.quantizer.ema_cluster_size.sum() == 0)
+
+
+@torch.no_grad()
+def init_codebook_from_data(vq: nn.Module, images: torch.Tensor) -> None:
+    """Set every code of ``vq`` to the encoder output at a random latent voxel of ``images`` (plus 1 % of the
+    latents' per-channel std as noise, so that equal outputs give distinct codes), with an EMA count of 1 each.
+
+    MONAI's EMA codebook starts with zero counts, and a code unused in the first training step is moved so far away
+    (its running sum divided by ~epsilon) that it is rarely used again; a freshly initialised encoder maps nearly
+    every voxel to one code, so the codebook collapses. Codes drawn from the data start where the latents are.
+    Under DDP rank 0's codebook is sent to every rank.
+    """
+    q = vq.quantizer.quantizer
+    z = vq.encode(images).float()
+    flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+    pick = torch.randint(0, flat.shape[0], (q.num_embeddings,), device=flat.device)
+    codes = flat[pick] + 0.01 * flat.std(dim=0).clamp_min(1e-6) * torch.randn_like(flat[pick])
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(codes, src=0)
+    q.embedding.weight.copy_(codes)
+    q.ema_w.copy_(codes)
+    q.ema_cluster_size.fill_(1.0)
+
+
 class VQVAEStage(AutoencoderStage):
     """Per-batch computation of stage 1 with the VQ-VAE (MONAI core's VQVAE): reconstruction loss + the VQVAE's
     quantisation (commitment) loss, plus the perceptual and adversarial terms under the same keys as the KL stage.
@@ -220,11 +248,13 @@ class VQVAEStage(AutoencoderStage):
 
     Codebook usage is logged every step (``perplexity``: exp of the entropy of the batch's code histogram, between 1
     and num_embeddings; ``codes_used``: the fraction of codes used at least once in the batch) and at validation.
-    The arguments are those of :class:`AutoencoderStage`.
+    The arguments are those of :class:`AutoencoderStage`, and ``init_codebook``: at the first step of a new run,
+    set the codebook from that batch (:func:`init_codebook_from_data`).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, init_codebook: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.init_codebook = init_codebook
         self._codes: list[torch.Tensor] = []
         # the code indices of every quantisation, as chosen inside the forward pass (works under DDP too)
         self.autoencoder.quantizer.quantizer.register_forward_hook(
@@ -257,6 +287,8 @@ class VQVAEStage(AutoencoderStage):
 
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         images = self._images(batch)
+        if self.init_codebook and codebook_is_untrained(self.autoencoder):
+            init_codebook_from_data(self.autoencoder, images)
         self._codes = []
         recon, quantization_loss = self.modules["autoencoder"](images)
         recon_f = recon.float()
@@ -335,6 +367,7 @@ def build_autoencoder_stage(
         data_info=data_info,
         val_tile=val_tile,
         num_visualize=ae_cfg.logging.num_visualize_samples,
+        **({"init_codebook": ae_cfg.vqvae.init_codebook_from_data} if ae_cfg.type == "vq" else {}),
     )
 
 

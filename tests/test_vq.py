@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from monai.networks.nets import VQVAE
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
@@ -23,7 +24,7 @@ from monai_diffusion.settings import (
     settings_from_dict,
     total_downsample_factor,
 )
-from monai_diffusion.stage1 import train_autoencoder
+from monai_diffusion.stage1 import codebook_is_untrained, init_codebook_from_data, train_autoencoder
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 NUM_EMBEDDINGS = 16
@@ -129,13 +130,13 @@ def test_seed_vqvae_section_maps_onto_autoencoder_vq():
 
 @pytest.mark.parametrize("change, key", [
     (lambda c: c["vqvae"].update(downsample_parameters=[[2, 4, 1, 1]] * 2),
-     "autoencoder.vqvae.downsample_parameters"),
-    (lambda c: c["vqvae"].update(upsample_parameters=[[2, 4, 1, 1]] * 3), r"autoencoder.vqvae.upsample_parameters\[0\]"),
+     r"vqvae.downsample_parameters: expected len\(autoencoder.vqvae.num_channels\) = 3"),
+    (lambda c: c["vqvae"].update(upsample_parameters=[[2, 4, 1, 1]] * 3), r"vqvae.upsample_parameters\[0\]: expected 5 integers"),
     (lambda c: c["vqvae"].update(downsample_parameters=[[2, 4, 1, 2]] * 3),
-     r"autoencoder.vqvae.downsample_parameters\[0\]: padding 2 .* use padding 1"),
+     r"vqvae.downsample_parameters\[0\]: padding 2 .* use padding 1"),
     (lambda c: c["vqvae"].update(upsample_parameters=[[2, 4, 1, 1, 0], [2, 4, 1, 1, 0], [1, 3, 1, 1, 0]]),
-     "autoencoder.vqvae.upsample_parameters: strides multiply to 4"),
-    (lambda c: c["vqvae"].update(num_res_channels=[8, 8]), "autoencoder.vqvae.num_res_channels"),
+     "vqvae.upsample_parameters: strides multiply to 4"),
+    (lambda c: c["vqvae"].update(num_res_channels=[8, 8]), "vqvae.num_res_channels: expected an integer or one entry per level"),
     (lambda c: c["diffusion"].update(in_channels=3),
      r"diffusion.in_channels: must equal autoencoder.vqvae.embedding_dim \(32\).*--set diffusion.in_channels=32"),
     (lambda c: c["data"].update(voxel_size=[96, 96, 44]), "data.voxel_size: axis 2: 44 is not divisible by 8"),
@@ -149,6 +150,21 @@ def test_bad_vq_settings_are_refused_naming_the_key(change, key):
     change(cfg)
     with pytest.raises(ConfigError, match=key):
         settings_from_dict(cfg, check_paths=False)
+
+
+def test_problems_of_a_seed_file_name_its_keys_as_written(tmp_path):
+    cfg = seed_config()
+    cfg["vqvae"]["training"]["n_epochs"] = 0
+    cfg["vqvae"]["num_res_layers"] = True
+    path = tmp_path / "vq_ldm_config_local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, check_paths=False)
+    assert {k for k, _ in err.value.problems} == {"vqvae.training.n_epochs", "vqvae.num_res_layers"}
+    assert str(path) in str(err.value)
+    # --set reaches the folded keys by their names here
+    s = load_settings(path, ["autoencoder.training.n_epochs=3", "autoencoder.vqvae.num_res_layers=1"], check_paths=False)
+    assert s.autoencoder.training.n_epochs == 3 and s.autoencoder.vqvae.num_res_layers == 1
 
 
 def test_vq_type_in_our_own_schema_and_its_defaults():
@@ -168,6 +184,27 @@ def test_code_usage_on_known_histograms():
     assert perplexity == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))) and used == 2 / 8
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
         code_usage(torch.tensor([0, 7]), 4)
+
+
+def test_codebook_from_data_starts_where_the_latents_are():
+    torch.manual_seed(0)
+    vq = VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=(4, 8), num_res_layers=1, num_res_channels=4,
+               downsample_parameters=((2, 4, 1, 1),) * 2, upsample_parameters=((2, 4, 1, 1, 0),) * 2,
+               num_embeddings=NUM_EMBEDDINGS, embedding_dim=4)
+    images = torch.rand(2, 1, 16, 16, 16)
+    assert codebook_is_untrained(vq)
+    before = code_usage(vq.index_quantize(images), NUM_EMBEDDINGS)[1]
+    init_codebook_from_data(vq, images)
+    assert not codebook_is_untrained(vq)
+    codes = vq.quantizer.quantizer.embedding.weight
+    with torch.no_grad():
+        flat = vq.encode(images).movedim(1, -1).reshape(-1, 4)
+    # every code lies within its noise (1 % of the latents' std) of a latent vector, and the codes are distinct
+    noise = 0.01 * flat.std(dim=0).norm()
+    assert torch.cdist(codes, flat).min(dim=1).values.max() < 5 * noise
+    assert torch.pdist(codes).min() > 0
+    after = code_usage(vq.index_quantize(images), NUM_EMBEDDINGS)[1]
+    assert after > before, (before, after)
 
 
 # ----------------------------------------------------------------------------------------------------- training
