@@ -176,6 +176,13 @@ def test_vq_type_in_our_own_schema_and_its_defaults():
                             "sampling": {"tile_size": [32, 32, 32]}}, check_paths=False)
 
 
+def test_plan_refuses_the_vq_vae_with_one_line(tmp_path, capsys):
+    from monai_diffusion.plan import plan_main
+
+    assert plan_main([*args(tmp_path), "--no-measure"]) == 2
+    assert "autoencoder.type: the plan describes and measures the KL autoencoder only" in capsys.readouterr().err
+
+
 def test_code_usage_on_known_histograms():
     assert code_usage(torch.zeros(2, 4, 4, dtype=torch.long), 16) == (pytest.approx(1.0), 1 / 16)
     assert code_usage(torch.arange(16).repeat(3), 16) == (pytest.approx(16.0), 1.0)
