@@ -222,6 +222,22 @@ def test_stage1_fast_dev_run_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "ae").exists() or not any((tmp_path / "ae").rglob("*.pt"))
 
 
+def test_seed_config_file_runs_stage1_fast_dev_run(tmp_path, capsys):
+    """The seed's VQ-VAE as written (channels 64/128/256, 256 codes of 32 channels, its parameter lists) from a YAML
+    file, on small built-in volumes instead of its data folders."""
+    cfg = seed_config()
+    cfg["data"] = {"synthetic": {"enabled": True, "num_train": 2, "num_val": 1}, "voxel_size": [16, 16, 16]}
+    cfg["device"]["mixed_precision"] = False  # fp32 on the CPU (the seed's true means bf16 here)
+    cfg["vqvae"]["checkpoints"]["output_dir"] = str(tmp_path / "vqvae_checkpoints")
+    cfg["vqvae"]["logging"]["log_dir"] = str(tmp_path / "vqvae_logs")
+    path = tmp_path / "vq_ldm_config_local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train_autoencoder_main(["--config", str(path), "--fast-dev-run"]) == 0
+    out = capsys.readouterr().out
+    assert "latent (2, 32, 2, 2, 2)" in out and "codebook of 256 codes" in out
+    assert not any(tmp_path.rglob("*.pt"))
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     sd = load_checkpoint(path)["state_dict"]
     return {f"{m}.{k}": v for m in sorted(sd) for k, v in sd[m].items()}
