@@ -864,8 +864,8 @@ def _check_autoencoder(s: Settings, problems: list[tuple[str, str]]) -> Optional
 def vq_sampling_parameters(vq: VQVAESettings) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """The VQ-VAE's downsample and upsample parameters, one tuple per level (the defaults filled in)."""
     levels = len(vq.num_channels)
-    down = [tuple(p) for p in vq.downsample_parameters] if vq.downsample_parameters is not None else [(2, 4, 1, 1)] * levels
-    up = [tuple(p) for p in vq.upsample_parameters] if vq.upsample_parameters is not None else [(2, 4, 1, 1, 0)] * levels
+    down = [(2, 4, 1, 1)] * levels if vq.downsample_parameters is None else [tuple(p) for p in vq.downsample_parameters]
+    up = [(2, 4, 1, 1, 0)] * levels if vq.upsample_parameters is None else [tuple(p) for p in vq.upsample_parameters]
     return down, up
 
 
@@ -901,15 +901,18 @@ def _check_vq_parameters(params: Sequence[Sequence[int]], levels: int, key: str,
                                         f"[{stride}, {2 * stride}, 1, {stride // 2}] for an even stride"))
                 ok = False
             elif 2 * padding != reach - stride:
+                fixed = [stride, kernel, dilation, (reach - stride) // 2]
                 problems.append((where, f"padding {padding} makes this level shrink a size by other than the stride "
-                                        f"{stride}; use padding {(reach - stride) // 2}: {_short([stride, kernel, dilation, (reach - stride) // 2])}"))
+                                        f"{stride}; use padding {fixed[3]}: {_short(fixed)}"))
                 ok = False
         else:
             # a transposed convolution gives (n - 1) * stride - 2 * padding + reach + output_padding: n * stride needs
             out_pad = stride + 2 * padding - reach
             if p[4] != out_pad:
-                fix = (f"use output_padding {out_pad}: {_short([*p[:4], out_pad])}" if 0 <= out_pad < max(stride, dilation)
-                       else f"use padding {max(0, (reach - stride) // 2)} and output_padding {(reach - stride) % 2}")
+                if 0 <= out_pad < max(stride, dilation):
+                    fix = f"use output_padding {out_pad}: {_short([*p[:4], out_pad])}"
+                else:
+                    fix = f"use padding {max(0, (reach - stride) // 2)} and output_padding {(reach - stride) % 2}"
                 problems.append((where, f"this level does not enlarge a size by exactly the stride {stride} "
                                         f"(output_padding {p[4]}); {fix}"))
                 ok = False

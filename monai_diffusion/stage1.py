@@ -36,7 +36,15 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
-from .models import architecture, build_autoencoder, code_usage, latent_channels, latent_spatial, reconstruct, total_factor
+from .models import (
+    architecture,
+    build_autoencoder,
+    code_usage,
+    latent_channels,
+    latent_spatial,
+    reconstruct,
+    total_factor,
+)
 from .settings import total_downsample_factor
 from .visualize import orthogonal_slices
 

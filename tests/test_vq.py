@@ -3,7 +3,6 @@ with exact resume, and stage 2 / sampling on its latents."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -131,12 +130,14 @@ def test_seed_vqvae_section_maps_onto_autoencoder_vq():
 @pytest.mark.parametrize("change, key", [
     (lambda c: c["vqvae"].update(downsample_parameters=[[2, 4, 1, 1]] * 2),
      r"vqvae.downsample_parameters: expected len\(autoencoder.vqvae.num_channels\) = 3"),
-    (lambda c: c["vqvae"].update(upsample_parameters=[[2, 4, 1, 1]] * 3), r"vqvae.upsample_parameters\[0\]: expected 5 integers"),
+    (lambda c: c["vqvae"].update(upsample_parameters=[[2, 4, 1, 1]] * 3),
+     r"vqvae.upsample_parameters\[0\]: expected 5 integers"),
     (lambda c: c["vqvae"].update(downsample_parameters=[[2, 4, 1, 2]] * 3),
      r"vqvae.downsample_parameters\[0\]: padding 2 .* use padding 1"),
     (lambda c: c["vqvae"].update(upsample_parameters=[[2, 4, 1, 1, 0], [2, 4, 1, 1, 0], [1, 3, 1, 1, 0]]),
      "vqvae.upsample_parameters: strides multiply to 4"),
-    (lambda c: c["vqvae"].update(num_res_channels=[8, 8]), "vqvae.num_res_channels: expected an integer or one entry per level"),
+    (lambda c: c["vqvae"].update(num_res_channels=[8, 8]),
+     "vqvae.num_res_channels: expected an integer or one entry per level"),
     (lambda c: c["diffusion"].update(in_channels=3),
      r"diffusion.in_channels: must equal autoencoder.vqvae.embedding_dim \(32\).*--set diffusion.in_channels=32"),
     (lambda c: c["data"].update(voxel_size=[96, 96, 44]), "data.voxel_size: axis 2: 44 is not divisible by 8"),
@@ -163,7 +164,8 @@ def test_problems_of_a_seed_file_name_its_keys_as_written(tmp_path):
     assert {k for k, _ in err.value.problems} == {"vqvae.training.n_epochs", "vqvae.num_res_layers"}
     assert str(path) in str(err.value)
     # --set reaches the folded keys by their names here
-    s = load_settings(path, ["autoencoder.training.n_epochs=3", "autoencoder.vqvae.num_res_layers=1"], check_paths=False)
+    s = load_settings(path, ["autoencoder.training.n_epochs=3", "autoencoder.vqvae.num_res_layers=1"],
+                      check_paths=False)
     assert s.autoencoder.training.n_epochs == 3 and s.autoencoder.vqvae.num_res_layers == 1
 
 
