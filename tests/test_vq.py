@@ -4,6 +4,7 @@ with exact resume, and stage 2 / sampling on its latents."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import yaml
 from monai.networks.nets import VQVAE
 
-from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
+from monai_diffusion.cli import evaluate_main, generate_samples_main, train_autoencoder_main, train_diffusion_main
 from monai_diffusion.engine import load_checkpoint
 from monai_diffusion.models import code_usage, encode_to_latent, latent_channels, load_autoencoder, total_factor
 from monai_diffusion.settings import (
@@ -291,3 +292,9 @@ def test_stage2_and_sampling_on_vq_latents(tmp_path, capsys):
 
     volume = nib.load(samples[0]).get_fdata()
     assert volume.shape[:3] == (16, 16, 16) and volume.std() > 0
+    # evaluate: stage-1 figures from the VQ-VAE's reconstructions of the validation volumes
+    report = tmp_path / "evaluation.json"
+    assert evaluate_main([*args(tmp_path), "--num-samples", "4", "--c2st-epochs", "0", "--out", str(report)]) == 0
+    stage1 = json.loads(report.read_text())["stage1_validation"]
+    # the same volumes through the same VQ-VAE as stage 1's validation: the same L1
+    assert stage1["count"] == 2 and stage1["l1"] == pytest.approx(ckpt["best_metric"], rel=1e-4)
