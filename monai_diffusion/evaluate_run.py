@@ -50,8 +50,9 @@ def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi:
         if tuple(x.shape[2:]) == roi:
             y = reconstruct(autoencoder, x)
         else:
-            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=functools.partial(reconstruct, autoencoder),
-                                         overlap=0.25, mode="gaussian")
+            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1,
+                                         predictor=functools.partial(reconstruct, autoencoder), overlap=0.25,
+                                         mode="gaussian")
         y = y.float().cpu()[0]
         out.append(y.clamp(0.0, 1.0) if clip else y)
     return out

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
 from .engine import RunError, load_checkpoint, resolve_precision
 from .models import autoencoder_from_args, build_unet, load_weights
 from .sampling import (

@@ -218,8 +218,10 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float,
     z = z / scale_factor
     if tile_size is not None:
         if not hasattr(autoencoder, "decode_tiled"):
-            raise ValueError(f"sampling.tile_size {list(tile_size)}: tiled decoding is for the KL autoencoder, this "
-                             f"checkpoint's stage 1 is a {type(autoencoder).__name__}; set sampling.tile_size to null")
+            from .settings import ConfigError
+
+            raise ConfigError(f"{list(tile_size)}: tiled decoding is for the KL autoencoder, this checkpoint's stage 1 "
+                              f"is a {type(autoencoder).__name__}; set it to null", key="sampling.tile_size")
         return autoencoder.decode_tiled(z, tile_size=tuple(tile_size))
     return autoencoder.decode_stage_2_outputs(z)
 

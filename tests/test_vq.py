@@ -215,6 +215,15 @@ def test_codebook_from_data_starts_where_the_latents_are():
     assert torch.pdist(codes).min() > 0
     after = code_usage(vq.index_quantize(images), NUM_EMBEDDINGS)[1]
     assert after > before, (before, after)
+    # decoding a generated latent quantises it first; tiled decoding is refused, naming the key
+    from monai_diffusion.sampling import decode_latents
+
+    vq.eval()  # (in training mode quantising moves the codebook)
+    with torch.no_grad():
+        z = torch.randn(1, 4, 4, 4, 4)
+        assert torch.equal(decode_latents(vq, z, 2.0, None), vq.decode(vq.quantize(z / 2.0)[0]))
+    with pytest.raises(ConfigError, match="sampling.tile_size: .*tiled decoding is for the KL autoencoder"):
+        decode_latents(vq, z, 1.0, (8, 8, 8))
 
 
 # ----------------------------------------------------------------------------------------------------- training
