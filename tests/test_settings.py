@@ -15,6 +15,7 @@ from monai_diffusion.settings import (
     Settings,
     add_config_args,
     apply_overrides,
+    latent_channels_of,
     load_settings,
     settings_from_args,
     settings_from_dict,
@@ -61,7 +62,7 @@ def test_all_expected_configs_are_shipped():
 def test_shipped_configs_load_and_are_consistent(path):
     s = load_settings(path, check_paths=False)
     assert isinstance(s, Settings)
-    assert s.diffusion.in_channels == s.autoencoder.latent_channels == s.diffusion.out_channels
+    assert s.diffusion.in_channels == latent_channels_of(s.autoencoder) == s.diffusion.out_channels
     total = total_downsample_factor(s.autoencoder)
     assert all(v % t == 0 for v, t in zip(s.data.voxel_size, total))
     # round trip through a plain dict and through YAML text
