@@ -13,6 +13,7 @@ against the real volumes only, without reconstructions or ``stage1_validation``.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .data import build_datasets, build_transforms, training_geometry, validates
 from .engine import RunError
 from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, reconstruction_metrics, write_report
 from .generate import Sampler, checkpoint_path
+from .models import reconstruct, total_factor
 
 
 def default_report_path(settings: Any) -> Path:
@@ -49,10 +51,11 @@ def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi:
     for v in tqdm(volumes, desc=f"reconstructing {what}", leave=False):
         x = v.unsqueeze(0).to(device)
         if tuple(x.shape[2:]) == roi:
-            y = autoencoder.reconstruct(x)
+            y = reconstruct(autoencoder, x)
         else:
-            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=autoencoder.reconstruct,
-                                         overlap=0.25, mode="gaussian")
+            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1,
+                                         predictor=functools.partial(reconstruct, autoencoder), overlap=0.25,
+                                         mode="gaussian")
         y = y.float().cpu()[0]
         out.append(y.clamp(0.0, 1.0) if clip else y)
     return out
@@ -122,7 +125,7 @@ def evaluate_pipeline(
     _, _, info = build_datasets(settings.data, spatial_dims=dims, in_channels=ae_args["in_channels"],
                                 work_dir=Path(stage_dir).expanduser().parent)
     val_tf = build_transforms(settings.data, dims, train=False,
-                              divisible_by=autoencoder.total_downsample_factor if whole_val else None)
+                              divisible_by=total_factor(autoencoder) if whole_val else None)
     # generation is compared with training volumes as training sees them (random patches: centre crops)
     real_tf = build_transforms(training_geometry(settings.data), dims, train=False)
     real = torch.stack(_load(real_tf, info["train_files"], "training volumes"))

@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from generative.networks.nets import AutoencoderKL
-
 from .engine import RunError, load_checkpoint, resolve_precision
 from .models import autoencoder_from_args, build_unet, load_weights
 from .sampling import (
@@ -37,9 +35,9 @@ def is_pixel_space(ckpt: dict[str, Any]) -> bool:
 
 def load_diffusion(
     path: str | Path, use_ema: bool = True, use_flash_attention: bool = False
-) -> tuple[torch.nn.Module, AutoencoderKL | None, dict[str, Any]]:
-    """UNet (EMA weights when present and wanted) and autoencoder of a stage-2 checkpoint, from the checkpoint alone;
-    the autoencoder is None for a pixel-space checkpoint."""
+) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
+    """UNet (EMA weights when present and wanted) and stage-1 network (AutoencoderKL or VQVAE) of a stage-2
+    checkpoint, from the checkpoint alone; the stage-1 network is None for a pixel-space checkpoint."""
     ckpt = load_checkpoint(path, expected_stage="diffusion")
     unet = build_unet(ckpt["model_args"], use_flash_attention)
     weights = ckpt["state_dict"].get("ema") if use_ema else None

@@ -1,5 +1,11 @@
 """Build networks from settings and rebuild them from self-describing checkpoints.
 
+Stage 1 is either the fork's AutoencoderKL (``autoencoder.type: kl``) or MONAI core's VQVAE (``type: vq``). Code
+that works on any stage-1 network goes through the small interface at the end of this module
+(:func:`encode_to_latent`, :func:`reconstruct`, :func:`latent_channels`, :func:`total_factor`,
+:func:`latent_spatial`); decoding a latent is ``decode_stage_2_outputs``, which both networks have (the VQ-VAE
+quantises first).
+
 Checkpoints store a network's *architecture* arguments only. How it executes (``use_flash_attention``,
 ``use_checkpointing``) is not part of the architecture: it comes from the current settings, so a resumed run, stage 2
 or sampling may switch it freely.
@@ -8,9 +14,12 @@ or sampling may switch it freely.
 from __future__ import annotations
 
 from pathlib import Path
+import math
 from typing import Any
 
-from monai.networks.nets import DiffusionModelUNet
+import torch
+import torch.nn as nn
+from monai.networks.nets import VQVAE, DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
 
@@ -60,18 +69,65 @@ def autoencoder_execution(ae: Any) -> dict[str, Any]:
             "use_checkpointing": ae.training.use_gradient_checkpointing}
 
 
-def build_autoencoder(ae: Any) -> AutoencoderKL:
-    """The stage-1 network described by the ``autoencoder`` settings section."""
+def vqvae_args(ae: Any) -> dict[str, Any]:
+    """Architecture arguments of MONAI core's VQVAE from the ``autoencoder`` settings section (``type: vq``; the
+    network keys are in ``autoencoder.vqvae``, the defaults of the parameter lists filled in)."""
+    from .settings import vq_sampling_parameters
+
+    vq = ae.vqvae
+    down, up = vq_sampling_parameters(vq)
+    return {
+        "spatial_dims": ae.spatial_dims,
+        "in_channels": ae.in_channels,
+        "out_channels": ae.out_channels,
+        "channels": _plain(vq.num_channels),
+        "num_res_layers": vq.num_res_layers,
+        "num_res_channels": _plain(vq.num_res_channels),
+        "downsample_parameters": _plain(down),
+        "upsample_parameters": _plain(up),
+        "num_embeddings": vq.num_embeddings,
+        "embedding_dim": vq.embedding_dim,
+        "embedding_init": vq.embedding_init,
+        "commitment_cost": vq.commitment_cost,
+        "decay": vq.decay,
+        "epsilon": vq.epsilon,
+        "dropout": vq.dropout,
+        "act": vq.act.upper(),
+        "output_act": None if vq.output_act is None else vq.output_act.upper(),
+    }
+
+
+def is_vq_args(args: dict[str, Any]) -> bool:
+    """Whether stored stage-1 arguments describe a VQ-VAE (they have a codebook) rather than an AutoencoderKL."""
+    return "num_embeddings" in args
+
+
+def build_autoencoder(ae: Any) -> nn.Module:
+    """The stage-1 network described by the ``autoencoder`` settings section (AutoencoderKL or VQVAE)."""
+    if ae.type == "vq":
+        return autoencoder_from_args(vqvae_args(ae), **autoencoder_execution(ae))
     return AutoencoderKL(**autoencoder_args(ae), **autoencoder_execution(ae))
 
 
-def autoencoder_from_args(args: dict[str, Any], **execution: Any) -> AutoencoderKL:
-    """An AutoencoderKL from stored architecture arguments (older checkpoints also stored the execution knobs;
-    they are dropped) and the execution knobs wanted now."""
-    return AutoencoderKL(**architecture(args), **execution)
+def autoencoder_from_args(args: dict[str, Any], **execution: Any) -> nn.Module:
+    """The stage-1 network from stored architecture arguments (older checkpoints also stored the execution knobs;
+    they are dropped) and the execution knobs wanted now.
+
+    A VQ-VAE (see :func:`is_vq_args`) is MONAI core's VQVAE; it has no flash attention, so that knob is ignored. Like
+    the fork's AutoencoderKL it carries its arguments as ``init_args`` (what checkpoints store).
+    """
+    if not is_vq_args(args):
+        return AutoencoderKL(**architecture(args), **execution)
+    arch = architecture(args)
+    checkpointing = bool(execution.get("use_checkpointing", False))
+    model = VQVAE(**{**arch, "downsample_parameters": [tuple(p) for p in arch["downsample_parameters"]],
+                     "upsample_parameters": [tuple(p) for p in arch["upsample_parameters"]]},
+                  use_checkpointing=checkpointing)
+    model.init_args = {**arch, "use_checkpointing": checkpointing}
+    return model
 
 
-def load_autoencoder(path: str | Path, **execution: Any) -> tuple[AutoencoderKL, dict[str, Any]]:
+def load_autoencoder(path: str | Path, **execution: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the autoencoder of a stage-1 checkpoint from the checkpoint alone (not from any YAML).
 
     Args:
@@ -120,3 +176,86 @@ def build_unet(args: dict[str, Any], use_flash_attention: bool = False) -> Diffu
     """MONAI core's DiffusionModelUNet from the architecture arguments of :func:`unet_args` (as stored in
     checkpoints; an older checkpoint's ``use_flash_attention`` is dropped) and the execution knob wanted now."""
     return DiffusionModelUNet(**architecture(args), use_flash_attention=use_flash_attention)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one interface over both stage-1 networks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_vq(autoencoder: nn.Module) -> bool:
+    """Whether a stage-1 network is the VQ-VAE (MONAI core's VQVAE)."""
+    return isinstance(autoencoder, VQVAE)
+
+
+def latent_channels(autoencoder: nn.Module) -> int:
+    """Channels of the latent the diffusion UNet works on: ``latent_channels`` (KL) or ``embedding_dim`` (VQ)."""
+    return int(autoencoder.embedding_dim if is_vq(autoencoder) else autoencoder.latent_channels)
+
+
+def total_factor(autoencoder: nn.Module) -> tuple[int, ...]:
+    """Total downsample factor per spatial axis (VQ-VAE: the product of its downsampling strides)."""
+    if not is_vq(autoencoder):
+        return tuple(autoencoder.total_downsample_factor)
+    stride = math.prod(int(p[0]) for p in autoencoder.init_args["downsample_parameters"])
+    return (stride,) * autoencoder.spatial_dims
+
+
+def latent_spatial(autoencoder: nn.Module, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """The latent's spatial size for volumes of ``spatial`` voxels.
+
+    Raises:
+        ValueError: when a size is not divisible by the total factor of its axis (naming the axis and the factor).
+    """
+    if not is_vq(autoencoder):
+        return tuple(autoencoder.latent_shape(tuple(spatial)))
+    factor = total_factor(autoencoder)
+    if len(spatial) != len(factor):
+        raise ValueError(f"expected {len(factor)} spatial sizes, got {list(spatial)}")
+    bad = [f"axis {a}: {n} is not divisible by {f}" for a, (n, f) in enumerate(zip(spatial, factor)) if n % f]
+    if bad:
+        raise ValueError(f"the VQ-VAE's total downsample factor is {factor[0]} per axis; " + "; ".join(bad))
+    return tuple(n // f for n, f in zip(spatial, factor))
+
+
+def encode_to_latent(autoencoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What stage 2 learns from: the latent mean and standard deviation of ``images``.
+
+    KL: the encoder's ``z_mu`` and ``z_sigma``. VQ-VAE: the quantised latent (the codebook vectors the decoder
+    reads, as the seed system and MONAI's ``encode_stage_2_inputs`` use) with a standard deviation of zero, so
+    that drawing a latent gives the quantised one. The network should be in eval mode (a VQ-VAE in training mode
+    updates its codebook while quantising).
+    """
+    if is_vq(autoencoder):
+        z = autoencoder.encode_stage_2_inputs(images)
+        return z, torch.zeros_like(z)
+    return autoencoder.encode(images)
+
+
+def reconstruct(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` through the whole stage-1 network (KL: the mean latent, no sampling; VQ: quantised)."""
+    if is_vq(autoencoder):
+        return autoencoder(images)[0]
+    return autoencoder.reconstruct(images)
+
+
+def code_usage(indices: torch.Tensor, num_embeddings: int) -> tuple[float, float]:
+    """Codebook usage of a batch of code indices.
+
+    Args:
+        indices: the code chosen at every latent voxel (any shape, integers in ``[0, num_embeddings)``).
+        num_embeddings: codebook size.
+
+    Returns:
+        ``(perplexity, fraction_used)``: perplexity is exp of the entropy of the code histogram (1 when one code is
+        used everywhere, ``num_embeddings`` when all are used equally); fraction_used is the share of codes used at
+        least once.
+    """
+    if num_embeddings < 1:
+        raise ValueError(f"num_embeddings must be >= 1, got {num_embeddings}")
+    counts = torch.bincount(indices.flatten().long(), minlength=num_embeddings).double()
+    if counts.numel() != num_embeddings:
+        raise ValueError(f"indices must lie in [0, {num_embeddings}), got a maximum of {int(indices.max())}")
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp()), float((counts > 0).double().mean())

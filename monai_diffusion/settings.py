@@ -24,7 +24,8 @@ Notes on values:
 
 Public API: :class:`Settings` (and its section dataclasses), :class:`ConfigError`, :func:`load_settings`,
 :func:`settings_from_dict`, :func:`add_config_args`, :func:`settings_from_args`, :func:`total_downsample_factor`,
-:func:`unet_fit_problems`, :func:`build_data_settings`, :func:`apply_overrides`.
+:func:`unet_fit_problems`, :func:`build_data_settings`, :func:`apply_overrides`, :func:`fold_seed_vqvae`,
+:func:`latent_channels_of`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "IntensitySettings",
     "AugmentationSettings",
     "AutoencoderSettings",
+    "VQVAESettings",
     "AutoencoderTrainingSettings",
     "DiscriminatorSettings",
     "ReconstructionLossSettings",
@@ -76,6 +78,8 @@ __all__ = [
     "initial_downsample_factor",
     "unet_fit_problems",
     "build_data_settings",
+    "fold_seed_vqvae",
+    "latent_channels_of",
 ]
 
 
@@ -446,10 +450,50 @@ class DiffusionLoggingSettings:
     )
 
 
+VQ_ACTIVATIONS = ("relu", "leakyrelu", "prelu", "elu", "gelu", "silu", "tanh", "sigmoid")
+
+
+@dataclass(frozen=True)
+class VQVAESettings:
+    """VQ-VAE stage 1 (MONAI core monai.networks.nets.VQVAE), used when autoencoder.type is vq. Every level
+    downsamples: levels = len(num_channels), total factor = product of the strides."""
+
+    num_channels: IntList = _f((64, 128, 256), "channels of each level (every level downsamples once)", ge=1)
+    num_res_channels: Union[int, IntList] = _f(256, "channels inside the residual layers: int or one per level", ge=1)
+    num_res_layers: int = _f(2, "residual layers per level", ge=0)
+    num_embeddings: int = _f(256, "codebook size (number of codes)", ge=2)
+    embedding_dim: int = _f(32, "channels of the latent and of every code; diffusion.in_channels must equal it", ge=1)
+    downsample_parameters: Optional[Tuple[IntList, ...]] = _f(
+        None, "one [stride, kernel, dilation, padding] per level; null = [2, 4, 1, 1] at every level", ge=0
+    )
+    upsample_parameters: Optional[Tuple[IntList, ...]] = _f(
+        None, "one [stride, kernel, dilation, padding, output_padding] per decoder level (latent first); "
+              "null = [2, 4, 1, 1, 0] at every level", ge=0
+    )
+    commitment_cost: float = _f(0.25, "weight of the commitment term in the quantisation loss", ge=0)
+    decay: float = _f(0.5, "EMA decay of the codebook updates (MONAI VQVAE default)", ge=0, le=1)
+    epsilon: float = _f(1.0e-5, "EMA smoothing of the code counts", gt=0)
+    embedding_init: Literal["normal", "kaiming_uniform"] = _f("normal", "codebook initialisation")
+    init_codebook_from_data: bool = _f(
+        True, "at the first step of a new run, set the codes to encoder outputs of that batch (keeps codes in use; "
+              "false = MONAI's random codebook only, as the seed system)"
+    )
+    dropout: float = _f(0.0, "dropout ratio of the encoder and decoder", ge=0, le=1)
+    act: Literal[VQ_ACTIVATIONS] = _f("relu", "activation of the encoder and decoder")
+    output_act: Optional[Literal[VQ_ACTIVATIONS]] = _f(
+        "relu", "activation of the decoder output (the seed system used relu); null = none"
+    )
+
+
 @dataclass(frozen=True)
 class AutoencoderSettings:
-    """Stage 1: KL autoencoder (generative.networks.nets.AutoencoderKL) and its training."""
+    """Stage 1: KL autoencoder (generative.networks.nets.AutoencoderKL) or VQ-VAE (type vq; MONAI VQVAE, see the
+    vqvae section and docs/vq_vae.md) and its training."""
 
+    type: Literal["kl", "vq"] = _f(
+        "kl", "kl (AutoencoderKL: the keys below up to use_convtranspose) | vq (VQ-VAE: the vqvae section); a "
+              "top-level vqvae: section (seed config) selects vq"
+    )
     spatial_dims: int = _f(3, "number of spatial axes (2 or 3)")
     in_channels: int = _f(1, "image channels", ge=1)
     out_channels: int = _f(1, "reconstructed channels", ge=1)
@@ -475,6 +519,7 @@ class AutoencoderSettings:
     with_decoder_nonlocal_attn: bool = _f(True, "attention block at the start of the decoder")
     use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
     use_convtranspose: bool = _f(False, "decoder upsamples with transposed convolutions instead of interpolation")
+    vqvae: VQVAESettings = _section(VQVAESettings, "VQ-VAE network (type vq only)")
     training: AutoencoderTrainingSettings = _section(AutoencoderTrainingSettings, "stage 1 training")
     checkpoints: CheckpointSettings = _section(CheckpointSettings, "stage 1 checkpoints")
     logging: LoggingSettings = _section(LoggingSettings, "stage 1 logging")
@@ -950,6 +995,8 @@ def _check_autoencoder(s: Settings, problems: list[tuple[str, str]]) -> Optional
     if ae.spatial_dims not in (2, 3):
         problems.append(("autoencoder.spatial_dims", f"expected 2 or 3, got {ae.spatial_dims}"))
         return None
+    if ae.type == "vq":
+        return _check_vqvae(ae, problems)
     _check_unet_lists("autoencoder", ae.num_channels, ae.attention_levels, ae.num_res_blocks, ae.norm_num_groups,
                       problems)
     levels = len(ae.num_channels) - 1
@@ -975,6 +1022,89 @@ def _check_autoencoder(s: Settings, problems: list[tuple[str, str]]) -> Optional
         )
         return None
     return None if down is None else _prod([initial_downsample_factor(ae), *down], ae.spatial_dims)
+
+
+def vq_sampling_parameters(vq: VQVAESettings) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The VQ-VAE's downsample and upsample parameters, one tuple per level (the defaults filled in)."""
+    levels = len(vq.num_channels)
+    down = [(2, 4, 1, 1)] * levels if vq.downsample_parameters is None else [tuple(p) for p in vq.downsample_parameters]
+    up = [(2, 4, 1, 1, 0)] * levels if vq.upsample_parameters is None else [tuple(p) for p in vq.upsample_parameters]
+    return down, up
+
+
+def _check_vq_parameters(params: Sequence[Sequence[int]], levels: int, key: str, up: bool,
+                         problems: list[tuple[str, str]]) -> bool:
+    """Shape of ``autoencoder.vqvae.{down,up}sample_parameters`` and, per level, whether the (transposed)
+    convolution changes the size by exactly its stride; True when every entry is usable."""
+    names = "[stride, kernel, dilation, padding, output_padding]" if up else "[stride, kernel, dilation, padding]"
+    width = 5 if up else 4
+    if len(params) != levels:
+        problems.append((key, f"expected len(autoencoder.vqvae.num_channels) = {levels} entries (every VQ-VAE level "
+                              f"resamples once), got {len(params)}: {_short(params)}"))
+        return False
+    ok = True
+    for i, p in enumerate(params):
+        where = _path(key, i)
+        if len(p) != width:
+            problems.append((where, f"expected {width} integers {names}, got {len(p)}: {_short(p)}"))
+            ok = False
+            continue
+        stride, kernel, dilation, padding = p[:4]
+        if min(stride, kernel, dilation) < 1:
+            problems.append((where, f"stride, kernel and dilation must be >= 1, got {_short(p)}"))
+            ok = False
+            continue
+        reach = dilation * (kernel - 1) + 1  # voxels one kernel application covers
+        if not up:
+            # exact n -> n / stride for every n divisible by stride needs 2 * padding = reach - stride
+            if (reach - stride) % 2 or reach < stride:
+                problems.append((where, f"a kernel reaching {reach} voxels (kernel {kernel}, dilation {dilation}) "
+                                        f"cannot shrink a size by exactly the stride {stride}: choose kernel and "
+                                        f"stride with dilation*(kernel-1)+1-stride even and >= 0, e.g. "
+                                        f"[{stride}, {2 * stride}, 1, {stride // 2}] for an even stride"))
+                ok = False
+            elif 2 * padding != reach - stride:
+                fixed = [stride, kernel, dilation, (reach - stride) // 2]
+                problems.append((where, f"padding {padding} makes this level shrink a size by other than the stride "
+                                        f"{stride}; use padding {fixed[3]}: {_short(fixed)}"))
+                ok = False
+        else:
+            # a transposed convolution gives (n - 1) * stride - 2 * padding + reach + output_padding: n * stride needs
+            out_pad = stride + 2 * padding - reach
+            if p[4] != out_pad:
+                if 0 <= out_pad < max(stride, dilation):
+                    fix = f"use output_padding {out_pad}: {_short([*p[:4], out_pad])}"
+                else:
+                    fix = f"use padding {max(0, (reach - stride) // 2)} and output_padding {(reach - stride) % 2}"
+                problems.append((where, f"this level does not enlarge a size by exactly the stride {stride} "
+                                        f"(output_padding {p[4]}); {fix}"))
+                ok = False
+    return ok
+
+
+def _check_vqvae(ae: AutoencoderSettings, problems: list[tuple[str, str]]) -> Optional[tuple[int, ...]]:
+    """VQ-VAE checks (``autoencoder.type: vq``); returns the total downsample factor per axis when well defined."""
+    vq, key = ae.vqvae, "autoencoder.vqvae"
+    levels = len(vq.num_channels)
+    if levels == 0:
+        problems.append((f"{key}.num_channels", "expected at least one level, got an empty list"))
+        return None
+    if isinstance(vq.num_res_channels, tuple) and len(vq.num_res_channels) != levels:
+        problems.append((f"{key}.num_res_channels", f"expected an integer or one entry per level of num_channels "
+                                                    f"({levels}), got {len(vq.num_res_channels)}: "
+                                                    f"{_short(vq.num_res_channels)}"))
+    down, up = vq_sampling_parameters(vq)
+    ok = _check_vq_parameters(down, levels, f"{key}.downsample_parameters", False, problems)
+    ok = _check_vq_parameters(up, levels, f"{key}.upsample_parameters", True, problems) and ok
+    if not ok:
+        return None
+    total_down, total_up = math.prod(p[0] for p in down), math.prod(p[0] for p in up)
+    if total_down != total_up:
+        problems.append((f"{key}.upsample_parameters",
+                         f"strides multiply to {total_up} but downsample_parameters' strides multiply to "
+                         f"{total_down}; the decoder must restore the input size"))
+        return None
+    return (total_down,) * ae.spatial_dims
 
 
 def _check_data_shape(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
@@ -1092,7 +1222,8 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
                              "--set diffusion.training.cache_latents=false"))
     elif (total is not None and len(s.data.voxel_size) == ae.spatial_dims
             and all(v % t == 0 for v, t in zip(s.data.voxel_size, total))):
-        problems += unet_fit_problems(df, ae.latent_channels, ae.spatial_dims, s.data.voxel_size, total)
+        problems += unet_fit_problems(df, latent_channels_of(ae), ae.spatial_dims, s.data.voxel_size, total,
+                                      latent_key=latent_channels_key(ae))
     cond = df.conditioning
     if (cond.class_key is None) != (cond.num_classes is None):
         problems.append(
@@ -1129,6 +1260,9 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
     if s.sampling.tile_size is not None and df.space == "pixel":
         problems.append(("sampling.tile_size", "tiles the autoencoder's decoding, but diffusion.space is pixel (no "
                                                "decoder); set sampling.tile_size=null"))
+    elif s.sampling.tile_size is not None and ae.type == "vq":
+        problems.append(("sampling.tile_size", "tiled decoding is for the KL autoencoder; the VQ-VAE decodes whole "
+                                               "latents: set it to null"))
     elif s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
         problems.append(
             ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
@@ -1198,6 +1332,7 @@ def _set_value(value: Any) -> str:
 def unet_fit_problems(
     df: DiffusionSettings, latent_channels: int, spatial_dims: int, voxel_size: Sequence[int],
     total_factor: Sequence[int], autoencoder_source: str = "autoencoder", space: str = "latent",
+    latent_key: str = "latent_channels",
 ) -> list[tuple[str, str]]:
     """Does the diffusion UNet fit the autoencoder's latent (or, in pixel space, the images)? One ``(key, message)``
     per problem, each with the ``--set`` lines that fix it.
@@ -1215,6 +1350,7 @@ def unet_fit_problems(
             e.g. ``"the autoencoder in runs/ae/best_model.pt"``.
         space: ``"latent"``, or ``"pixel"``: the UNet works on the images, ``latent_channels`` is then the image
             channels (``autoencoder.in_channels``) and ``total_factor`` is 1 on every axis.
+        latent_key: the autoencoder's key of the latent channels (``"vqvae.embedding_dim"`` for a VQ-VAE).
     """
     problems: list[tuple[str, str]] = []
 
@@ -1226,7 +1362,7 @@ def unet_fit_problems(
                                                    f"{df.spatial_dims}: --set diffusion.spatial_dims={spatial_dims}"))
     pixel = space == "pixel"
     channels_key, works_on = ("in_channels", "the images (diffusion.space is pixel)") if pixel else \
-        ("latent_channels", "latents")
+        (latent_key, "latents")
     for name in ("in_channels", "out_channels"):
         if getattr(df, name) != latent_channels:
             problems.append((f"diffusion.{name}", f"must equal {of(channels_key)} ({latent_channels}) because "
@@ -1454,6 +1590,99 @@ def _validate(s: Settings, check_paths: bool, require_data: bool, stage: Optiona
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# keys of the seed's top-level ``vqvae:`` section that land in ``autoencoder`` itself (the rest in autoencoder.vqvae)
+_SEED_VQVAE_SHARED = ("spatial_dims", "in_channels", "out_channels", "training", "checkpoints", "logging")
+
+
+def fold_seed_vqvae(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Map the seed system's top-level ``vqvae:`` section (``vq_ldm_config_local.yaml``) onto this schema.
+
+    ``vqvae.{spatial_dims, in_channels, out_channels, training, checkpoints, logging}`` become the same keys of
+    ``autoencoder``; every other ``vqvae.X`` becomes ``autoencoder.vqvae.X``; ``autoencoder.type`` becomes ``vq``; the
+    seed's ``diffusion.checkpoints.vqvae_path`` becomes ``diffusion.checkpoints.autoencoder_path``. The seed trained its
+    VQ-VAE without a discriminator, so ``autoencoder.training.adv_weight`` is 0 unless ``vqvae.training`` gives it.
+    A document without these keys is returned unchanged (as a copy).
+
+    Raises:
+        ConfigError: naming each seed key that is also given under its new name, or is not a VQ-VAE key.
+    """
+    import copy
+
+    out: dict[str, Any] = copy.deepcopy(dict(raw)) if raw else {}
+    problems: list[tuple[str, str]] = []
+    ckpts = out.get("diffusion", {}).get("checkpoints") if isinstance(out.get("diffusion"), Mapping) else None
+    if isinstance(ckpts, dict) and "vqvae_path" in ckpts:
+        if ckpts.get("autoencoder_path") is not None:
+            problems.append(("diffusion.checkpoints.vqvae_path", "is the seed's name of "
+                             "diffusion.checkpoints.autoencoder_path, which is given too; keep one of them"))
+        else:
+            ckpts["autoencoder_path"] = ckpts.pop("vqvae_path")
+    if "vqvae" in out:
+        seed = out.pop("vqvae")
+        seed = {} if seed is None else seed
+        ae = out.get("autoencoder")
+        ae = {} if ae is None else ae
+        if not isinstance(seed, Mapping):
+            problems.append(("vqvae", f"expected a section (a mapping of keys), got {_show(seed)}"))
+        elif not isinstance(ae, dict):
+            problems.append(("autoencoder", f"expected a section (a mapping of keys), got {_show(ae)}"))
+        else:
+            if ae.get("type", "vq") != "vq":
+                problems.append(("autoencoder.type", f"a top-level vqvae section selects the VQ-VAE, but "
+                                                     f"autoencoder.type is {ae['type']!r}; remove one of them"))
+            ae["type"] = "vq"
+            if ae.get("vqvae") is None:
+                ae["vqvae"] = {}
+            vq = ae["vqvae"] if isinstance(ae["vqvae"], dict) else None
+            vq_names = [f.name for f in dataclasses.fields(VQVAESettings)]
+            for key, value in seed.items():
+                if key in _SEED_VQVAE_SHARED:
+                    target, where = ae, f"autoencoder.{key}"
+                elif key in vq_names and vq is not None:
+                    target, where = vq, f"autoencoder.vqvae.{key}"
+                else:
+                    problems.append((f"vqvae.{key}", f"unknown key of the seed's vqvae section; "
+                                                     f"{_suggest(key, [*_SEED_VQVAE_SHARED, *vq_names])}"))
+                    continue
+                if key in target:
+                    problems.append((f"vqvae.{key}", f"is given twice: here and as {where} (the top-level vqvae "
+                                                     f"section maps onto it); keep one of them"))
+                    continue
+                target[key] = copy.deepcopy(value)
+            training = ae.get("training")
+            if training is None:
+                training = ae["training"] = {}
+            if isinstance(training, dict):
+                training.setdefault("adv_weight", 0.0)
+            out["autoencoder"] = ae
+    if problems:
+        raise ConfigError(problems=problems)
+    return out
+
+
+def _seed_names(raw: Mapping[str, Any] | None) -> dict[str, str]:
+    """Where each key of a seed ``vqvae:`` section lands (``autoencoder.vqvae.num_channels`` ->
+    ``vqvae.num_channels``), so that problems name the key as the user wrote it."""
+    seed = raw.get("vqvae") if isinstance(raw, Mapping) else None
+    if not isinstance(seed, Mapping):
+        return {}
+    return {(f"autoencoder.{k}" if k in _SEED_VQVAE_SHARED else f"autoencoder.vqvae.{k}"): f"vqvae.{k}" for k in seed}
+
+
+def _renamed(err: ConfigError, names: Mapping[str, str]) -> ConfigError:
+    """``err`` with each problem's key given in the seed's naming where it came from a seed ``vqvae:`` section."""
+    if not names:
+        return err
+
+    def rename(key: str) -> str:
+        for new, old in names.items():
+            if key == new or key.startswith((new + ".", new + "[")):
+                return old + key[len(new):]
+        return key
+
+    return ConfigError(problems=[(rename(k), m) for k, m in err.problems], source=err.source)
+
+
 def settings_from_dict(
     d: Mapping[str, Any] | None, check_paths: bool = True, *, require_data: bool = True, stage: Optional[str] = None
 ) -> Settings:
@@ -1475,10 +1704,15 @@ def settings_from_dict(
     if stage is not None and stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
     problems: list[tuple[str, str]] = []
-    settings = _build(Settings, _expand_cube_sizes(d, _raw_spatial_dims(d)), "", problems)
+    names = _seed_names(d)
+    folded = fold_seed_vqvae(d)  # the seed's top-level vqvae: section, if any, as autoencoder.type vq
+    settings = _build(Settings, _expand_cube_sizes(folded, _raw_spatial_dims(folded)), "", problems)
     if problems:
-        raise ConfigError(problems=problems)
-    _validate(settings, check_paths, require_data, stage)
+        raise _renamed(ConfigError(problems=problems), names)
+    try:
+        _validate(settings, check_paths, require_data, stage)
+    except ConfigError as e:
+        raise _renamed(e, names) from None
     return settings
 
 
@@ -1622,13 +1856,15 @@ def load_settings(
         ConfigError: for an unreadable file, an unknown override key, or any invalid value (the file is named).
     """
     raw = {} if path is None else _read_yaml(Path(path).expanduser())
+    names = _seed_names(raw)  # problems of a seed vqvae: section name its keys as written there
     try:
-        raw = apply_overrides(raw, overrides)
+        raw = apply_overrides(fold_seed_vqvae(raw), overrides)
         return settings_from_dict(raw, check_paths=check_paths, require_data=require_data, stage=stage)
     except ConfigError as e:
+        e = _renamed(e, names)
         if path is not None and e.source is None:
             raise e.with_source(path) from None
-        raise
+        raise e from None
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1676,13 +1912,27 @@ def initial_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ..
 
 def total_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]:
     """Total downsample factor of the autoencoder per spatial axis: initial_downsample_factor times the product of
-    downsample_factors (None = 2 per level, with len(num_channels) - 1 levels). Assumes validated settings."""
+    downsample_factors (None = 2 per level, with len(num_channels) - 1 levels); for a VQ-VAE the product of its
+    downsampling strides. Assumes validated settings."""
+    if autoencoder.type == "vq":
+        return (math.prod(p[0] for p in vq_sampling_parameters(autoencoder.vqvae)[0]),) * autoencoder.spatial_dims
     dims, levels = autoencoder.spatial_dims, len(autoencoder.num_channels) - 1
     if autoencoder.downsample_factors is None:
         per_level = [(2,) * dims] * levels
     else:
         per_level = [(f,) * dims if isinstance(f, int) else tuple(f) for f in autoencoder.downsample_factors]
     return _prod([initial_downsample_factor(autoencoder), *per_level], dims)
+
+
+def latent_channels_of(autoencoder: AutoencoderSettings) -> int:
+    """Channels of the stage-1 latent: ``latent_channels`` (kl) or ``vqvae.embedding_dim`` (vq)."""
+    return autoencoder.vqvae.embedding_dim if autoencoder.type == "vq" else autoencoder.latent_channels
+
+
+def latent_channels_key(autoencoder: AutoencoderSettings) -> str:
+    """The key (under ``autoencoder.``) that sets the latent channels: ``latent_channels`` or
+    ``vqvae.embedding_dim``."""
+    return "vqvae.embedding_dim" if autoencoder.type == "vq" else "latent_channels"
 
 
 def settings_reference() -> str:

@@ -1,9 +1,11 @@
 """Stage 1: the KL autoencoder with a reconstruction loss (L1 by default; see docs/losses.md) + KL + adversarial
-(+ perceptual) losses, optionally as a denoising autoencoder."""
+(+ perceptual) losses, optionally as a denoising autoencoder; or the VQ-VAE with the same reconstruction loss +
+quantisation (+ the same adversarial / perceptual terms)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,15 @@ from .engine import (
     unwrap,
 )
 from .losses import ReconstructionLoss, build_reconstruction_loss, corrupt
-from .models import architecture, build_autoencoder
+from .models import (
+    architecture,
+    build_autoencoder,
+    code_usage,
+    latent_channels,
+    latent_spatial,
+    reconstruct,
+    total_factor,
+)
 from .settings import total_downsample_factor
 from .visualize import orthogonal_slices
 
@@ -150,7 +160,6 @@ class AutoencoderStage:
         cfg = self.training
         images = self._images(batch)
         autoencoder = self.modules["autoencoder"]
-        discriminator = self.modules["discriminator"]
         # denoising: corrupted volumes in, clean volumes as the target of every loss (and the discriminator's "real")
         inputs = corrupt(images, cfg.denoising)
         recon, z_mu, z_sigma = autoencoder(inputs)
@@ -159,6 +168,15 @@ class AutoencoderStage:
         kl = kl_divergence(z_mu, z_sigma)
         loss_g = recon_loss + cfg.kl_weight * kl
         logs["kl"] = kl.item()
+        return self._generator_losses(loss_g, logs, recon_f, images, epoch)
+
+    def _generator_losses(
+        self, loss_g: torch.Tensor, logs: dict[str, float], recon_f: torch.Tensor, images: torch.Tensor, epoch: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Add the perceptual and (after the warm-up) adversarial terms to the generator loss ``loss_g`` and compute
+        the discriminator's loss; shared by the KL and the VQ-VAE stage."""
+        cfg = self.training
+        discriminator = self.modules["discriminator"]
         if self.perceptual_loss is not None:
             p_loss = self.perceptual_loss(recon_f, images)
             loss_g = loss_g + cfg.perceptual_weight * p_loss
@@ -189,9 +207,10 @@ class AutoencoderStage:
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction of validation volumes: window by window when ``val_window`` is set, else in one piece."""
         ae = self.autoencoder
+        predictor = functools.partial(reconstruct, ae)
         if self.inferer is not None:
-            return self.inferer(images, ae.reconstruct).float()
-        return ae.reconstruct(images).float()
+            return self.inferer(images, predictor).float()
+        return predictor(images).float()
 
     def validation_step(self, batch: Any) -> dict[str, float]:
         images = self._images(batch)
@@ -240,6 +259,94 @@ class AutoencoderStage:
 
     def load_extra(self, ckpt: dict[str, Any], path: str | Path) -> None:
         """Nothing beyond the weights and optimizer states (restored by the loop)."""
+
+
+def codebook_is_untrained(vq: nn.Module) -> bool:
+    """Whether a VQVAE's codebook has never been updated: MONAI's EMA code counts start at zero and stay positive
+    once a batch has been quantised in training mode (so a resumed run is never re-initialised)."""
+    return bool(vq.quantizer.quantizer.ema_cluster_size.sum() == 0)
+
+
+@torch.no_grad()
+def init_codebook_from_data(vq: nn.Module, images: torch.Tensor) -> None:
+    """Set every code of ``vq`` to the encoder output at a random latent voxel of ``images`` (plus 1 % of the
+    latents' per-channel std as noise, so that equal outputs give distinct codes), with an EMA count of 1 each.
+
+    MONAI's EMA codebook starts with zero counts, and a code unused in the first training step is moved so far away
+    (its running sum divided by ~epsilon) that it is rarely used again; a freshly initialised encoder maps nearly
+    every voxel to one code, so the codebook collapses. Codes drawn from the data start where the latents are.
+    Under DDP rank 0's codebook is sent to every rank.
+    """
+    q = vq.quantizer.quantizer
+    z = vq.encode(images).float()
+    flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+    pick = torch.randint(0, flat.shape[0], (q.num_embeddings,), device=flat.device)
+    codes = flat[pick] + 0.01 * flat.std(dim=0).clamp_min(1e-6) * torch.randn_like(flat[pick])
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(codes, src=0)
+    q.embedding.weight.copy_(codes)
+    q.ema_w.copy_(codes)
+    q.ema_cluster_size.fill_(1.0)
+
+
+class VQVAEStage(AutoencoderStage):
+    """Per-batch computation of stage 1 with the VQ-VAE (MONAI core's VQVAE): reconstruction loss + the VQVAE's
+    quantisation (commitment) loss, plus the perceptual and adversarial terms under the same keys as the KL stage.
+    The codebook itself is updated by the VQVAE's exponential moving average in training mode, not by gradients.
+
+    Codebook usage is logged every step (``perplexity``: exp of the entropy of the batch's code histogram, between 1
+    and num_embeddings; ``codes_used``: the fraction of codes used at least once in the batch) and at validation.
+    The arguments are those of :class:`AutoencoderStage`, and ``init_codebook``: at the first step of a new run,
+    set the codebook from that batch (:func:`init_codebook_from_data`).
+    """
+
+    def __init__(self, *args: Any, init_codebook: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_codebook = init_codebook
+        self._codes: list[torch.Tensor] = []
+        # the code indices of every quantisation, as chosen inside the forward pass (works under DDP too)
+        self.autoencoder.quantizer.quantizer.register_forward_hook(
+            lambda module, inputs, output: self._codes.append(output[2].detach())
+        )
+
+    def _code_logs(self) -> dict[str, float]:
+        codes, self._codes = self._codes, []
+        if not codes:
+            return {}
+        perplexity, used = code_usage(torch.cat([c.flatten() for c in codes]), self.autoencoder.num_embeddings)
+        return {"perplexity": perplexity, "codes_used": used}
+
+    def describe(self, batch: Any) -> list[str]:
+        images = self._images(batch)
+        ae = self.autoencoder
+        latent = (images.shape[0], latent_channels(ae), *latent_spatial(ae, tuple(images.shape[2:])))
+        n_lat = int(torch.tensor(latent[1:]).prod())
+        return [
+            f"input batch {tuple(images.shape)} -> latent {latent} (total downsample factor {total_factor(ae)} per "
+            f"axis; {images[0].numel() / n_lat:.1f}x fewer values; codebook of {ae.num_embeddings} codes)",
+            f"parameters: VQ-VAE {count_parameters(ae):,}, "
+            f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
+        ]
+
+    def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        images = self._images(batch)
+        if self.init_codebook and codebook_is_untrained(self.autoencoder):
+            init_codebook_from_data(self.autoencoder, images)
+        self._codes = []
+        # denoising as for the KL autoencoder: corrupted volumes in, clean targets
+        recon, quantization_loss = self.modules["autoencoder"](corrupt(images, self.training.denoising))
+        recon_f = recon.float()
+        recon_loss, logs = self.reconstruction_loss(recon_f, images)
+        loss_g = recon_loss + quantization_loss.float()
+        logs["quantization"] = quantization_loss.item()
+        logs.update(self._code_logs())
+        return self._generator_losses(loss_g, logs, recon_f, images, epoch)
+
+    def validation_step(self, batch: Any) -> dict[str, float]:
+        self._codes = []
+        metrics = super().validation_step(batch)
+        metrics.update(self._code_logs())
+        return metrics
 
 
 def build_discriminator(spatial_dims: int, in_channels: int, num_layers_d: int, num_channels: int) -> PatchDiscriminator:
@@ -293,7 +400,8 @@ def build_autoencoder_stage(
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         autoencoder = DistributedDataParallel(autoencoder, device_ids=ids)
         discriminator = DistributedDataParallel(discriminator, device_ids=ids)
-    return AutoencoderStage(
+    stage_class = VQVAEStage if ae_cfg.type == "vq" else AutoencoderStage
+    return stage_class(
         autoencoder,
         discriminator,
         optimizer_g,
@@ -305,6 +413,7 @@ def build_autoencoder_stage(
         val_window=val_window,
         val_window_batch_size=ae_cfg.logging.sliding_window_batch_size,
         num_visualize=ae_cfg.logging.num_visualize_samples,
+        **({"init_codebook": ae_cfg.vqvae.init_codebook_from_data} if ae_cfg.type == "vq" else {}),
     )
 
 

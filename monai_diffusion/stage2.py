@@ -35,7 +35,17 @@ from .engine import (
     unwrap,
 )
 from .losses import corrupt
-from .models import architecture, build_unet, load_autoencoder, unet_args
+from .models import (
+    architecture,
+    build_unet,
+    encode_to_latent,
+    is_vq,
+    latent_channels,
+    latent_spatial,
+    load_autoencoder,
+    total_factor,
+    unet_args,
+)
 from .settings import ConfigError, unet_fit_problems
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
@@ -144,7 +154,7 @@ class DiffusionStage:
         if corruption is not None:
             images = corrupt(images, corruption)
         with self.runtime.autocast():
-            z_mu, z_sigma = self.autoencoder.encode(images)
+            z_mu, z_sigma = encode_to_latent(self.autoencoder, images)
         return z_mu.float(), z_sigma.float()
 
     def latent(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -394,16 +404,17 @@ def check_unet_fits(settings: Any, autoencoder: nn.Module, ae_path: Path) -> tup
     """
     voxel_size = tuple(settings.data.voxel_size)
     try:
-        latent_spatial = autoencoder.latent_shape(voxel_size)
+        spatial = latent_spatial(autoencoder, voxel_size)
     except ValueError as exc:
         raise ConfigError(f"{list(voxel_size)} does not fit the autoencoder in {ae_path}: {exc}",
                           key="data.voxel_size") from None
-    problems = unet_fit_problems(settings.diffusion, autoencoder.latent_channels, autoencoder.spatial_dims,
-                                 voxel_size, autoencoder.total_downsample_factor,
-                                 autoencoder_source=f"the autoencoder in {ae_path}")
+    problems = unet_fit_problems(settings.diffusion, latent_channels(autoencoder), autoencoder.spatial_dims,
+                                 voxel_size, total_factor(autoencoder),
+                                 autoencoder_source=f"the autoencoder in {ae_path}",
+                                 latent_key="embedding_dim" if is_vq(autoencoder) else "latent_channels")
     if problems:
         raise ConfigError(problems=problems)
-    return tuple(latent_spatial)
+    return tuple(spatial)
 
 
 def _covariate_stats(datalist: str | None, keys: list[str], class_key: str | None = None,
@@ -464,7 +475,7 @@ def build_diffusion_stage(
     if autoencoder is None:
         sample_shape = [df.in_channels, *settings.data.voxel_size]
     else:
-        sample_shape = [autoencoder.latent_channels, *autoencoder.latent_shape(tuple(settings.data.voxel_size))]
+        sample_shape = [latent_channels(autoencoder), *latent_spatial(autoencoder, tuple(settings.data.voxel_size))]
     args = unet_args(df, df.conditioning.num_classes, len(df.conditioning.covariate_keys))
     seed_everything(settings.seed if settings.seed is not None else 0)
     unet = build_unet(args, df.use_flash_attention).to(runtime.device)

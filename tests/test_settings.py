@@ -15,6 +15,7 @@ from monai_diffusion.settings import (
     Settings,
     add_config_args,
     apply_overrides,
+    latent_channels_of,
     load_settings,
     settings_from_args,
     settings_from_dict,
@@ -62,7 +63,7 @@ def test_shipped_configs_load_and_are_consistent(path):
     s = load_settings(path, check_paths=False)
     assert isinstance(s, Settings)
     pixel = s.diffusion.space == "pixel"  # the UNet takes the images (no autoencoder), else the latents
-    channels = s.autoencoder.in_channels if pixel else s.autoencoder.latent_channels
+    channels = s.autoencoder.in_channels if pixel else latent_channels_of(s.autoencoder)
     assert s.diffusion.in_channels == channels == s.diffusion.out_channels
     total = (2 ** (len(s.diffusion.num_channels) - 1),) * 3 if pixel else total_downsample_factor(s.autoencoder)
     assert all(v % t == 0 for v, t in zip(s.data.voxel_size, total))

@@ -101,6 +101,7 @@ def make_plan(
 
     Raises:
         ValueError: ``batch_size`` or ``steps`` below 1.
+        ConfigError: a stage-1 network other than the KL autoencoder (``autoencoder.type: vq``).
         RunError: ``device`` is not usable here.
     """
     if batch_size < 1:
@@ -113,6 +114,12 @@ def make_plan(
         raise RunError("the plan covers latent pipelines (autoencoder + latent UNet); this config has diffusion.space "
                        "pixel: run train_diffusion.py --fast-dev-run instead, which prints the UNet's batch shape, "
                        "the time of a step and its peak memory")
+    if settings.autoencoder.type != "kl":
+        from ..settings import ConfigError
+
+        raise ConfigError(f"the plan describes and measures the KL autoencoder only, not yet type "
+                          f"{settings.autoencoder.type!r}; run train_autoencoder.py --fast-dev-run to check a VQ-VAE "
+                          f"config", key="autoencoder.type")
     dev, dev_name = _resolve_device(device, settings)
     precision, precision_note = _resolve_precision(settings, dev)
     s1 = stage1_info(settings, batch_size)
