@@ -188,7 +188,7 @@ def build_reconstruction_loss(loss_settings: Any) -> ReconstructionLoss:
     kind = loss_settings.reconstruction_loss_type
     if kind == "weighted":
         w = loss_settings.weighted
-        return ReconstructionLoss("weighted", error=w.loss_type, foreground_weight=w.foreground_weight,
+        return ReconstructionLoss("weighted", error=w.recon_loss_type or w.loss_type, foreground_weight=w.foreground_weight,
                                   background_weight=w.background_weight, threshold=w.threshold)
     if kind == "dice":
         d = loss_settings.dice

@@ -284,6 +284,9 @@ class WeightedLossSettings:
     """Foreground-weighted reconstruction loss: each voxel's error times a weight chosen by its target intensity."""
 
     loss_type: Literal["l1", "mse"] = _f("l1", "per-voxel error: l1 (|x - y|) | mse ((x - y)^2)")
+    recon_loss_type: Optional[Literal["l1", "mse"]] = _f(
+        None, "the same as loss_type under the name the seed's VQ config uses; when set it is used (null = loss_type)"
+    )
     foreground_weight: float = _f(20.0, "weight of voxels whose target is above threshold (the foreground)", gt=0)
     background_weight: float = _f(1.0, "weight of the other voxels (the background)", ge=0)
     threshold: float = _f(0.1, "target intensity above which a voxel is foreground (intensities are in [0, 1])",
@@ -1549,6 +1552,11 @@ def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems:
 
 def _check_losses(s: Settings, problems: list[tuple[str, str]]) -> None:
     """Stage 1's reconstruction loss and the input corruption of both stages (docs/losses.md)."""
+    weighted = s.autoencoder.training.loss.weighted
+    if weighted.recon_loss_type is not None and weighted.recon_loss_type != weighted.loss_type != "l1":
+        problems.append(("autoencoder.training.loss.weighted.recon_loss_type",
+                         f"names the same thing as weighted.loss_type but differs: {weighted.recon_loss_type!r} vs "
+                         f"{weighted.loss_type!r}; give one of them"))
     combined = s.autoencoder.training.loss.combined
     if combined.dice_weight == 0 and combined.recon_weight == 0:
         problems.append(("autoencoder.training.loss.combined.dice_weight",

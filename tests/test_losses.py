@@ -346,3 +346,17 @@ def test_stage_two_resume_with_input_noise_matches_an_uninterrupted_run(tiny_ae,
     b = load_checkpoint(tmp_path / "part" / "latest_checkpoint.pt", "diffusion")["state_dict"]["unet"]
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+def test_weighted_recon_loss_type_is_the_seed_vq_configs_name_for_loss_type():
+    from monai_diffusion.losses import build_reconstruction_loss
+
+    s = settings_from_dict({"autoencoder": {"training": {"loss": {
+        "reconstruction_loss_type": "weighted", "weighted": {"recon_loss_type": "mse"}}}}},
+        check_paths=False, require_data=False)
+    loss = build_reconstruction_loss(s.autoencoder.training.loss)
+    recon, target = torch.zeros(1, 1, 2, 2, 2), torch.full((1, 1, 2, 2, 2), 0.5)
+    assert loss(recon, target)[0].item() == pytest.approx(20.0 * 0.25)  # mse on foreground voxels
+    with pytest.raises(ConfigError, match="weighted.recon_loss_type"):
+        settings_from_dict({"autoencoder": {"training": {"loss": {"weighted": {
+            "recon_loss_type": "l1", "loss_type": "mse"}}}}}, check_paths=False, require_data=False)
