@@ -88,8 +88,8 @@ def load_condition(path: str | Path, expected: Sequence[int]) -> torch.Tensor:
         raise RunError(f"cannot read condition file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
     image = torch.as_tensor(image).as_subclass(torch.Tensor).float()
     if tuple(image.shape) != expected:
-        raise RunError(f"condition file {path} has shape {tuple(image.shape)} (channels first), but the model takes the "
-                       f"training projection's shape {expected}; condition images are not resized")
+        raise RunError(f"condition file {path} has shape {tuple(image.shape)} (channels first), but the model takes "
+                       f"the training projection's shape {expected}; condition images are not resized")
     return normalise_projection(image)
 
 

@@ -156,8 +156,8 @@ class ProjectionEncoder(nn.Module):
             raise ValueError(f"image_size must be two positive ints (H, W), got {list(image_size)}")
         if not channels or min(channels) < 1:
             raise ValueError(f"channels must be a non-empty list of positive ints, got {list(channels)}")
-        self.init_args = {"in_channels": in_channels, "embed_dim": embed_dim, "image_size": [int(v) for v in image_size],
-                          "channels": [int(c) for c in channels]}
+        self.init_args = {"in_channels": in_channels, "embed_dim": embed_dim,
+                          "image_size": [int(v) for v in image_size], "channels": [int(c) for c in channels]}
         layers, previous = [], in_channels
         for c in channels:
             layers.append(Convolution(2, previous, c, strides=2, kernel_size=3, act="swish",
@@ -228,6 +228,6 @@ def build_diffusion_network(args: dict[str, Any], encoder_args: dict[str, Any] |
     if encoder_args is None:
         return unet
     if args.get("cross_attention_dim") != encoder_args["embed_dim"]:
-        raise ValueError(f"the UNet's cross_attention_dim ({args.get('cross_attention_dim')}) must equal the projection "
-                         f"encoder's embed_dim ({encoder_args['embed_dim']})")
+        raise ValueError(f"the UNet's cross_attention_dim ({args.get('cross_attention_dim')}) must equal the "
+                         f"projection encoder's embed_dim ({encoder_args['embed_dim']})")
     return ProjectionConditionedUNet(unet, ProjectionEncoder(**encoder_args))

@@ -86,7 +86,8 @@ def test_projection_sums_along_the_axis_and_scales_each_image_to_0_1():
     batch = torch.stack([volume, 10 * volume, torch.full_like(volume, 3.0)])
     out = projection(batch, 2)
     assert out.shape == (3, 1, 2, 3)
-    assert torch.allclose(out[0], expected) and torch.allclose(out[1], expected) and torch.equal(out[2], torch.zeros(1, 2, 3))
+    assert torch.allclose(out[0], expected) and torch.allclose(out[1], expected)
+    assert torch.equal(out[2], torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="axis must be 0, 1 or 2, got 3"):
         projection(volume, 3)
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 4\)"):
@@ -119,7 +120,8 @@ def test_settings_accept_the_condition_and_refuse_what_does_not_fit(tmp_path):
     with pytest.raises(ConfigError) as err:
         settings_from_dict(bad, check_paths=False)
     problems = dict(err.value.problems)
-    assert "must be 0, 1 or 2" in problems["diffusion.projection_axis"] and "got 3" in problems["diffusion.projection_axis"]
+    assert "must be 0, 1 or 2" in problems["diffusion.projection_axis"]
+    assert "got 3" in problems["diffusion.projection_axis"]
     assert "--set diffusion.condition_channels=1" in problems["diffusion.condition_channels"]
     assert "cross-attention" in problems["diffusion.conditioning.covariate_keys"]
 
@@ -198,8 +200,9 @@ def test_latent_space_fast_dev_run_with_cached_latents(tmp_path, capsys):
     cfg = config(tmp_path, space="latent", in_channels=2, out_channels=2,
                  checkpoints={"autoencoder_path": str(tmp_path / "ae" / "best_model.pt")},
                  training={"cache_latents": True, "latent_sampling": "mean"})
-    cfg["autoencoder"] = {"spatial_dims": 3, "in_channels": 1, "num_channels": [4, 4], "attention_levels": [False, False],
-                          "norm_num_groups": 4, "latent_channels": 2, "with_encoder_nonlocal_attn": False,
+    cfg["autoencoder"] = {"spatial_dims": 3, "in_channels": 1, "num_channels": [4, 4],
+                          "attention_levels": [False, False], "norm_num_groups": 4, "latent_channels": 2,
+                          "with_encoder_nonlocal_attn": False,
                           "with_decoder_nonlocal_attn": False,
                           "training": {"n_epochs": 1, "batch_size": 2, "adv_weight": 0.0},
                           "checkpoints": {"output_dir": str(tmp_path / "ae")}}
