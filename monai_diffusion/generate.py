@@ -217,6 +217,9 @@ class Sampler:
         cfg, cond = self.cfg, {}
         if self.condition is not None:
             c = self.condition
+            if c.shape[0] > 1 and c.shape[0] < first + count:
+                raise ValueError(f"{c.shape[0]} conditions were given, but sample {first + count - 1} needs one; give "
+                                 "one condition per sample, or one for all")
             cond["projection"] = c.expand(count, *c.shape[1:]) if c.shape[0] == 1 else c[first: first + count]
         if self.conditioner.class_key is not None:
             if cfg.class_label is not None:
