@@ -60,7 +60,7 @@ def data_section(data: str, work: Path, size: list[int], num_train: int, num_val
 
 
 def config(work: Path, size: list[int], epochs: int, num_train: int, num_val: int, guidance: float = 1.0,
-           data: str = "microtubules") -> dict:
+           data: str = "microtubules", prediction_type: str = "epsilon") -> dict:
     return {
         "data": data_section(data, work, size, num_train, num_val),
         "autoencoder": {"spatial_dims": 3, "in_channels": 1},
@@ -71,7 +71,7 @@ def config(work: Path, size: list[int], epochs: int, num_train: int, num_val: in
             "condition_encoder_channels": [16, 32],
             "conditioning": {"dropout": 0.1},
             "scheduler": {"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 0.0005,
-                          "beta_end": 0.0195},
+                          "beta_end": 0.0195, "prediction_type": prediction_type},
             "training": {"n_epochs": epochs, "batch_size": 4, "learning_rate": 1e-3,
                          "val_interval": max(1, epochs // 4),
                          "save_interval": epochs, "generate_samples_interval": epochs, "num_samples_to_generate": 0,
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["microtubules", "blobs"], default="microtubules")
     parser.add_argument("--size", type=int, nargs=3, default=[24, 24, 8])
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default="epsilon")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--num-train", type=int, default=32)
     parser.add_argument("--num-val", type=int, default=8)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = config(work, args.size, args.epochs, args.num_train, args.num_val, data=args.data)
+    cfg = config(work, args.size, args.epochs, args.num_train, args.num_val, data=args.data,
+                 prediction_type=args.prediction_type)
     if args.data == "blobs" and not (work / "data").exists():
         write_blobs(work / "data" / "train", args.num_train, args.size, seed=0)
         write_blobs(work / "data" / "val", args.num_val, args.size, seed=1)
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     results, samples = {}, {}
     for name, guidance in (("guidance 1", 1.0), ("guidance 3", 3.0), ("condition dropped", 0.0)):
         sampler = Sampler(settings_from_dict(config(work, args.size, args.epochs, args.num_train, args.num_val,
-                                                    guidance, args.data), stage="sampling"), ckpt, condition=conditions)
+                                                    guidance, args.data, args.prediction_type), stage="sampling"),
+                          ckpt, condition=conditions)
         t0 = time.perf_counter()
         samples[name] = sampler.sample(len(conditions), seed=1, progress=False)
         results[name] = projection_consistency(samples[name], conditions, 2)
@@ -135,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-            "torch": torch.__version__, "data": args.data, "size": args.size, "epochs": args.epochs,
+            "torch": torch.__version__, "data": args.data, "prediction_type": args.prediction_type, "size": args.size, "epochs": args.epochs,
             "num_train": args.num_train, "num_val": args.num_val, "train_seconds": round(train_seconds, 1)}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = [f"# Projection consistency ({meta['command']})", "",
              f"{meta['machine']}, torch {meta['torch']}; {args.data} {args.size}, {args.num_train} training volumes, "
-             f"{args.epochs} epochs ({train_seconds / 60:.1f} min); {args.num_val} validation projections as "
+             f"{args.epochs} epochs ({train_seconds / 60:.1f} min), prediction {args.prediction_type}; {args.num_val} validation projections as "
              "conditions, 50 DDIM steps, the same noise in every row.", "",
              "| samples | Pearson r with their condition (mean) | with another volume's condition | min | max |",
              "| --- | --- | --- | --- | --- |"]
