@@ -105,8 +105,8 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
 
 
 def generate_samples_main(argv: Sequence[str] | None = None) -> int:
-    """``generate_samples.py --config FILE [--checkpoint PATH] [--interpolate A B --steps N] [--set key=value ...]``:
-    write samples, or an interpolation between the samples of two seeds."""
+    """``generate_samples.py --config FILE [--checkpoint PATH] [--condition FILE] [--interpolate A B --steps N]
+    [--set key=value ...]``: write samples, or an interpolation between the samples of two seeds."""
     parser = argparse.ArgumentParser(prog="generate_samples", description="Generate volumes with a trained stage-2 model.")
     add_config_args(parser)
     parser.add_argument("--checkpoint", help="stage-2 checkpoint (default: sampling.checkpoint, else best_model.pt)")
@@ -116,6 +116,8 @@ def generate_samples_main(argv: Sequence[str] | None = None) -> int:
                              "sampling), written to <sampling.output_dir>/interpolation_A_B/ with strip.png")
     parser.add_argument("--steps", type=int, default=None, help="with --interpolate: samples, both ends included "
                                                                 "(default 8)")
+    parser.add_argument("--condition", help="a projection-conditioned model's condition: a PNG, TIFF or 2D NIfTI "
+                                            "image of the training projection's size (not resized)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.interpolate is None:
         parser.error("--steps goes with --interpolate A B")
@@ -126,11 +128,12 @@ def generate_samples_main(argv: Sequence[str] | None = None) -> int:
             from .generate import interpolate
 
             steps = 8 if args.steps is None else args.steps
-            interpolate(settings, args.interpolate[0], args.interpolate[1], steps, args.checkpoint)
+            interpolate(settings, args.interpolate[0], args.interpolate[1], steps, args.checkpoint,
+                        condition=args.condition)
             return
         from .generate import generate_samples
 
-        generate_samples(settings, args.checkpoint)
+        generate_samples(settings, args.checkpoint, condition=args.condition)
 
     return run_command(work)
 

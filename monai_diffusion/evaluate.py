@@ -11,6 +11,8 @@ real data is expected roughly in ``[0, 1]``. The metrics are defined in ``docs/e
 - :func:`compare_sets`: samples vs real, and with reconstructions also samples vs reconstructions and
   reconstructions vs real, plus counts, shapes, value ranges and settings.
 - :func:`write_report`: JSON + Markdown + PNG grid, atomically, never replacing an existing report unasked.
+- :func:`projection_consistency`: how well samples of a projection-conditioned model match their conditions
+  (Pearson correlation of each sample's projection with its condition).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "load_feature_extractor",
     "fid",
     "generation_metrics",
+    "projection_consistency",
     "compare_sets",
     "summary_table",
     "picture_grid",
@@ -829,6 +832,48 @@ def fid(real: torch.Tensor, samples: torch.Tensor, extractor: torch.nn.Module) -
 # ----------------------------------------------------------------------------------------------
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two tensors of one shape, over all their values; 0 when either is constant (there is
+    no linear relation to measure)."""
+    if a.shape != b.shape:
+        raise ValueError(f"pearson needs two tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    x, y = a.double().flatten(), b.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    norm = float(x.norm() * y.norm())
+    return float(torch.dot(x, y)) / norm if norm > 0 else 0.0
+
+
+def projection_consistency(samples: torch.Tensor, conditions: torch.Tensor, axis: int) -> dict[str, Any]:
+    """How well 3D samples match the 2D conditions they were generated for: the Pearson correlation between each
+    sample's sum-projection along ``axis`` and its condition (scale-free, so the projection's normalisation does not
+    matter), with a baseline: each sample against the next sample's condition (``mismatched``), the correlation that
+    generic structure alone gives.
+
+    Args:
+        samples: ``(N, C, X, Y, Z)`` generated volumes.
+        conditions: ``(N, C, H, W)`` the projection each sample was generated for, the shape of the samples'
+            projections along ``axis``.
+        axis: the spatial axis the model projects along (its ``diffusion.projection_axis``).
+
+    Returns:
+        ``{"axis", "count", "mean", "per_sample", "mismatched_mean"}`` (``mismatched_mean`` None for one sample).
+    """
+    from .sampling import projection
+
+    if samples.ndim != 5:
+        raise ValueError(f"samples must be (N, C, X, Y, Z), got shape {tuple(samples.shape)}")
+    proj = projection(samples, axis)
+    if tuple(conditions.shape) != tuple(proj.shape):
+        raise ValueError(f"conditions have shape {tuple(conditions.shape)}, but the samples' projections along axis "
+                         f"{axis} have shape {tuple(proj.shape)}")
+    n = proj.shape[0]
+    per_sample = [pearson(proj[i], conditions[i]) for i in range(n)]
+    mismatched = [pearson(proj[i], conditions[(i + 1) % n]) for i in range(n)] if n > 1 else None
+    return {"axis": axis, "count": n, "mean": _round(sum(per_sample) / n),
+            "per_sample": [_round(v) for v in per_sample],
+            "mismatched_mean": None if mismatched is None else _round(sum(mismatched) / n)}
+
+
 def _value_range(x: torch.Tensor, lo: float, hi: float) -> dict[str, float]:
     outside = ((x < lo) | (x > hi)).float().mean()
     return {"min": float(x.min()), "max": float(x.max()), "fraction_outside_real_range": float(outside)}
@@ -1077,6 +1122,11 @@ def _markdown(report: Mapping[str, Any], png_name: str | None) -> str:
             f"- C2ST: {c2st['train_per_set']} training and {c2st['test_per_set']} test volumes per set, "
             f"{c2st['epochs']} epochs, seed {c2st['seed']}, input {c2st['input_shape']}"
         )
+    if "projection_consistency" in report:
+        pc = report["projection_consistency"]
+        lines.append(f"- projection consistency (Pearson r of each sample's projection along axis {pc['axis']} with "
+                     f"its condition, {pc['count']} samples): mean {_fmt(pc['mean'])}; against another sample's "
+                     f"condition: {_fmt(pc['mismatched_mean'])}")
     lines += ["", summary_table(report), "", "Definitions of every key: `monai_diffusion/docs/evaluate.md`."]
     if png_name:
         lines += ["", f"![real, reconstructed and generated mid-slices]({png_name})"]

@@ -9,6 +9,11 @@ sliding windows of ``data.voxel_size`` when they are larger.
 
 A pixel-space checkpoint (``diffusion.space: pixel``) has no autoencoder: its report has the generation metrics
 against the real volumes only, without reconstructions or ``stage1_validation``.
+
+A projection-conditioned checkpoint (``diffusion.condition_channels``) draws its samples for the projections of the
+validation volumes (of the training volumes when there are none), in turn, and the report adds
+``projection_consistency`` (:func:`~monai_diffusion.evaluate.projection_consistency`). Samples read from a folder
+have no known conditions, so that entry is left out.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from tqdm.auto import tqdm
 
 from .data import build_datasets, build_transforms, training_geometry, validates_whole_volumes
 from .engine import RunError
-from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, reconstruction_metrics, write_report
+from .evaluate import (
+    C2STSettings,
+    EvaluateError,
+    compare_sets,
+    load_volume_folder,
+    projection_consistency,
+    reconstruction_metrics,
+    write_report,
+)
 from .generate import Sampler, checkpoint_path
 from .models import reconstruct, total_factor
 
@@ -113,7 +126,7 @@ def evaluate_pipeline(
     path = checkpoint_path(settings, checkpoint)
     if not path.is_file():
         raise RunError(f"stage-2 checkpoint not found: {path} (train stage 2 first, or pass --checkpoint)")
-    sampler = Sampler(settings, path)
+    sampler = Sampler(settings, path, require_condition=False)
     autoencoder = sampler.autoencoder
     pixel = autoencoder is None
     # a pixel-space UNet takes the images themselves: its own arguments give their axes and channels
@@ -135,6 +148,7 @@ def evaluate_pipeline(
     recon = None if pixel else torch.stack(_reconstruct(autoencoder, list(real), roi, device, "training volumes", clip))
     val_recon = None if pixel else _reconstruct(autoencoder, val, roi, device, "validation volumes", clip)
     sampling_seconds = None
+    conditions = None
     if samples_dir is not None:
         samples, samples_meta = load_volume_folder(samples_dir, what="samples")
         how = f"read from {samples_dir}"
@@ -142,6 +156,13 @@ def evaluate_pipeline(
         n = num_samples if num_samples is not None else real.shape[0]
         if n < 2:
             raise EvaluateError(f"--num-samples must be at least 2, got {n}")
+        if sampler.projection_axis is not None:  # condition sample i on the projection of validation volume i
+            from .sampling import projection
+
+            sources = _load(real_tf, info["val_files"], "validation volumes") if info["val_files"] else list(real)
+            conditions = torch.stack([projection(sources[i % len(sources)], sampler.projection_axis)
+                                      for i in range(n)])
+            sampler.set_condition(conditions)
         print(f"drawing {n} samples from {path} with {sampler.describe()}")
         t0 = time.perf_counter()
         samples, samples_meta = sampler.sample(n, seed), None
@@ -152,6 +173,10 @@ def evaluate_pipeline(
         names["recon"] = "reconstructions of the training volumes"
     report = compare_sets(real, samples, recon=recon, seed=seed, c2st=c2st, fid_weights=fid_weights, names=names,
                           meta={"samples": samples_meta} if samples_meta else None)
+    if conditions is not None:
+        report["projection_consistency"] = projection_consistency(samples, conditions, sampler.projection_axis)
+        report["projection_consistency"]["conditions"] = ("validation" if info["val_files"] else "training") + \
+            " volumes' projections"
     if not pixel:
         report["stage1_validation"] = _validation_metrics(val, val_recon, roi)
         report["stage1_validation"]["files"] = info["val_files"]

@@ -4,18 +4,19 @@ grids (2D) and interpolations between two seeds."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .engine import RunError, load_checkpoint, resolve_precision
-from .models import autoencoder_from_args, build_unet, load_weights
+from .models import autoencoder_from_args, build_diffusion_network, load_weights
 from .sampling import (
     Conditioner,
     build_scheduler,
     decode_samples,
+    normalise_projection,
     objective,
     next_free_index,
     resolve_sampler,
@@ -39,7 +40,7 @@ def load_diffusion(
     """UNet (EMA weights when present and wanted) and stage-1 network (AutoencoderKL or VQVAE) of a stage-2
     checkpoint, from the checkpoint alone; the stage-1 network is None for a pixel-space checkpoint."""
     ckpt = load_checkpoint(path, expected_stage="diffusion")
-    unet = build_unet(ckpt["model_args"], use_flash_attention)
+    unet = build_diffusion_network(ckpt["model_args"], ckpt.get("condition_encoder"), use_flash_attention)
     weights = ckpt["state_dict"].get("ema") if use_ema else None
     load_weights(unet, weights if weights is not None else ckpt["state_dict"]["unet"], path)
     if is_pixel_space(ckpt):
@@ -47,6 +48,47 @@ def load_diffusion(
     autoencoder = autoencoder_from_args(ckpt["autoencoder"]["model_args"], use_flash_attention=use_flash_attention)
     load_weights(autoencoder, ckpt["autoencoder"]["state_dict"], path)
     return unet.eval(), autoencoder.eval(), ckpt
+
+
+def condition_shape(ckpt: dict[str, Any]) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of the projection a checkpoint is conditioned on, or None when it takes no projection."""
+    enc = ckpt.get("condition_encoder")
+    return None if enc is None else (enc["in_channels"], *enc["image_size"])
+
+
+def load_condition(path: str | Path, expected: Sequence[int]) -> torch.Tensor:
+    """A 2D condition image (PNG, TIFF, or a 2D NIfTI) read with MONAI ``LoadImage``, channels first, scaled to
+    [0, 1] as the training projections are (:func:`~monai_diffusion.sampling.normalise_projection`). It is not
+    resized: its shape must be ``expected``, the projection of the training volumes.
+
+    PNG and TIFF images are read as MONAI's PIL reader reads them, width first (the orientation
+    :func:`~monai_diffusion.sampling.write_sample` writes 2D images in), so a projection written as a PNG reads back
+    as the same array.
+
+    Args:
+        path: the image file.
+        expected: ``(C, H, W)`` of the model's projection condition.
+
+    Raises:
+        RunError: a missing or unreadable file, or a shape other than ``expected`` (file, shape and expected shape
+            named).
+    """
+    from monai.transforms import LoadImage
+
+    path = Path(path).expanduser()
+    expected = tuple(int(v) for v in expected)
+    if not path.is_file():
+        raise RunError(f"condition file not found: {path}")
+    tiff = path.suffix.lower() in (".tif", ".tiff")
+    try:
+        image = LoadImage(image_only=True, ensure_channel_first=True, reader="PILReader" if tiff else None)(str(path))
+    except Exception as exc:  # MONAI raises several types for unreadable files
+        raise RunError(f"cannot read condition file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    image = torch.as_tensor(image).as_subclass(torch.Tensor).float()
+    if tuple(image.shape) != expected:
+        raise RunError(f"condition file {path} has shape {tuple(image.shape)} (channels first), but the model takes "
+                       f"the training projection's shape {expected}; condition images are not resized")
+    return normalise_projection(image)
 
 
 def sampling_device(settings: Any) -> tuple[torch.device, torch.dtype | None]:
@@ -72,12 +114,19 @@ class Sampler:
         path: the stage-2 checkpoint.
         sampler: the sampler to use instead of ``sampling.scheduler``; ``"deterministic"``: DDIM (eta 0) for a
             DDPM-trained model, rectified flow's Euler sampler for a rectified-flow one (interpolation uses it).
+        condition: for a projection-conditioned checkpoint, the condition file (see :func:`load_condition`) or
+            projections ``(C, H, W)`` (one for every sample) or ``(N, C, H, W)`` (sample ``i`` takes projection ``i``).
+        require_condition: False lets a projection-conditioned model be opened without a condition, to be given
+            later with :meth:`set_condition` (evaluate takes the validation volumes' projections).
     """
 
-    def __init__(self, settings: Any, path: str | Path, sampler: str | None = None) -> None:
+    def __init__(self, settings: Any, path: str | Path, sampler: str | None = None,
+                 condition: str | Path | torch.Tensor | None = None, require_condition: bool = True) -> None:
         cfg = settings.sampling
         self.cfg = cfg
         self.path = Path(path)
+        if isinstance(condition, (str, Path)) and not Path(condition).expanduser().is_file():
+            raise RunError(f"condition file not found: {condition}")  # before the checkpoint is read
         self.device, self.amp = sampling_device(settings)
         unet, autoencoder, ckpt = load_diffusion(path, use_ema=cfg.use_ema,
                                                  use_flash_attention=settings.diffusion.use_flash_attention)
@@ -85,6 +134,7 @@ class Sampler:
         self.autoencoder = None if autoencoder is None else autoencoder.to(self.device)
         self.pixel_space = autoencoder is None
         self.conditioner = Conditioner.from_state(ckpt.get("conditioning"))
+        self.condition = self._condition(condition) if condition is not None or require_condition else None
         if cfg.tile_size is not None and self.pixel_space:
             raise RunError(f"sampling.tile_size tiles the autoencoder's decoding, but {path} is a pixel-space model "
                            "(no decoder); set sampling.tile_size=null")
@@ -119,6 +169,35 @@ class Sampler:
         info = ckpt.get("data_info") or {}
         self.affine = np.asarray(info["affine"], dtype=np.float64) if info.get("affine") is not None else None
 
+    def _condition(self, condition: str | Path | torch.Tensor | None) -> torch.Tensor | None:
+        """The projections to condition on, ``(N, C, H, W)``, checked against the checkpoint; None when the model
+        takes none."""
+        expected = condition_shape(self.ckpt)
+        if expected is None:
+            if condition is not None:
+                raise RunError(f"--condition was given, but {self.path} is not conditioned on a projection")
+            return None
+        if condition is None:
+            raise RunError(f"{self.path} is conditioned on a {expected[0]} x {expected[1]} x {expected[2]} projection "
+                           f"along axis {self.conditioner.projection_axis}: pass --condition FILE (PNG, TIFF or 2D "
+                           "NIfTI of that size)")
+        if not isinstance(condition, torch.Tensor):
+            return load_condition(condition, expected).unsqueeze(0).to(self.device)
+        c = condition.float().reshape(-1, *condition.shape[-3:]) if condition.ndim in (3, 4) else condition
+        if c.ndim != 4 or tuple(c.shape[1:]) != expected:
+            raise ValueError(f"condition must be (C, H, W) or (N, C, H, W) with (C, H, W) = {expected}, got "
+                             f"{tuple(condition.shape)}")
+        return c.to(self.device)
+
+    def set_condition(self, condition: str | Path | torch.Tensor) -> None:
+        """Condition the next samples on ``condition`` (as the constructor's argument)."""
+        self.condition = self._condition(condition)
+
+    @property
+    def projection_axis(self) -> int | None:
+        """The axis a projection-conditioned model's condition is summed along; None for other models."""
+        return self.conditioner.projection_axis if condition_shape(self.ckpt) is not None else None
+
     def describe(self) -> str:
         space = " in pixel space" if self.pixel_space else ""
         return f"{self.sampler.upper()} ({self.steps} steps) on {self.device}{space}"
@@ -129,10 +208,17 @@ class Sampler:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return torch.randn((count, *self.latent_shape), generator=generator, device=self.device)
 
-    def conditions(self, count: int, seed: int) -> dict[str, torch.Tensor]:
+    def conditions(self, count: int, seed: int, first: int = 0) -> dict[str, torch.Tensor]:
         """UNet conditions of a batch from the ``sampling`` settings (random classes drawn with ``seed`` when no
-        ``sampling.class_label`` is given)."""
+        ``sampling.class_label`` is given) and, for a projection-conditioned model, the projections of samples
+        ``first .. first + count - 1``."""
         cfg, cond = self.cfg, {}
+        if self.condition is not None:
+            c = self.condition
+            if c.shape[0] > 1 and c.shape[0] < first + count:
+                raise ValueError(f"{c.shape[0]} conditions were given, but sample {first + count - 1} needs one; give "
+                                 "one condition per sample, or one for all")
+            cond["projection"] = c.expand(count, *c.shape[1:]) if c.shape[0] == 1 else c[first: first + count]
         if self.conditioner.class_key is not None:
             if cfg.class_label is not None:
                 labels = torch.full((count,), cfg.class_label, dtype=torch.long)
@@ -163,24 +249,27 @@ class Sampler:
             count = min(cfg.batch_size, n - first)
             generator = torch.Generator(device=device).manual_seed(seed + first)
             noise = torch.randn((count, *self.latent_shape), generator=generator, device=device)
-            yield first, self.denoise(noise, self.conditions(count, seed + first), generator)
+            yield first, self.denoise(noise, self.conditions(count, seed + first, first), generator)
 
     def sample(self, n: int, seed: int, progress: bool = True) -> torch.Tensor:
         """``n`` decoded samples on the CPU, ``(n, C, *spatial)``."""
         return torch.cat([images.cpu() for _, images in self.batches(n, seed, progress)])
 
 
-def generate_samples(settings: Any, checkpoint: str | Path | None = None) -> list[Path]:
+def generate_samples(settings: Any, checkpoint: str | Path | None = None,
+                     condition: str | Path | None = None) -> list[Path]:
     """Write ``sampling.num_samples`` samples to ``sampling.output_dir``; returns the files written.
 
     Samples carry the voxel spacing and orientation of the training data (the affine stored in the checkpoints),
     are numbered after any samples already in the folder, and never replace an existing file. 2D samples written with
     ``sampling.save_format: auto`` also get one grid picture of all of them, ``grids/grid_<first>-<last>.png`` (in
-    a subfolder, so that the samples folder holds only samples, as ``evaluate --samples`` reads it).
+    a subfolder, so that the samples folder holds only samples, as ``evaluate --samples`` reads it). A
+    projection-conditioned model needs ``condition``, an image file of its training projection's shape: every sample
+    is generated for it (with ``sampling.guidance_scale``).
     """
     cfg = settings.sampling
     path = checkpoint_path(settings, checkpoint)
-    sampler = Sampler(settings, path)
+    sampler = Sampler(settings, path, condition=condition)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = next_free_index(out_dir)
@@ -212,6 +301,7 @@ def interpolation_dir(settings: Any, seed_a: int, seed_b: int) -> Path:
 @torch.no_grad()
 def interpolate(
     settings: Any, seed_a: int, seed_b: int, steps: int, checkpoint: str | Path | None = None, progress: bool = True,
+    condition: str | Path | None = None,
 ) -> tuple[torch.Tensor, list[Path]]:
     """Samples between two seeds: the initial noise of seed A and of seed B (a latent model's latent noise, or a
     pixel-space model's image noise) interpolated spherically, each mixture denoised deterministically (DDIM with
@@ -229,6 +319,7 @@ def interpolate(
         steps: number of samples, both ends included (>= 2).
         checkpoint: stage-2 checkpoint (default as :func:`checkpoint_path`).
         progress: show a progress bar.
+        condition: the condition file of a projection-conditioned model (one condition for the whole path).
 
     Returns:
         ``(samples (steps, C, *spatial) on the CPU, files written)``.
@@ -244,7 +335,7 @@ def interpolate(
         raise FileExistsError(f"{out_dir} already holds files; interpolations are never overwritten (remove it or "
                               "choose another sampling.output_dir)")
     path = checkpoint_path(settings, checkpoint)
-    sampler = Sampler(settings, path, sampler="deterministic")
+    sampler = Sampler(settings, path, sampler="deterministic", condition=condition)
     if cfg.scheduler not in ("auto", sampler.sampler):
         print(f"note: interpolation samples with {sampler.sampler.upper()} (deterministic), not "
               f"sampling.scheduler={cfg.scheduler}")

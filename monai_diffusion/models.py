@@ -13,12 +13,13 @@ or sampling may switch it freely.
 
 from __future__ import annotations
 
-from pathlib import Path
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from monai.networks.blocks import Convolution
 from monai.networks.nets import VQVAE, DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
@@ -151,12 +152,20 @@ def unet_args(df: Any, num_classes: int | None = None, num_covariates: int = 0) 
             (classifier-free guidance). None: no class conditioning.
         num_covariates: continuous covariates given as cross-attention context; the context has one more entry,
             a presence flag, so that an all-zero context means "no condition". 0: no cross-attention.
+
+    With ``df.condition_channels`` set (projection conditioning) the cross-attention context is the projection
+    encoder's tokens, of size ``df.condition_embed_dim``.
     """
     levels = len(df.num_channels)
     heads = df.num_head_channels
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
     # MONAI core asks for a head size at every level; where attention is off the value is unused
     heads = [h if h > 0 else df.num_channels[i] for i, h in enumerate(heads)]
+    context_dim = None
+    if getattr(df, "condition_channels", None) is not None:  # a projection condition: context tokens of this size
+        context_dim = df.condition_embed_dim
+    elif num_covariates > 0:
+        context_dim = num_covariates + 1
     return {
         "spatial_dims": df.spatial_dims,
         "in_channels": df.in_channels,
@@ -167,8 +176,8 @@ def unet_args(df: Any, num_classes: int | None = None, num_covariates: int = 0) 
         "num_res_blocks": list(df.num_res_blocks) if isinstance(df.num_res_blocks, (list, tuple)) else df.num_res_blocks,
         "norm_num_groups": df.norm_num_groups,
         "num_class_embeds": None if num_classes is None else num_classes + 1,
-        "with_conditioning": num_covariates > 0,
-        "cross_attention_dim": num_covariates + 1 if num_covariates > 0 else None,
+        "with_conditioning": context_dim is not None,
+        "cross_attention_dim": context_dim,
     }
 
 
@@ -259,3 +268,103 @@ def code_usage(indices: torch.Tensor, num_embeddings: int) -> tuple[float, float
     p = counts / counts.sum().clamp_min(1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return float(entropy.exp()), float((counts > 0).double().mean())
+
+
+# ------------------------------------------------------------------------------------------ projection conditioning
+class ProjectionEncoder(nn.Module):
+    """A small 2D CNN that turns a projection image into cross-attention context tokens.
+
+    Stride-2 convolutions (MONAI ``Convolution``: 3x3, GroupNorm, Swish) halve the image once per entry of
+    ``channels``; a 1x1 convolution maps the last feature map to ``embed_dim``; each of its pixels is one token, with
+    a learned position embedding added (the image size is fixed, so the token grid is too).
+
+    Args:
+        in_channels: channels of the projection (the image channels).
+        embed_dim: size of each token (the UNet's ``cross_attention_dim``).
+        image_size: ``(H, W)`` of the projection the encoder takes.
+        channels: channels of the stride-2 convolutions, one halving each.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, image_size: Sequence[int], channels: Sequence[int]) -> None:
+        super().__init__()
+        if in_channels < 1 or embed_dim < 1:
+            raise ValueError(f"in_channels and embed_dim must be >= 1, got {in_channels} and {embed_dim}")
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be two positive ints (H, W), got {list(image_size)}")
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty list of positive ints, got {list(channels)}")
+        self.init_args = {"in_channels": in_channels, "embed_dim": embed_dim,
+                          "image_size": [int(v) for v in image_size], "channels": [int(c) for c in channels]}
+        layers, previous = [], in_channels
+        for c in channels:
+            layers.append(Convolution(2, previous, c, strides=2, kernel_size=3, act="swish",
+                                      norm=("group", {"num_groups": math.gcd(c, 8)})))
+            previous = c
+        layers.append(nn.Conv2d(previous, embed_dim, kernel_size=1))
+        self.net = nn.Sequential(*layers)
+        grid = list(image_size)
+        for _ in channels:
+            grid = [(g + 1) // 2 for g in grid]  # a 3x3 stride-2 convolution with padding 1
+        self.num_tokens = grid[0] * grid[1]
+        self.position = nn.Parameter(torch.randn(1, self.num_tokens, embed_dim) * 0.02)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` projection -> ``(B, tokens, embed_dim)`` context."""
+        expected = (self.init_args["in_channels"], *self.init_args["image_size"])
+        if tuple(image.shape[1:]) != expected:
+            raise ValueError(f"projection condition of shape {tuple(image.shape[1:])}, expected {expected}")
+        features = self.net(image)
+        return features.flatten(2).transpose(1, 2) + self.position
+
+
+class ProjectionConditionedUNet(nn.Module):
+    """MONAI's DiffusionModelUNet (built with cross-attention) and the :class:`ProjectionEncoder` whose tokens are
+    its context, trained together as one network: ``forward(x, timesteps, projection=...)``.
+
+    Args:
+        unet: the DiffusionModelUNet, ``with_conditioning=True``, ``cross_attention_dim`` = the encoder's
+            ``embed_dim``.
+        encoder: the projection encoder.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet, encoder: ProjectionEncoder) -> None:
+        super().__init__()
+        self.unet = unet
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, projection: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's output with the projection's tokens as context; no ``projection`` means "no condition" (the
+        null projection of classifier-free guidance). ``context`` must be None: the tokens are the context."""
+        if context is not None:
+            raise ValueError("a projection-conditioned UNet makes its own context; pass projection=, not context=")
+        if projection is None:
+            from .sampling import NULL_PROJECTION
+
+            a = self.encoder.init_args
+            projection = torch.full((x.shape[0], a["in_channels"], *a["image_size"]), NULL_PROJECTION,
+                                    device=x.device, dtype=x.dtype)
+        return self.unet(x, timesteps, context=self.encoder(projection.to(x.dtype)), class_labels=class_labels)
+
+
+def projection_encoder_args(df: Any, voxel_size: Sequence[int]) -> dict[str, Any] | None:
+    """Arguments of the :class:`ProjectionEncoder` of a ``diffusion`` settings section (None without
+    ``condition_channels``): the projection of a ``voxel_size`` image along ``df.projection_axis``."""
+    if getattr(df, "condition_channels", None) is None:
+        return None
+    size = [int(v) for i, v in enumerate(voxel_size) if i != df.projection_axis]
+    return {"in_channels": df.condition_channels, "embed_dim": df.condition_embed_dim, "image_size": size,
+            "channels": [int(c) for c in df.condition_encoder_channels]}
+
+
+def build_diffusion_network(args: dict[str, Any], encoder_args: dict[str, Any] | None = None,
+                            use_flash_attention: bool = False) -> nn.Module:
+    """The stage-2 network: :func:`build_unet`, wrapped with its :class:`ProjectionEncoder` when ``encoder_args``
+    (as stored in a checkpoint's ``condition_encoder``) are given."""
+    unet = build_unet(args, use_flash_attention)
+    if encoder_args is None:
+        return unet
+    if args.get("cross_attention_dim") != encoder_args["embed_dim"]:
+        raise ValueError(f"the UNet's cross_attention_dim ({args.get('cross_attention_dim')}) must equal the "
+                         f"projection encoder's embed_dim ({encoder_args['embed_dim']})")
+    return ProjectionConditionedUNet(unet, ProjectionEncoder(**encoder_args))

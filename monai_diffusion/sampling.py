@@ -36,6 +36,40 @@ def from_pixel_space(x: torch.Tensor, pixel_range: Sequence[float] = PIXEL_RANGE
     return (x - lo) / (hi - lo)
 
 
+# the "no condition" projection of classifier-free guidance: a constant outside [0, 1], where every normalised
+# projection lies, so the encoder can tell it from any real condition
+NULL_PROJECTION = -1.0
+
+
+def normalise_projection(image: torch.Tensor) -> torch.Tensor:
+    """Min-max scaling of each 2D image of ``(..., C, H, W)`` to [0, 1], over its channels and pixels together; a
+    constant image becomes all zeros."""
+    dims = (-3, -2, -1)
+    lo, hi = image.amin(dim=dims, keepdim=True), image.amax(dim=dims, keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (image - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(image))
+
+
+def projection(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """The condition of a projection-conditioned model: the sum of a volume along one spatial axis, scaled to [0, 1]
+    per image by :func:`normalise_projection`.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)``, channels first.
+        axis: the spatial axis summed over, 0, 1 or 2 (``diffusion.projection_axis``).
+
+    Returns:
+        ``(C, ...)`` or ``(B, C, ...)`` with the two other spatial axes in their order, float32.
+    """
+    if volume.ndim not in (4, 5):
+        raise ValueError(f"projection needs a (C, X, Y, Z) or (B, C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"projection axis must be 0, 1 or 2, got {axis}")
+    summed = torch.as_tensor(volume).as_subclass(torch.Tensor).float().sum(dim=axis - 3)
+    return normalise_projection(summed)
+
+
 def objective(args: dict[str, Any]) -> str:
     """The training objective stored in a checkpoint's scheduler arguments (older checkpoints: ``ddpm``)."""
     return args.get("type", "ddpm")
@@ -109,11 +143,13 @@ def set_sampling_steps(scheduler: Any, steps: int, latent_spatial: Sequence[int]
 
 
 class Conditioner:
-    """Turns per-volume conditions into the UNet's ``class_labels`` / cross-attention ``context``.
+    """Turns per-volume conditions into the UNet's ``class_labels`` / cross-attention ``context`` / ``projection``.
 
     Class labels index an embedding table with one extra row, ``num_classes``, meaning "no class". Covariates are
     standardised with the training-set statistics and followed by a presence flag of 1, so an all-zero context
-    means "no condition". Dropping conditions at random in training teaches the unconditional model that
+    means "no condition". A projection condition is the image's :func:`projection` along ``projection_axis``
+    (computed from the batch's images, or taken from its ``projection`` entry); its "no condition" is an image of
+    :data:`NULL_PROJECTION`. Dropping conditions at random in training teaches the unconditional model that
     classifier-free guidance needs.
 
     Args:
@@ -121,6 +157,7 @@ class Conditioner:
         num_classes: number of classes of ``class_key``.
         covariate_keys: batch keys of continuous covariates.
         covariate_stats: ``{key: (mean, std)}`` from the training data.
+        projection_axis: spatial axis of the images' projection condition; None = no projection condition.
     """
 
     def __init__(
@@ -129,15 +166,17 @@ class Conditioner:
         num_classes: int | None = None,
         covariate_keys: Sequence[str] = (),
         covariate_stats: dict[str, Sequence[float]] | None = None,
+        projection_axis: int | None = None,
     ) -> None:
         self.class_key = class_key
         self.num_classes = num_classes
         self.covariate_keys = list(covariate_keys)
         self.covariate_stats = {k: (float(v[0]), float(v[1])) for k, v in (covariate_stats or {}).items()}
+        self.projection_axis = projection_axis
 
     @property
     def active(self) -> bool:
-        return self.class_key is not None or bool(self.covariate_keys)
+        return self.class_key is not None or bool(self.covariate_keys) or self.projection_axis is not None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -145,6 +184,7 @@ class Conditioner:
             "num_classes": self.num_classes,
             "covariate_keys": self.covariate_keys,
             "covariate_stats": {k: list(v) for k, v in self.covariate_stats.items()},
+            "projection_axis": self.projection_axis,
         }
 
     @classmethod
@@ -165,6 +205,11 @@ class Conditioner:
         if self.covariate_keys:
             values = torch.stack([torch.as_tensor(batch[k]).double().reshape(-1) for k in self.covariate_keys], dim=1)
             out["context"] = self.context(values, device)
+        if self.projection_axis is not None:
+            if "projection" in batch:  # cached latents keep the projection of their image
+                out["projection"] = torch.as_tensor(batch["projection"]).as_subclass(torch.Tensor).float().to(device)
+            else:
+                out["projection"] = projection(batch["image"], self.projection_axis).to(device)
         return out
 
     def context(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -182,6 +227,8 @@ class Conditioner:
             out["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
         if "context" in cond:
             out["context"] = torch.zeros_like(cond["context"])
+        if "projection" in cond:
+            out["projection"] = torch.full_like(cond["projection"], NULL_PROJECTION)
         return out
 
     def drop(self, cond: dict[str, torch.Tensor], probability: float) -> dict[str, torch.Tensor]:

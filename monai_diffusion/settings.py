@@ -617,6 +617,18 @@ class DiffusionSettings:
     num_res_blocks: Union[int, IntList] = _f(1, "residual blocks per level: int or one per level", ge=1)
     norm_num_groups: int = _f(32, "GroupNorm groups; every num_channels entry must be divisible by it", ge=1)
     use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
+    condition_channels: Optional[int] = _f(
+        None, "condition on the volume's 2D sum-projection along projection_axis (3D only): its channels, = the "
+              "image channels; null = no projection conditioning. A config that sets it but neither diffusion.space "
+              "nor an autoencoder_path is the seed's conditional config: space pixel, norm_num_groups 8 unless given",
+        ge=1,
+    )
+    condition_embed_dim: int = _f(8, "size of the projection's context tokens (the UNet's cross_attention_dim)", ge=1)
+    projection_axis: int = _f(2, "volume axis the condition is summed along (0, 1 or 2, an axis of voxel_size)", ge=0)
+    condition_encoder_channels: IntList = _f(
+        (16, 32, 64), "channels of the projection encoder's stride-2 convolutions (one halving each); tokens = the "
+                      "last feature map's pixels", ge=1,
+    )
     scheduler: SchedulerSettings = _section(SchedulerSettings, "noise scheduler")
     conditioning: ConditioningSettings = _section(ConditioningSettings, "optional class / covariate conditioning")
     training: DiffusionTrainingSettings = _section(DiffusionTrainingSettings, "stage 2 training")
@@ -1242,6 +1254,7 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
             ("diffusion.attention_levels",
              "covariate conditioning uses cross-attention: switch attention on at one level at least")
         )
+    _check_projection_conditioning(s, problems)
     if s.sampling.covariates is not None and len(s.sampling.covariates) != len(cond.covariate_keys):
         problems.append(
             ("sampling.covariates",
@@ -1310,6 +1323,47 @@ def _check_logging(s: Settings, total: Optional[tuple[int, ...]], problems: list
     if steps is not None and steps > timesteps:
         problems.append(("diffusion.logging.num_inference_steps",
                          f"must be <= diffusion.scheduler.num_train_timesteps ({timesteps}), got {steps}"))
+
+
+def _check_projection_conditioning(s: Settings, problems: list[tuple[str, str]]) -> None:
+    """``diffusion.condition_channels``: the condition is the sum-projection of a 3D image along an axis of
+    ``data.voxel_size``, with the image's channels, given to the UNet as cross-attention context (MONAI's middle block
+    always has cross-attention once ``with_conditioning`` is on, so no attention level is required)."""
+    df, ae = s.diffusion, s.autoencoder
+    if df.condition_channels is None:
+        return
+    if ae.spatial_dims != 3:
+        problems.append(("diffusion.condition_channels",
+                         f"projection conditioning sums a 3D volume to a 2D image, but autoencoder.spatial_dims is "
+                         f"{ae.spatial_dims}; --set diffusion.condition_channels=null"))
+    elif df.projection_axis >= 3:
+        problems.append(("diffusion.projection_axis",
+                         f"must be 0, 1 or 2 (an axis of data.voxel_size {list(s.data.voxel_size)}), got "
+                         f"{df.projection_axis}"))
+    if df.condition_channels != ae.in_channels:
+        problems.append(("diffusion.condition_channels",
+                         f"the condition is the image's projection, with the image's {ae.in_channels} channel(s) "
+                         f"(autoencoder.in_channels), got {df.condition_channels}; --set "
+                         f"diffusion.condition_channels={ae.in_channels}"))
+    if df.conditioning.covariate_keys:
+        problems.append(("diffusion.conditioning.covariate_keys",
+                         f"{list(df.conditioning.covariate_keys)} and diffusion.condition_channels both need the "
+                         "UNet's cross-attention context; use one of them (--set diffusion.conditioning."
+                         "covariate_keys=[] or --set diffusion.condition_channels=null)"))
+
+
+def _seed_conditional_defaults(d: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The seed's ``conditional_diffusion_config.yaml`` names ``diffusion.condition_channels`` but neither
+    ``diffusion.space`` nor a stage-1 checkpoint: it is a pixel-space model, whose code fixed GroupNorm at 8 groups.
+    Such a config gets ``space: pixel`` and (unless given) ``norm_num_groups: 8``; every other config is returned
+    as it is."""
+    df = d.get("diffusion") if isinstance(d, Mapping) else None
+    if not isinstance(df, Mapping) or df.get("condition_channels") is None or "space" in df:
+        return d
+    ckpts = df.get("checkpoints")
+    if isinstance(ckpts, Mapping) and ckpts.get("autoencoder_path") is not None:
+        return d
+    return {**d, "diffusion": {"space": "pixel", "norm_num_groups": 8, **df}}
 
 
 def _two_adic(n: int) -> int:
@@ -1713,7 +1767,8 @@ def settings_from_dict(
         raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
     problems: list[tuple[str, str]] = []
     names = _seed_names(d)
-    folded = fold_seed_vqvae(d)  # the seed's top-level vqvae: section, if any, as autoencoder.type vq
+    # the seed's top-level vqvae: section, if any, as autoencoder.type vq; its conditional config as pixel space
+    folded = _seed_conditional_defaults(fold_seed_vqvae(d))
     settings = _build(Settings, _expand_cube_sizes(folded, _raw_spatial_dims(folded)), "", problems)
     if problems:
         raise _renamed(ConfigError(problems=problems), names)

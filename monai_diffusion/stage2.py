@@ -37,12 +37,13 @@ from .engine import (
 from .losses import corrupt
 from .models import (
     architecture,
-    build_unet,
+    build_diffusion_network,
     encode_to_latent,
     is_vq,
     latent_channels,
     latent_spatial,
     load_autoencoder,
+    projection_encoder_args,
     total_factor,
     unet_args,
 )
@@ -56,6 +57,7 @@ from .sampling import (
     build_scheduler,
     decode_samples,
     objective,
+    projection,
     resolve_sampler,
     sample_latents,
     set_sampling_steps,
@@ -181,6 +183,19 @@ class DiffusionStage:
         return self.latent(*self.encode(batch, corruption), mode)
 
     def describe(self, batch: Any) -> list[str]:
+        return self._describe_input(batch) + self._describe_condition()
+
+    def _describe_condition(self) -> list[str]:
+        enc = self.extra.get("condition_encoder")
+        if enc is None:
+            return []
+        net = unwrap(self.modules["unet"])
+        return [f"condition: sum-projection along axis {self.conditioner.projection_axis}, "
+                f"{enc['in_channels']} x {enc['image_size'][0]} x {enc['image_size'][1]} -> {net.encoder.num_tokens} "
+                f"context tokens of {enc['embed_dim']} (encoder {count_parameters(net.encoder):,} parameters, trained "
+                f"with the UNet; dropped with probability {self.dropout:g})"]
+
+    def _describe_input(self, batch: Any) -> list[str]:
         if self.pixel_space:
             x = self.model_input(batch)
             lo, hi = self.extra["pixel_range"]
@@ -211,8 +226,10 @@ class DiffusionStage:
     def _loss(self, unet: nn.Module, z: torch.Tensor, cond: dict, generator: torch.Generator | None = None):
         noise = torch.randn(z.shape, generator=generator, device=z.device)
         t = self._timesteps(z, generator)
-        # MONAI's DiffusionInferer noises z and runs the UNet; class labels ride along as a bound argument
-        model = functools.partial(unet, class_labels=cond["class_labels"]) if "class_labels" in cond else unet
+        # MONAI's DiffusionInferer noises z and runs the UNet; class labels and a projection ride along as bound
+        # arguments
+        bound = {k: v for k, v in cond.items() if k != "context"}
+        model = functools.partial(unet, **bound) if bound else unet
         prediction = self.inferer(inputs=z, diffusion_model=model, noise=noise, timesteps=t,
                                   condition=cond.get("context"))
         if objective(self.scheduler_args) == "rflow":
@@ -334,6 +351,7 @@ class DiffusionStage:
             "pixel_range": self.extra.get("pixel_range"),
             "data_info": self.extra["data_info"],
             "conditioning": self.conditioner.state(),
+            "condition_encoder": self.extra.get("condition_encoder"),
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
 
@@ -452,6 +470,8 @@ def _cache_latents(stage: DiffusionStage, dataset: Any, runtime: Runtime, keep: 
         z_mu, z_sigma = stage.encode({"image": item["image"].unsqueeze(0)})
         entry = {"z_mu": z_mu[0].cpu(), "z_sigma": z_sigma[0].cpu()}
         entry.update({k: item[k] for k in keep})
+        if stage.conditioner.projection_axis is not None:  # the condition of a latent is its image's projection
+            entry["projection"] = projection(item["image"], stage.conditioner.projection_axis)
         items.append(entry)
     return LatentDataset(items)
 
@@ -477,8 +497,9 @@ def build_diffusion_stage(
     else:
         sample_shape = [latent_channels(autoencoder), *latent_spatial(autoencoder, tuple(settings.data.voxel_size))]
     args = unet_args(df, df.conditioning.num_classes, len(df.conditioning.covariate_keys))
+    encoder_args = projection_encoder_args(df, settings.data.voxel_size)
     seed_everything(settings.seed if settings.seed is not None else 0)
-    unet = build_unet(args, df.use_flash_attention).to(runtime.device)
+    unet = build_diffusion_network(args, encoder_args, df.use_flash_attention).to(runtime.device)
     ema = copy.deepcopy(unet).requires_grad_(False) if t.ema_decay else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -506,6 +527,7 @@ def build_diffusion_stage(
         "pixel_range": list(PIXEL_RANGE) if autoencoder is None else None,
         "data_info": data_info or {},
         "conditioning_dropout": df.conditioning.dropout,
+        "condition_encoder": encoder_args,
         "num_samples_to_generate": t.num_samples_to_generate,
     }
     return DiffusionStage(
@@ -552,6 +574,7 @@ def train_diffusion(settings: Any) -> LoopState:
             cond_cfg.covariate_keys,
             _covariate_stats(settings.data.datalist, list(cond_cfg.covariate_keys), cond_cfg.class_key,
                              cond_cfg.num_classes),
+            projection_axis=df.projection_axis if df.condition_channels is not None else None,
         )
         with _rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
