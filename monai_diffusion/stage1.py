@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ class AutoencoderStage:
             f"parameters: autoencoder {count_parameters(ae):,}, "
             f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
             *self._describe_losses(),
+            *attention_warning(ae.init_args, tuple(images.shape[2:])),
         ]
 
     def _describe_losses(self) -> list[str]:
@@ -464,6 +466,44 @@ def train_autoencoder(settings: Any) -> LoopState:
         return state
     finally:
         teardown_runtime(runtime)
+
+
+ATTENTION_WARN_BYTES = 4 * 2**30  # one attention matrix above this (fp32, per head and volume) earns a warning
+
+
+def attention_warning(init_args: dict[str, Any], spatial: tuple[int, ...]) -> list[str]:
+    """A warning line when the KL autoencoder's plain (not ``use_flash_attention``) self-attention would hold an
+    attention matrix of more than 4 GiB (fp32, per head and volume) for inputs of ``spatial`` voxels: its size is
+    (positions at the level)^2 x 4 bytes, at every level with attention and at the deepest level (the encoder's and
+    decoder's non-local blocks). Such a step usually ends out of memory; SDPA attention does not build the matrix.
+
+    Args:
+        init_args: the autoencoder's constructor arguments (``AutoencoderKL.init_args``).
+        spatial: the spatial size of its input.
+    """
+    from generative.networks.nets.autoencoderkl import normalize_factor, normalize_factors
+
+    if init_args.get("use_flash_attention"):
+        return []
+    dims, levels = len(spatial), len(init_args["num_channels"])
+    size = [n / f for n, f in zip(spatial, normalize_factor(init_args.get("initial_downsample_factor", 1), dims,
+                                                                 "initial_downsample_factor"))]
+    factors = normalize_factors(init_args.get("downsample_factors"), levels - 1, dims)
+    attended = set(i for i, on in enumerate(init_args["attention_levels"]) if on)
+    if init_args.get("with_encoder_nonlocal_attn", True) or init_args.get("with_decoder_nonlocal_attn", True):
+        attended.add(levels - 1)
+    positions = 0
+    for level in range(levels):
+        if level in attended:
+            positions = max(positions, int(math.prod(size)))
+        if level < levels - 1:
+            size = [n / f for n, f in zip(size, factors[level])]
+    if positions**2 * 4 <= ATTENTION_WARN_BYTES:
+        return []
+    return [f"warning: the autoencoder's self-attention over {positions:,} positions builds a "
+            f"{positions**2 * 4 / 2**30:.1f} GiB attention matrix per head and volume (fp32), which usually runs out "
+            f"of memory; --set autoencoder.use_flash_attention=true computes it without the matrix (or turn "
+            f"attention off at that level)"]
 
 
 def validation_window(settings: Any) -> tuple[int, ...] | None:

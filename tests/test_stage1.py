@@ -278,3 +278,18 @@ def test_resume_never_writes_into_another_runs_folder(tmp_path):
             settings_for(tmp_path / "b", f"autoencoder.checkpoints.resume_from={tmp_path / 'a' / 'ae' / 'latest_checkpoint.pt'}")
         )
     assert (tmp_path / "b" / "ae" / "latest_checkpoint.pt").read_bytes() == before
+
+
+def test_attention_warning_names_the_matrix_size_and_the_fix():
+    from monai_diffusion.stage1 import attention_warning
+
+    # the seed's high-resolution config: 256x256x64, [16, 32, 64], factors 2, 2: 64x64x16 = 65,536 positions
+    args = {"num_channels": [16, 32, 64], "attention_levels": [False, False, True], "downsample_factors": None}
+    (line,) = attention_warning(args, (256, 256, 64))
+    assert "65,536 positions" in line and "16.0 GiB" in line and "autoencoder.use_flash_attention=true" in line
+    assert attention_warning({**args, "use_flash_attention": True}, (256, 256, 64)) == []
+    assert attention_warning({**args, "downsample_factors": [4, 2]}, (256, 256, 64)) == []  # 8,192: 0.25 GiB
+    # attention on the first level only, no non-local blocks: the full-resolution level counts
+    first = {**args, "attention_levels": [True, False, False], "with_encoder_nonlocal_attn": False,
+             "with_decoder_nonlocal_attn": False, "initial_downsample_factor": 2}
+    assert "65,536 positions" in attention_warning(first, (128, 128, 32))[0]  # 64 x 64 x 16
