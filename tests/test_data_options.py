@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from nibabel.testing import data_path
 
 from monai_diffusion.data import (

@@ -4,9 +4,7 @@ points round trip, the settings keys, and a tiny sampling run writing ``both``."
 
 from __future__ import annotations
 
-import os
 import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +26,7 @@ from monai_diffusion.settings import ConfigError, PointCloudSettings, settings_f
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_runs import args as run_args  # noqa: E402  (the tiny train -> sample settings of test_runs.py)
+from test_cli_errors import error_line  # noqa: E402  (one `error:` line, exit code 2)
 
 ANATOMICAL = Path(data_path) / "anatomical.nii"  # 33 x 41 x 25, LAS, 2 mm voxels
 
@@ -51,14 +50,6 @@ def run_voxelize(argv: list[str]) -> int:
         return voxelize_main(argv)
     except SystemExit as exc:
         return int(exc.code)
-
-
-def error_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------------- export

@@ -21,6 +21,7 @@ from monai_diffusion.models import unet_args
 from monai_diffusion.sampling import NULL_PROJECTION, Conditioner, projection, write_sample
 from monai_diffusion.settings import ConfigError, settings_from_dict
 from monai_diffusion.stage2 import train_diffusion
+from test_cli_errors import error_line  # one `error:` line, exit code 2
 
 CONDITION = {"condition_channels": 1, "condition_embed_dim": 8, "projection_axis": 2,
              "condition_encoder_channels": [8, 8]}
@@ -248,14 +249,6 @@ def test_sampler_draws_one_sample_per_condition(run):
     # the condition reaches the UNet (after one epoch only slightly: MONAI zero-initialises the attention's output)
     cond = Sampler(s, run / "dm" / "best_model.pt", condition=conditions[:1]).sample(1, 0, False)
     assert not torch.equal(cond, uncond)
-
-
-def error_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_condition_errors_are_one_line(run, tmp_path, capsys):

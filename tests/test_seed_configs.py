@@ -17,6 +17,7 @@ import yaml
 
 from monai_diffusion.cli import train_autoencoder_main
 from monai_diffusion.settings import load_settings
+from test_cli_errors import error_line  # one `error:` line, exit code 2
 
 SEED_LAYOUT = """
 data:
@@ -146,14 +147,6 @@ def run(path: Path, *sets: str) -> int:
     for s in sets:
         args += ["--set", s]
     return train_autoencoder_main(args)
-
-
-def error_line(capsys, code: int) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_every_seed_key_is_accepted_with_its_meaning(tmp_path, seed_data):
