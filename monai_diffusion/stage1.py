@@ -130,20 +130,29 @@ class AutoencoderStage:
         images = batch["image"] if isinstance(batch, dict) else batch
         return images.to(self.runtime.device, non_blocking=True).as_subclass(torch.Tensor).float()
 
+    network_name = "autoencoder"  # how describe() names the stage-1 network
+
     def describe(self, batch: Any) -> list[str]:
         images = self._images(batch)
         ae = self.autoencoder
-        latent = ae.latent_shape(images.shape)
-        n_in = images[0].numel()
-        n_lat = int(torch.tensor(latent[1:]).prod())
+        latent = (images.shape[0], latent_channels(ae), *latent_spatial(ae, tuple(images.shape[2:])))
+        n_lat = math.prod(latent[1:])
         return [
-            f"input batch {tuple(images.shape)} -> latent {latent} "
-            f"(total downsample factor {ae.total_downsample_factor} per axis; {n_in / n_lat:.1f}x fewer values)",
-            f"parameters: autoencoder {count_parameters(ae):,}, "
+            f"input batch {tuple(images.shape)} -> latent {latent} (total downsample factor {total_factor(ae)} per "
+            f"axis; {images[0].numel() / n_lat:.1f}x fewer values{self._latent_note()})",
+            f"parameters: {self.network_name} {count_parameters(ae):,}, "
             f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
             *self._describe_losses(),
-            *attention_warning(ae.init_args, tuple(images.shape[2:])),
+            *self._warnings(tuple(images.shape[2:])),
         ]
+
+    def _latent_note(self) -> str:
+        """Appended to describe()'s latent line."""
+        return ""
+
+    def _warnings(self, spatial: tuple[int, ...]) -> list[str]:
+        """describe()'s warning lines for inputs of ``spatial`` voxels."""
+        return attention_warning(self.autoencoder.init_args, spatial)
 
     def _describe_losses(self) -> list[str]:
         """One line when the reconstruction loss or the inputs differ from the default (plain L1, clean inputs)."""
@@ -318,17 +327,13 @@ class VQVAEStage(AutoencoderStage):
         perplexity, used = code_usage(torch.cat([c.flatten() for c in codes]), self.autoencoder.num_embeddings)
         return {"perplexity": perplexity, "codes_used": used}
 
-    def describe(self, batch: Any) -> list[str]:
-        images = self._images(batch)
-        ae = self.autoencoder
-        latent = (images.shape[0], latent_channels(ae), *latent_spatial(ae, tuple(images.shape[2:])))
-        n_lat = int(torch.tensor(latent[1:]).prod())
-        return [
-            f"input batch {tuple(images.shape)} -> latent {latent} (total downsample factor {total_factor(ae)} per "
-            f"axis; {images[0].numel() / n_lat:.1f}x fewer values; codebook of {ae.num_embeddings} codes)",
-            f"parameters: VQ-VAE {count_parameters(ae):,}, "
-            f"discriminator {count_parameters(unwrap(self.modules['discriminator'])):,}",
-        ]
+    network_name = "VQ-VAE"
+
+    def _latent_note(self) -> str:
+        return f"; codebook of {self.autoencoder.num_embeddings} codes"
+
+    def _warnings(self, spatial: tuple[int, ...]) -> list[str]:
+        return []  # the attention estimate describes the KL autoencoder's non-local blocks
 
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         images = self._images(batch)
