@@ -152,12 +152,15 @@ class DiffusionStage:
                 raise ValueError("diffusion.training.input_noise cannot corrupt cached latents "
                                  "(diffusion.training.cache_latents); set one of them to false")
             return batch["z_mu"].to(device).float(), batch["z_sigma"].to(device).float()
-        images = batch["image"].to(device).as_subclass(torch.Tensor).float()
-        if corruption is not None:
-            images = corrupt(images, corruption)
+        images = self._images(batch, corruption)
         with self.runtime.autocast():
             z_mu, z_sigma = encode_to_latent(self.autoencoder, images)
         return z_mu.float(), z_sigma.float()
+
+    def _images(self, batch: Any, corruption: Any = None) -> torch.Tensor:
+        """The batch's images on the device, corrupted by ``corruption`` (input noise) when given."""
+        images = batch["image"].to(self.runtime.device).as_subclass(torch.Tensor).float()
+        return images if corruption is None else corrupt(images, corruption)
 
     def latent(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         mode = mode or self.training.latent_sampling
@@ -176,10 +179,7 @@ class DiffusionStage:
         images mapped from [0, 1] to the pixel range; ``corruption`` (``diffusion.training.input_noise``, training
         only) is applied to the images first, as in :meth:`encode`."""
         if self.pixel_space:
-            images = batch["image"].to(self.runtime.device).as_subclass(torch.Tensor).float()
-            if corruption is not None:
-                images = corrupt(images, corruption)
-            return to_pixel_space(images, self.extra["pixel_range"])
+            return to_pixel_space(self._images(batch, corruption), self.extra["pixel_range"])
         return self.latent(*self.encode(batch, corruption), mode)
 
     def describe(self, batch: Any) -> list[str]:
