@@ -1126,6 +1126,17 @@ def _check_data_shape(s: Settings, total: Optional[tuple[int, ...]], problems: l
     _check_data_section(s.data, s.autoencoder.spatial_dims, total, problems)
 
 
+def _check_divisible(key: str, sizes: Sequence[int], total: Sequence[int], problems: list[tuple[str, str]]) -> None:
+    """One problem per axis of ``sizes`` (the key's value) that the autoencoder's total factor does not divide."""
+    for axis, (size, factor) in enumerate(zip(sizes, total)):
+        if size % factor:
+            problems.append(
+                (key, f"axis {axis}: {size} is not divisible by {factor} (the autoencoder's total downsample factor "
+                      f"on that axis: initial_downsample_factor x the product of downsample_factors); nearest valid "
+                      f"sizes are {_nearest_multiples(size, factor)}")
+            )
+
+
 def _check_data_section(d: DataSettings, dims: int, total: Optional[tuple[int, ...]],
                         problems: list[tuple[str, str]]) -> None:
     if len(d.voxel_size) != dims:
@@ -1134,14 +1145,7 @@ def _check_data_section(d: DataSettings, dims: int, total: Optional[tuple[int, .
                                 f"got {len(d.voxel_size)}: {_short(d.voxel_size)}")
         )
     elif total is not None:
-        for axis, (size, factor) in enumerate(zip(d.voxel_size, total)):
-            if size % factor:
-                problems.append(
-                    ("data.voxel_size",
-                     f"axis {axis}: {size} is not divisible by {factor} (the autoencoder's total downsample factor "
-                     f"on that axis: initial_downsample_factor x the product of downsample_factors); nearest valid "
-                     f"sizes are {_nearest_multiples(size, factor)}")
-                )
+        _check_divisible("data.voxel_size", d.voxel_size, total, problems)
     if d.spacing is not None and len(d.spacing) != dims:
         problems.append(
             ("data.spacing", f"expected autoencoder.spatial_dims = {dims} entries (mm per axis) or null, "
@@ -1313,12 +1317,7 @@ def _check_logging(s: Settings, total: Optional[tuple[int, ...]], problems: list
         problems.append((key, f"expected autoencoder.spatial_dims = {dims} entries (one per axis) or null "
                               f"(= data.voxel_size), got {len(roi)}: {_short(roi)}"))
     elif roi is not None and total is not None:
-        for axis, (size, factor) in enumerate(zip(roi, total)):
-            if size % factor:
-                problems.append(
-                    (key, f"axis {axis}: {size} is not divisible by {factor} (the autoencoder's total downsample "
-                          f"factor on that axis); nearest valid sizes are {_nearest_multiples(size, factor)}")
-                )
+        _check_divisible(key, roi, total, problems)
     steps, timesteps = s.diffusion.logging.num_inference_steps, s.diffusion.scheduler.num_train_timesteps
     if steps is not None and steps > timesteps:
         problems.append(("diffusion.logging.num_inference_steps",
