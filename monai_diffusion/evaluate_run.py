@@ -4,8 +4,9 @@ The real volumes are the training volumes of ``data`` through the deterministic 
 reconstructions are the stage-1 autoencoder's (the one stored in the stage-2 checkpoint) of those same volumes; the
 samples are drawn from the stage-2 checkpoint with the ``sampling`` settings (or read from a folder). Generation
 metrics compare samples with real volumes and with the reconstructions (the best a latent model can do, so that
-stage 2 is judged apart from stage 1); reconstruction metrics are reported on the validation volumes, whole, through
-sliding windows of ``data.voxel_size`` when they are larger.
+stage 2 is judged apart from stage 1); reconstruction metrics are reported on the validation volumes, whole: the KL
+autoencoder runs in exact tiles of ``autoencoder.tile_size`` (default ``data.voxel_size``), the same result as a
+whole-volume pass; a VQ-VAE takes volumes larger than ``data.voxel_size`` through MONAI sliding windows.
 
 A pixel-space checkpoint (``diffusion.space: pixel``) has no autoencoder: its report has the generation metrics
 against the real volumes only, without reconstructions or ``stage1_validation``.
@@ -38,7 +39,7 @@ from .evaluate import (
     write_report,
 )
 from .generate import Sampler, checkpoint_path
-from .models import reconstruct, total_factor
+from .models import is_vq, reconstruct, total_factor
 
 
 def default_report_path(settings: Any) -> Path:
@@ -54,19 +55,23 @@ def _load(transform, files: list[str], what: str) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], roi: tuple[int, ...],
+def _reconstruct(autoencoder: torch.nn.Module, volumes: list[torch.Tensor], tile: tuple[int, ...],
                  device: torch.device, what: str, clip: bool) -> list[torch.Tensor]:
-    """Each volume through the whole autoencoder; volumes larger than ``roi`` through MONAI sliding windows; clipped
-    to [0, 1] like the samples when ``clip`` (``sampling.clip``)."""
+    """Each volume through the whole autoencoder, clipped to [0, 1] like the samples when ``clip``
+    (``sampling.clip``). The KL autoencoder runs in exact tiles of ``tile`` (the whole-volume result, memory bounded by
+    the tile); the VQ-VAE takes volumes larger than ``tile`` through MONAI sliding windows (overlap 0.25, Gaussian
+    blending)."""
     from monai.inferers import sliding_window_inference
 
     out = []
     for v in tqdm(volumes, desc=f"reconstructing {what}", leave=False):
         x = v.unsqueeze(0).to(device)
-        if tuple(x.shape[2:]) == roi:
+        if not is_vq(autoencoder):
+            y = reconstruct(autoencoder, x, tile_size=tile)
+        elif tuple(x.shape[2:]) == tile:
             y = reconstruct(autoencoder, x)
         else:
-            y = sliding_window_inference(x, roi_size=roi, sw_batch_size=1,
+            y = sliding_window_inference(x, roi_size=tile, sw_batch_size=1,
                                          predictor=functools.partial(reconstruct, autoencoder), overlap=0.25,
                                          mode="gaussian")
         y = y.float().cpu()[0]
@@ -83,7 +88,7 @@ def _validation_metrics(val: list[torch.Tensor], recon: list[torch.Tensor], roi:
         per_volume = {k: [x for p in parts for x in p["per_volume"][k]] for k in parts[0]["per_volume"]}
         result = {k: sum(v) / len(v) for k, v in per_volume.items()}
         result.update(per_volume=per_volume, count=len(val), data_range=1.0, ms_ssim_settings="per volume")
-    result["sliding_window"] = any(tuple(v.shape[1:]) != roi for v in val)
+    result["tiled"] = any(tuple(v.shape[1:]) != roi for v in val)  # volumes other than one tile: tiles or windows
     return result
 
 
@@ -132,7 +137,9 @@ def evaluate_pipeline(
     # a pixel-space UNet takes the images themselves: its own arguments give their axes and channels
     ae_args = sampler.ckpt["model_args"] if pixel else sampler.ckpt["autoencoder"]["model_args"]
     dims = ae_args["spatial_dims"]
-    roi = tuple(settings.data.voxel_size)
+    # KL: exact tiles of autoencoder.tile_size (default data.voxel_size); VQ-VAE: sliding windows of data.voxel_size
+    roi = tuple(settings.data.voxel_size if pixel or is_vq(autoencoder) else
+                settings.autoencoder.tile_size or settings.data.voxel_size)
     whole_val = validates_whole_volumes(settings.data) and not pixel
     stage_dir = settings.diffusion.checkpoints.output_dir if pixel else settings.autoencoder.checkpoints.output_dir
     _, _, info = build_datasets(settings.data, spatial_dims=dims, in_channels=ae_args["in_channels"],

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import RunError, load_checkpoint, resolve_precision
-from .models import autoencoder_from_args, build_diffusion_network, load_weights
+from .models import autoencoder_from_args, build_diffusion_network, is_vq, load_weights
 from .sampling import (
     Conditioner,
     build_scheduler,
@@ -135,14 +135,20 @@ class Sampler:
         self.pixel_space = autoencoder is None
         self.conditioner = Conditioner.from_state(ckpt.get("conditioning"))
         self.condition = self._condition(condition) if condition is not None or require_condition else None
-        if cfg.tile_size is not None and self.pixel_space:
+        # exact tiled decoding: sampling.tile_size, else autoencoder.tile_size (that one is ignored in pixel space)
+        self.tile_size = cfg.tile_size or (None if self.pixel_space else settings.autoencoder.tile_size)
+        key = "sampling.tile_size" if cfg.tile_size is not None else "autoencoder.tile_size"
+        if self.tile_size is not None and self.pixel_space:
             raise RunError(f"sampling.tile_size tiles the autoencoder's decoding, but {path} is a pixel-space model "
                            "(no decoder); set sampling.tile_size=null")
-        if cfg.tile_size is not None:
+        if self.tile_size is not None and is_vq(autoencoder):
+            raise RunError(f"{key} {list(self.tile_size)}: exact tiled decoding is for the KL autoencoder, but {path} "
+                           f"holds a VQ-VAE; set {key}=null")
+        if self.tile_size is not None:
             try:  # fail before sampling
-                autoencoder._check_tiling(tuple(cfg.tile_size), None)
+                autoencoder._check_tiling(tuple(self.tile_size), None)
             except ValueError as exc:
-                raise RunError(f"sampling.tile_size: {exc}") from exc
+                raise RunError(f"{key}: {exc}") from exc
         if self.conditioner.covariate_keys and cfg.covariates is None:
             raise RunError(
                 f"{path} is conditioned on covariates {self.conditioner.covariate_keys}: set sampling.covariates "
@@ -236,7 +242,7 @@ class Sampler:
         with _autocast(self.device, self.amp):
             z = sample_latents(self.unet, self.scheduler, noise, cond, self.conditioner, self.cfg.guidance_scale,
                                generator)
-            images = decode_samples(z.float(), self.autoencoder, float(self.ckpt["scale_factor"]), self.cfg.tile_size,
+            images = decode_samples(z.float(), self.autoencoder, float(self.ckpt["scale_factor"]), self.tile_size,
                                     self.ckpt.get("pixel_range")).float()
         return images.clamp(0.0, 1.0) if self.cfg.clip else images
 

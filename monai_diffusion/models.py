@@ -2,9 +2,9 @@
 
 Stage 1 is either the fork's AutoencoderKL (``autoencoder.type: kl``) or MONAI core's VQVAE (``type: vq``). Code
 that works on any stage-1 network goes through the small interface at the end of this module
-(:func:`encode_to_latent`, :func:`reconstruct`, :func:`latent_channels`, :func:`total_factor`,
-:func:`latent_spatial`); decoding a latent is ``decode_stage_2_outputs``, which both networks have (the VQ-VAE
-quantises first).
+(:func:`encode_to_latent`, :func:`decode_latent`, :func:`reconstruct`, :func:`latent_channels`, :func:`total_factor`,
+:func:`latent_spatial`). The first three take an optional ``tile_size``: the KL autoencoder then runs in exact tiles
+(``encode_tiled`` / ``decode_tiled``), the result equal to the whole-volume pass, memory bounded by the tile.
 
 Checkpoints store a network's *architecture* arguments only. How it executes (``use_flash_attention``,
 ``use_checkpointing``) is not part of the architecture: it comes from the current settings, so a resumed run, stage 2
@@ -227,25 +227,65 @@ def latent_spatial(autoencoder: nn.Module, spatial: tuple[int, ...]) -> tuple[in
     return tuple(n // f for n, f in zip(spatial, factor))
 
 
-def encode_to_latent(autoencoder: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _tile(autoencoder: nn.Module, tile_size: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``tile_size`` as a tuple, or None; refused for a network without exact tiling (the VQ-VAE)."""
+    if tile_size is None:
+        return None
+    if is_vq(autoencoder):
+        raise ValueError(f"tile size {list(tile_size)}: exact tiled encoding and decoding is for the KL autoencoder "
+                         f"(autoencoder.type: kl); the VQ-VAE runs whole volumes")
+    return tuple(int(t) for t in tile_size)
+
+
+def encode_to_latent(
+    autoencoder: nn.Module, images: torch.Tensor, tile_size: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What stage 2 learns from: the latent mean and standard deviation of ``images``.
 
-    KL: the encoder's ``z_mu`` and ``z_sigma``. VQ-VAE: the quantised latent (the codebook vectors the decoder
-    reads, as the seed system and MONAI's ``encode_stage_2_inputs`` use) with a standard deviation of zero, so
-    that drawing a latent gives the quantised one. The network should be in eval mode (a VQ-VAE in training mode
-    updates its codebook while quantising).
+    KL: the encoder's ``z_mu`` and ``z_sigma``; with ``tile_size`` (``autoencoder.tile_size``) computed by the exact
+    tiled encoder (``encode_tiled``: the same numbers up to float rounding, memory bounded by the tile). VQ-VAE: the
+    quantised latent (the codebook vectors the decoder reads, as the seed system and MONAI's
+    ``encode_stage_2_inputs`` use) with a standard deviation of zero, so that drawing a latent gives the quantised
+    one. The network should be in eval mode (a VQ-VAE in training mode updates its codebook while quantising).
     """
+    tile = _tile(autoencoder, tile_size)
     if is_vq(autoencoder):
         z = autoencoder.encode_stage_2_inputs(images)
         return z, torch.zeros_like(z)
+    if tile is not None:
+        return autoencoder.encode_tiled(images, tile_size=tile)
     return autoencoder.encode(images)
 
 
-def reconstruct(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``images`` through the whole stage-1 network (KL: the mean latent, no sampling; VQ: quantised)."""
+def decode_latent(autoencoder: nn.Module, z: torch.Tensor, tile_size: Sequence[int] | None = None) -> torch.Tensor:
+    """A (unscaled) latent back to an image: KL ``decode`` (``decode_tiled`` with ``tile_size``: exact, bounded
+    memory); the VQ-VAE quantises to its codebook first (``decode_stage_2_outputs``)."""
+    tile = _tile(autoencoder, tile_size)
+    if tile is not None:
+        return autoencoder.decode_tiled(z, tile_size=tile)
+    return autoencoder.decode_stage_2_outputs(z)
+
+
+def reconstruct(autoencoder: nn.Module, images: torch.Tensor, tile_size: Sequence[int] | None = None) -> torch.Tensor:
+    """``images`` through the whole stage-1 network (KL: the mean latent, no sampling; VQ: quantised). With
+    ``tile_size`` (KL only) the encoder and decoder run in exact tiles: the result equals the whole-volume pass up to
+    float rounding, with memory bounded by the tile. KL: a volume whose size the total downsample factor does not
+    divide (a whole validation volume) is padded with zeros at the end of each axis to the next multiple, and the
+    reconstruction cropped back to its size."""
+    tile = _tile(autoencoder, tile_size)
     if is_vq(autoencoder):
         return autoencoder(images)[0]
-    return autoencoder.reconstruct(images)
+    sizes = images.shape[2:]
+    padded = [-(-n // f) * f for n, f in zip(sizes, total_factor(autoencoder))]
+    if list(sizes) != padded:
+        pads = [p for n, m in zip(reversed(sizes), reversed(padded)) for p in (0, m - n)]
+        images = torch.nn.functional.pad(images, pads)
+    if tile is not None:
+        z_mu, _ = autoencoder.encode_tiled(images, tile_size=tile)
+        out = autoencoder.decode_tiled(z_mu, tile_size=tile)
+    else:
+        out = autoencoder.reconstruct(images)
+    return out[(..., *(slice(0, n) for n in sizes))]
 
 
 def code_usage(indices: torch.Tensor, num_embeddings: int) -> tuple[float, float]:

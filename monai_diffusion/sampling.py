@@ -281,17 +281,16 @@ def sample_latents(
 
 
 def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float, tile_size: Sequence[int] | None) -> torch.Tensor:
-    """Undo the latent scaling and decode (tile by tile when ``tile_size`` is given). A VQ-VAE quantises the latent
-    to its codebook first (``decode_stage_2_outputs``)."""
-    z = z / scale_factor
-    if tile_size is not None:
-        if not hasattr(autoencoder, "decode_tiled"):
-            from .settings import ConfigError
+    """Undo the latent scaling and decode (:func:`monai_diffusion.models.decode_latent`: in exact tiles when
+    ``tile_size`` is given; a VQ-VAE quantises the latent to its codebook first)."""
+    from .models import decode_latent, is_vq
 
-            raise ConfigError(f"{list(tile_size)}: tiled decoding is for the KL autoencoder, this checkpoint's stage 1 "
-                              f"is a {type(autoencoder).__name__}; set it to null", key="sampling.tile_size")
-        return autoencoder.decode_tiled(z, tile_size=tuple(tile_size))
-    return autoencoder.decode_stage_2_outputs(z)
+    if tile_size is not None and is_vq(autoencoder):
+        from .settings import ConfigError
+
+        raise ConfigError(f"{list(tile_size)}: tiled decoding is for the KL autoencoder, this checkpoint's stage 1 "
+                          f"is a {type(autoencoder).__name__}; set it to null", key="sampling.tile_size")
+    return decode_latent(autoencoder, z / scale_factor, tile_size)
 
 
 def decode_samples(

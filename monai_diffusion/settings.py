@@ -425,14 +425,17 @@ class LoggingSettings:
     num_visualize_samples: int = _f(1, "validation volumes shown per visualization", ge=0)
     use_sliding_window: bool = _f(
         False, "validate (losses, PSNR, SSIM, pictures) on whole validation volumes, not cropped or resized to "
-               "data.voxel_size, reconstructed by sliding windows (validation batch size 1, so pictures show one "
-               "volume); data.crop_mode random_patch always does"
+               "data.voxel_size (validation batch size 1, so pictures show one volume); data.crop_mode random_patch "
+               "always does. The KL autoencoder reconstructs them in exact tiles (the result of the whole-volume "
+               "pass, memory bounded by the tile), the VQ-VAE by MONAI sliding windows (overlap 0.25, Gaussian "
+               "blending)"
     )
     sliding_window_roi_size: Optional[IntList] = _f(
-        None, "window size, one int per spatial axis, each divisible by the autoencoder's total downsample factor; "
-              "null = data.voxel_size", ge=1
+        None, "tile / window size, one int per spatial axis, each divisible by the autoencoder's total downsample "
+              "factor; null = autoencoder.tile_size, or data.voxel_size when that is null too", ge=1
     )
-    sliding_window_batch_size: int = _f(1, "windows reconstructed together (more = faster, more memory)", ge=1)
+    sliding_window_batch_size: int = _f(1, "VQ-VAE windows reconstructed together (more = faster, more memory); the "
+                                           "KL autoencoder's exact tiles run one at a time", ge=1)
 
 
 @dataclass(frozen=True)
@@ -522,6 +525,12 @@ class AutoencoderSettings:
     with_decoder_nonlocal_attn: bool = _f(True, "attention block at the start of the decoder")
     use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
     use_convtranspose: bool = _f(False, "decoder upsamples with transposed convolutions instead of interpolation")
+    tile_size: Optional[IntList] = _f(
+        None, "encode and decode outside training in exact tiles of this many voxels per axis (each a multiple of the "
+              "total downsample factor): stage 2's encoding and latent cache, evaluate's reconstructions, whole-volume "
+              "validation and sampling (unless sampling.tile_size is set). Same result as whole volumes, memory "
+              "bounded by the tile; KL only; null = whole volumes", ge=1
+    )
     vqvae: VQVAESettings = _section(VQVAESettings, "VQ-VAE network (type vq only)")
     training: AutoencoderTrainingSettings = _section(AutoencoderTrainingSettings, "stage 1 training")
     checkpoints: CheckpointSettings = _section(CheckpointSettings, "stage 1 checkpoints")
@@ -675,7 +684,11 @@ class SamplingSettings:
     covariates: Optional[Tuple[float, ...]] = _f(None, "covariate values in diffusion.conditioning.covariate_keys order")
     save_png: bool = _f(True, "also write a PNG of three orthogonal mid-slices per sample")
     clip: bool = _f(True, "clip decoded samples to [0, 1], the range the data is scaled to; false = raw decoder output")
-    tile_size: Optional[IntList] = _f(None, "decode the latent in tiles of this many voxels (large volumes)", ge=1)
+    tile_size: Optional[IntList] = _f(
+        None, "decode the latent in exact tiles of this many voxels per axis (each a multiple of the total downsample "
+              "factor): the same samples as whole-volume decoding, memory bounded by the tile; null = "
+              "autoencoder.tile_size (null: whole volumes)", ge=1
+    )
     pointcloud: PointCloudSettings = _section(PointCloudSettings, "point-cloud export (save_format pointcloud | both)")
 
 
@@ -1277,16 +1290,6 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
     if s.sampling.save_format in ("pointcloud", "both") and ae.out_channels != 1:
         problems.append(("sampling.save_format", f"{s.sampling.save_format} exports single-channel samples, but "
                                                  f"autoencoder.out_channels is {ae.out_channels}; use nifti or npy"))
-    if s.sampling.tile_size is not None and df.space == "pixel":
-        problems.append(("sampling.tile_size", "tiles the autoencoder's decoding, but diffusion.space is pixel (no "
-                                               "decoder); set sampling.tile_size=null"))
-    elif s.sampling.tile_size is not None and ae.type == "vq":
-        problems.append(("sampling.tile_size", "tiled decoding is for the KL autoencoder; the VQ-VAE decodes whole "
-                                               "latents: set it to null"))
-    elif s.sampling.tile_size is not None and len(s.sampling.tile_size) != ae.spatial_dims:
-        problems.append(
-            ("sampling.tile_size", f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(s.sampling.tile_size)}")
-        )
     sch = df.scheduler
     from .sampling import SAMPLERS
 
@@ -1309,8 +1312,30 @@ def _check_diffusion(s: Settings, total: Optional[tuple[int, ...]], problems: li
         )
 
 
+def _check_tile_size(key: str, tile: Optional[Sequence[int]], s: Settings, total: Optional[tuple[int, ...]],
+                     problems: list[tuple[str, str]]) -> None:
+    """``autoencoder.tile_size`` / ``sampling.tile_size``: exact tiling exists for the KL autoencoder's encoder and
+    decoder; one size per spatial axis, each a multiple of that axis's total factor."""
+    if tile is None:
+        return
+    ae = s.autoencoder
+    if key == "sampling.tile_size" and s.diffusion.space == "pixel":
+        problems.append((key, "tiles the autoencoder's decoding, but diffusion.space is pixel (no decoder); set "
+                              f"{key}=null"))
+    elif ae.type == "vq":
+        problems.append((key, f"exact tiled encoding and decoding is for the KL autoencoder; the VQ-VAE runs whole "
+                              f"volumes: set {key}=null"))
+    elif len(tile) != ae.spatial_dims:
+        problems.append((key, f"expected {ae.spatial_dims} sizes (one per spatial axis), got {list(tile)}"))
+    elif total is not None:
+        _check_divisible(key, tile, total, problems)
+
+
 def _check_logging(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
-    """The sliding windows of stage 1's validation and the sampling steps of stage 2's pictures."""
+    """The tiles of inference (``autoencoder.tile_size``, ``sampling.tile_size``), the sliding windows of stage 1's
+    validation and the sampling steps of stage 2's pictures."""
+    for tile_key, tile in (("autoencoder.tile_size", s.autoencoder.tile_size), ("sampling.tile_size", s.sampling.tile_size)):
+        _check_tile_size(tile_key, tile, s, total, problems)
     roi, dims = s.autoencoder.logging.sliding_window_roi_size, s.autoencoder.spatial_dims
     key = "autoencoder.logging.sliding_window_roi_size"
     if roi is not None and len(roi) != dims:

@@ -43,6 +43,7 @@ from .models import (
     architecture,
     build_autoencoder,
     code_usage,
+    is_vq,
     latent_channels,
     latent_spatial,
     reconstruct,
@@ -71,10 +72,11 @@ class AutoencoderStage:
         runtime: device / precision / rank.
         perceptual_loss: a frozen perceptual loss module, or None.
         data_info: facts about the training data (spacing, orientation, affine) stored in checkpoints.
-        val_window: when set, validation volumes (whole, of any size) are reconstructed by sliding windows of
-            this size (MONAI ``SlidingWindowInferer``, overlap 0.25, Gaussian blending), each window through
-            the whole autoencoder as in training; None: in one piece.
-        val_window_batch_size: windows reconstructed together.
+        val_window: when set, validation volumes (whole, of any size) are reconstructed tile by tile: the KL
+            autoencoder in exact tiles of this size (``encode_tiled`` / ``decode_tiled``: the whole-volume result,
+            memory bounded by the tile), the VQ-VAE by sliding windows of this size (MONAI ``SlidingWindowInferer``,
+            overlap 0.25, Gaussian blending); None: in one piece.
+        val_window_batch_size: VQ-VAE windows reconstructed together.
         num_visualize: validation volumes shown in TensorBoard (from the first validation batch).
         reconstruction_loss: ``loss(recon, target) -> (loss, logs)``; None = built from ``training.loss`` (see
             :func:`monai_diffusion.losses.build_reconstruction_loss`).
@@ -109,7 +111,7 @@ class AutoencoderStage:
         self.data_info = data_info or {}
         self.val_window = val_window
         self.inferer = None
-        if val_window is not None:
+        if val_window is not None and is_vq(unwrap(autoencoder)):
             # a progress bar per volume on the main process: whole large volumes take many windows
             self.inferer = SlidingWindowInferer(
                 roi_size=val_window, sw_batch_size=val_window_batch_size, overlap=0.25, mode="gaussian",
@@ -216,12 +218,12 @@ class AutoencoderStage:
 
     # ---------------------------------------------------------------------------------------------- validation
     def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of validation volumes: window by window when ``val_window`` is set, else in one piece."""
+        """Reconstruction of validation volumes: tile by tile when ``val_window`` is set (exact tiles for the KL
+        autoencoder, sliding windows for the VQ-VAE), else in one piece."""
         ae = self.autoencoder
-        predictor = functools.partial(reconstruct, ae)
         if self.inferer is not None:
-            return self.inferer(images, predictor).float()
-        return predictor(images).float()
+            return self.inferer(images, functools.partial(reconstruct, ae)).float()
+        return reconstruct(ae, images, tile_size=self.val_window).float()
 
     def validation_step(self, batch: Any) -> dict[str, float]:
         images = self._images(batch)
@@ -512,14 +514,15 @@ def attention_warning(init_args: dict[str, Any], spatial: tuple[int, ...]) -> li
 
 
 def validation_window(settings: Any) -> tuple[int, ...] | None:
-    """The sliding window of stage 1's validation: ``autoencoder.logging.sliding_window_roi_size`` (default
-    ``data.voxel_size``) when validation volumes are whole (``autoencoder.logging.use_sliding_window``, or training
+    """The tile (KL) or sliding window (VQ-VAE) of stage 1's validation: ``autoencoder.logging.sliding_window_roi_size``
+    (default ``autoencoder.tile_size``, then ``data.voxel_size``) when validation volumes are whole
+    (``autoencoder.logging.use_sliding_window``, or training
     on random patches without ``data.augmentation.use_center_crop_for_val``: :func:`data.validates_whole_volumes`),
     else None (validation volumes are ``voxel_size`` and go in one piece)."""
     log = settings.autoencoder.logging
     if not (log.use_sliding_window or validates_whole_volumes(settings.data)):
         return None
-    return tuple(log.sliding_window_roi_size or settings.data.voxel_size)
+    return tuple(log.sliding_window_roi_size or settings.autoencoder.tile_size or settings.data.voxel_size)
 
 
 @contextlib.contextmanager

@@ -122,6 +122,8 @@ class DiffusionStage:
         self.ema = ema
         self.lr_scheduler = lr_scheduler
         self.autoencoder = autoencoder
+        # exact tiled encoding (and decoding of the pictures) of the frozen KL autoencoder; None: whole volumes
+        self.tile_size = None if autoencoder is None else settings.autoencoder.tile_size
         self.scheduler_args = scheduler_args
         self.noise_scheduler = build_scheduler(scheduler_args, "train")
         self.inferer = DiffusionInferer(self.noise_scheduler)
@@ -154,7 +156,7 @@ class DiffusionStage:
             return batch["z_mu"].to(device).float(), batch["z_sigma"].to(device).float()
         images = self._images(batch, corruption)
         with self.runtime.autocast():
-            z_mu, z_sigma = encode_to_latent(self.autoencoder, images)
+            z_mu, z_sigma = encode_to_latent(self.autoencoder, images, self.tile_size)
         return z_mu.float(), z_sigma.float()
 
     def _images(self, batch: Any, corruption: Any = None) -> torch.Tensor:
@@ -205,7 +207,9 @@ class DiffusionStage:
         return [
             f"latent batch {tuple(z_mu.shape)} (scale factor {self.scale_factor:.5g})",
             f"parameters: UNet {count_parameters(unwrap(self.modules['unet'])):,}; "
-            f"frozen autoencoder {count_parameters(self.autoencoder):,}",
+            f"frozen autoencoder {count_parameters(self.autoencoder):,}"
+            + (f"; encodes in exact tiles of {'x'.join(map(str, self.tile_size))} (autoencoder.tile_size)"
+               if self.tile_size is not None else ""),
         ] + ([f"input noise: {noise.noise_type} (noise_std {noise.noise_std}, dropout_prob {noise.dropout_prob}) on "
               "training volumes before encoding"] if (noise := self.training.input_noise).enabled else [])
 
@@ -300,7 +304,7 @@ class DiffusionStage:
                            self.runtime.device)
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
-            return decode_samples(z.float(), self.autoencoder, self.scale_factor, None,
+            return decode_samples(z.float(), self.autoencoder, self.scale_factor, self.sampling.tile_size or self.tile_size,
                                   self.extra.get("pixel_range")).float()
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -546,6 +550,9 @@ def _load_frozen_autoencoder(settings: Any, runtime: Runtime) -> tuple[nn.Module
     autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
     autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
     check_unet_fits(settings, autoencoder, ae_path)
+    if settings.autoencoder.tile_size is not None and is_vq(autoencoder):
+        raise ConfigError(f"{list(settings.autoencoder.tile_size)}: exact tiled encoding is for the KL autoencoder, but "
+                          f"{ae_path} holds a VQ-VAE; set it to null", key="autoencoder.tile_size")
     return autoencoder, {**ae_ckpt["model_args"], "data_info": ae_ckpt.get("data_info")}, ae_path
 
 

@@ -78,7 +78,8 @@ def test_shipped_configs_shapes_factors_and_fit_facts(name):
     assert s1["parameters"]["autoencoder"] > 0 and s1["parameters"]["discriminator"] > 0
     assert s2["parameters"]["unet"] > 0
     assert s1["measurement"] is None and s2["measurement"] is None
-    assert plan["verdicts"] == {"autoencoder": None, "diffusion": None} and plan["advice"] == []
+    assert plan["verdicts"] == {"autoencoder": None, "diffusion": None, "inference": None} and plan["advice"] == []
+    assert plan["inference"]["encode_tile"] is None and plan["inference"]["measurement"] is None
     json.dumps(plan)  # JSON-serialisable as it is
     text = format_plan(plan)
     assert f"(1, {channels}, {latent[0]}, {latent[1]}, {latent[2]})" in text
@@ -142,8 +143,32 @@ def test_measured_plan_of_a_tiny_config(measured):
     assert phases.keys() == {"train step", "encode"} and phases["encode"] <= phases["train step"] * 1.05
     assert "adversarial loss on" in " ".join(plan["autoencoder"]["measurement"]["notes"])
     assert "VmHWM" in plan["measure_method"] or "ru_maxrss" in plan["measure_method"]
+    inference = plan["inference"]["measurement"]
+    assert inference["ok"] and inference["phases"].keys() == {"encode", "decode"}, inference
+    assert inference["peak_mib"] == max(inference["phases"].values()) and inference["static_mib"] > 0
+    assert inference["encode_tile"] is None and inference["batch"] == settings_batch(measured)
     text = format_plan(plan)
     assert "peak memory" in text and "step time" in text and "method:" in text
+    assert "Inference: the autoencoder outside training" in text and "whole (autoencoder.tile_size=null)" in text
+
+
+def settings_batch(measured) -> int:
+    return measured[1].sampling.batch_size
+
+
+def test_inference_in_exact_tiles_is_planned_and_measured(tmp_path):
+    """autoencoder.tile_size: the plan says which tiles encoding and sampling use and measures those passes."""
+    settings = _load(QUICKSTART, tiny(tmp_path, "autoencoder.tile_size=[8, 8, 8]", "sampling.tile_size=[16, 8, 8]"))
+    plan = make_plan(settings, measure=False, budget_gb=None, device="cpu")
+    assert plan["inference"]["encode_tile"] == [8, 8, 8] and plan["inference"]["decode_tile"] == [16, 8, 8]
+    text = format_plan(plan)
+    assert "in exact tiles of 8x8x8 (autoencoder.tile_size)" in text
+    assert "in exact tiles of 16x8x8 (sampling.tile_size)" in text
+    from monai_diffusion.plan.measure import measure_inference
+
+    result = measure_inference(settings, Runtime(torch.device("cpu"), None))
+    assert result["encode_tile"] == [8, 8, 8] and result["decode_tile"] == [16, 8, 8]
+    assert result["phases"]["encode"] > 0 and result["phases"]["decode"] > 0
 
 
 def test_measured_peak_matches_fast_dev_run(measured):
@@ -188,7 +213,10 @@ def test_tiny_budget_gives_advice_with_valid_config_keys(measured):
     knobs = [a for a in plan["advice"] if a["kind"] == "knob"]
     keys = {a["key"] for a in knobs}
     assert {"device.mixed_precision", "autoencoder.training.use_gradient_checkpointing",
-            "autoencoder.downsample_factors", "autoencoder.use_flash_attention", "diffusion.num_channels"} <= keys
+            "autoencoder.downsample_factors", "autoencoder.use_flash_attention", "diffusion.num_channels",
+            "autoencoder.tile_size"} <= keys
+    tile = next(a for a in knobs if a["key"] == "autoencoder.tile_size")
+    assert tile["stage"] == "inference" and tile["set"] == ["autoencoder.tile_size=[16, 16, 16]"]
     # every suggested change is a valid config on its own
     for a in knobs:
         if a["set"]:
@@ -237,12 +265,12 @@ def test_advice_is_tailored_to_what_is_already_set(measured):
 def test_budget_that_fits_reports_headroom(measured):
     _, settings, plan = measured
     roomy = apply_budget(copy.deepcopy(plan), settings, 64)
-    for stage in ("autoencoder", "diffusion"):
+    for stage in ("autoencoder", "diffusion", "inference"):
         v = roomy["verdicts"][stage]
         assert v["fits"] is True and v["headroom_mib"] == pytest.approx(64 * 1024 - v["peak_mib"])
     assert not [a for a in roomy["advice"] if a["kind"] == "knob"]
     text = format_plan(roomy)
-    assert "FITS" in text and "headroom" in text and "Both stages fit" in text
+    assert "FITS" in text and "headroom" in text and "Both stages and inference fit" in text
 
 
 def test_without_measuring_nothing_is_claimed_but_a_sure_miss():

@@ -174,7 +174,7 @@ def test_vq_type_in_our_own_schema_and_its_defaults():
     s = settings_from_dict({"autoencoder": {"type": "vq"}, "diffusion": {"in_channels": 32, "out_channels": 32}},
                            check_paths=False)
     assert s.autoencoder.vqvae.num_channels == (64, 128, 256) and total_downsample_factor(s.autoencoder) == (8, 8, 8)
-    with pytest.raises(ConfigError, match="sampling.tile_size: tiled decoding is for the KL autoencoder"):
+    with pytest.raises(ConfigError, match="sampling.tile_size: exact tiled encoding and decoding is for the KL autoencoder"):
         settings_from_dict({"autoencoder": {"type": "vq"}, "diffusion": {"in_channels": 32, "out_channels": 32},
                             "sampling": {"tile_size": [32, 32, 32]}}, check_paths=False)
 
@@ -222,7 +222,7 @@ def test_codebook_from_data_starts_where_the_latents_are():
     with torch.no_grad():
         z = torch.randn(1, 4, 4, 4, 4)
         assert torch.equal(decode_latents(vq, z, 2.0, None), vq.decode(vq.quantize(z / 2.0)[0]))
-    with pytest.raises(ConfigError, match="sampling.tile_size: .*tiled decoding is for the KL autoencoder"):
+    with pytest.raises(ConfigError, match="sampling.tile_size: .*tiled (encoding and )?decoding is for the KL autoencoder"):
         decode_latents(vq, z, 1.0, (8, 8, 8))
 
 

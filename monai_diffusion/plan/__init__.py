@@ -9,6 +9,9 @@ For a valid config (YAML + ``--set`` overrides; an invalid one is refused by set
   materialised), parameter counts of the autoencoder and the patch discriminator;
 * stage 2 (:mod:`.geometry`): the latent size, the UNet's levels and the divisor each latent axis needs, attention
   blocks, parameter counts;
+* inference (:mod:`.geometry`, :mod:`.measure`): the exact tiles of encoding and of sampling's decoding
+  (``autoencoder.tile_size``, ``sampling.tile_size``) and, measured, the peak memory and time of encoding one
+  volume and decoding a sampling batch with them;
 * (:mod:`.measure`) the peak memory and time of one training step of each stage at batch 1 on the current device:
   the real stage objects (``stage1.build_autoencoder_stage``, ``stage2.build_diffusion_stage``) driven through
   ``engine.train_step``, each stage in a fresh process, measured with ``memory.PeakMeter`` exactly as
@@ -33,7 +36,7 @@ from typing import Any
 
 from ..settings import Settings, add_config_args, settings_from_args
 from .advice import apply_budget
-from .geometry import MIB, parameter_counts, stage1_info, stage2_info
+from .geometry import MIB, inference_info, parameter_counts, stage1_info, stage2_info
 from .measure import measure_stages, worker_main
 from .report import format_plan
 
@@ -139,14 +142,16 @@ def make_plan(
         "budget_mib": None if budget_gb is None else budget_gb * 1024,
         "autoencoder": s1,
         "diffusion": s2,
+        "inference": inference_info(settings),
         "config": None,  # set by plan_main
         "overrides": [],
     }
     if measure:
-        results = measure_stages(("autoencoder", "diffusion"), settings, dev, precision, batch_size, steps, timeout)
+        results = measure_stages(("autoencoder", "diffusion", "inference"), settings, dev, precision, batch_size,
+                                 steps, timeout)
         for stage, result in results.items():
             plan[stage]["measurement"] = result
-        methods = [m["method"] for m in results.values() if m.get("ok")]
+        methods = [m["method"] for m in results.values() if m.get("ok") and "method" in m]
         plan["measure_method"] = methods[0] if methods else None
     return apply_budget(plan, settings, budget_gb)
 

@@ -201,6 +201,32 @@ def _stage2_knobs(s: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
     return knobs
 
 
+def _inference_knobs(s: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Exact tiles bound the autoencoder's memory outside training: tile the whole volumes, or use smaller tiles."""
+    info = plan["inference"]
+    total = total_downsample_factor(s.autoencoder)
+    knobs: list[dict[str, Any]] = []
+    tile = info["encode_tile"]
+    if tile is None:
+        new = _patch_size(s, total)
+        text = (f"encode and decode in exact tiles of {shape_text(new)} instead of whole "
+                f"{shape_text(info['volume'])} volumes: the same numbers, memory bounded by the tile (about 3x the "
+                f"compute)")
+    else:
+        new = [max(m, (t // 2) // m * m) for t, m in zip(tile, total)]
+        text = f"smaller exact tiles ({shape_text(tile)} now): less memory, more recomputed halo"
+    if new != tile:
+        sets: dict[str, Any] = {"autoencoder.tile_size": new}
+        if s.sampling.tile_size is not None:
+            sets["sampling.tile_size"] = new
+        knobs.append(_advice_entry("inference", "autoencoder.tile_size", text, sets))
+    if info["sampling_batch_size"] > 1:
+        knobs.append(_advice_entry("inference", "sampling.batch_size",
+                                   f"decode one sample at a time ({info['sampling_batch_size']} now)",
+                                   {"sampling.batch_size": 1}))
+    return knobs
+
+
 def _batch_note(stage: str, key: str, batch: int, measured: int) -> dict[str, Any] | None:
     if batch <= measured:
         return None
@@ -256,6 +282,25 @@ def apply_budget(plan: dict[str, Any], settings: Settings, budget_gb: float | No
         note = _batch_note(stage, batch_key, st["training_batch_size"], plan["batch_size"])
         if note is not None:
             advice.append(note)
+    inference = plan.get("inference")
+    if inference is not None:  # plans written before inference was measured have none
+        m = inference.get("measurement")
+        if budget is None:
+            verdicts["inference"] = None
+        elif m and m.get("ok"):
+            peak = m["peak_mib"]
+            verdicts["inference"] = {"fits": peak <= budget, "peak_mib": peak, "budget_mib": budget,
+                                     "headroom_mib": budget - peak, "basis": "measured"}
+            if peak > budget:
+                advice += _inference_knobs(settings, plan)
+        else:  # unmeasured: only the autoencoder's weights (4 bytes per parameter) are certain
+            error = (m or {}).get("error", "")
+            lower = 4 * plan["autoencoder"]["parameters"].get("autoencoder", 0) / MIB
+            sure = lower > budget
+            verdicts["inference"] = {"fits": False if sure else None, "peak_mib": None, "lower_bound_mib": lower,
+                                     "budget_mib": budget,
+                                     "basis": "the autoencoder's weights alone, 4 bytes per parameter" if sure else
+                                     "not measured" + (f" ({error})" if error else "")}
     plan["verdicts"] = verdicts
     plan["advice"] = advice
     return plan

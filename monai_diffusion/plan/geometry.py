@@ -200,3 +200,14 @@ def parameter_counts(s: Settings) -> tuple[dict[str, int], dict[str, int]]:
     p2 = {"unet": count_parameters(unet), "trainable": trainable(unet),
           "frozen_autoencoder": 0 if df.training.cache_latents else p1["autoencoder"]}
     return p1, p2
+
+
+def inference_info(s: Settings) -> dict[str, Any]:
+    """The autoencoder outside training: the exact tiles of encoding (``autoencoder.tile_size``: latent caching,
+    stage 2's encoding, evaluate) and of sampling's decoding (``sampling.tile_size``, else ``autoencoder.tile_size``);
+    None = whole volumes."""
+    enc = s.autoencoder.tile_size
+    dec = s.sampling.tile_size or enc
+    return {"encode_tile": None if enc is None else list(enc), "decode_tile": None if dec is None else list(dec),
+            "decode_tile_key": "sampling.tile_size" if s.sampling.tile_size else "autoencoder.tile_size",
+            "volume": list(s.data.voxel_size), "sampling_batch_size": s.sampling.batch_size, "measurement": None}

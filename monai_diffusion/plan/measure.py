@@ -16,6 +16,11 @@ stage leaves memory behind that a peak could hide in. In that process:
   ``PeakMeter.start(stage_tensor_bytes(stage, batch))``, ``train_step``, ``PeakMeter.peak_mib()``;
 * stage 2 without cached latents also measures encoding the batch alone (``DiffusionStage.encode``), so that the
   advice can tell when encoding is the peak.
+
+Inference (``"inference"``, :func:`measure_inference`) is measured the same way, in its own process: one volume
+encoded as latent caching and evaluate encode it, and a batch of ``sampling.batch_size`` latents decoded as sampling
+decodes them, each in exact tiles when ``autoencoder.tile_size`` / ``sampling.tile_size`` say so; the peak is the
+larger of the two.
 """
 
 from __future__ import annotations
@@ -156,6 +161,58 @@ def build_stage(name: str, s: Settings, runtime: Any, batch: int) -> tuple[Any, 
     if name == "diffusion":
         return _diffusion_stage(s, runtime, batch)
     raise ValueError(f"stage must be 'autoencoder' or 'diffusion', got {name!r}")
+
+
+def measure_inference(s: Settings, runtime: Any) -> dict[str, Any]:
+    """Peak memory and time of the autoencoder outside training: encoding one ``data.voxel_size`` volume (latent
+    caching, stage 2's encoding, evaluate) and decoding ``sampling.batch_size`` latents (sampling), with the
+    configured tiles, under
+    ``torch.no_grad()`` and the stage's autocast; random weights (memory does not depend on them).
+
+    Returns:
+        ``peak_mib`` (the larger phase), ``static_mib`` (the network's weights), ``step_mib``, ``phases``
+        (``{"encode": ..., "decode": ...}``), ``seconds`` per phase, ``encode_tile`` / ``decode_tile``, ``method``.
+    """
+    import torch
+
+    from ..memory import MIB, PeakMeter
+    from ..models import autoencoder_args, autoencoder_from_args, decode_latent, encode_to_latent
+    from .geometry import inference_info, latent_spatial
+
+    ae = s.autoencoder
+    device = runtime.device
+    net = autoencoder_from_args(autoencoder_args(ae), use_flash_attention=ae.use_flash_attention)
+    net = net.eval().to(device).requires_grad_(False)
+    static = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    info = inference_info(s)
+    enc_tile, dec_tile = info["encode_tile"], info["decode_tile"]
+    meter = PeakMeter(device)
+    phases: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    image = torch.rand(1, ae.in_channels, *s.data.voxel_size, device=device)
+    latent = torch.randn(s.sampling.batch_size, ae.latent_channels, *latent_spatial(s), device=device)
+    for name, fn, inp in (("encode", lambda x: encode_to_latent(net, x, enc_tile)[0], image),
+                          ("decode", lambda z: decode_latent(net, z, dec_tile), latent)):
+        meter.start(static + inp.numel() * inp.element_size())
+        t0 = time.perf_counter()
+        with torch.no_grad(), runtime.autocast():
+            out = fn(inp)
+        sync()
+        seconds[name] = time.perf_counter() - t0
+        phases[name] = meter.peak_mib()
+        del out
+    peak = max(phases.values())
+    result = {"method": meter.method, "peak_mib": peak, "static_mib": static / MIB,
+              "step_mib": max(0.0, peak - static / MIB), "phases": phases, "seconds": seconds,
+              "encode_tile": enc_tile, "decode_tile": dec_tile}
+    if meter.cuda:
+        result["reserved_mib"] = meter.reserved_mib
+    return result
 
 
 def _autoencoder_stage(s: Settings, runtime: Any, batch: int) -> tuple[Any, dict[str, Any], int, list[str]]:
@@ -320,6 +377,12 @@ def worker_main(request_path: str, out_path: str) -> int:
     amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[request["precision"]]
     runtime = Runtime(device, amp)
     name, batch = request["stage"], int(request["batch"])
+    if name == "inference":
+        result = measure_inference(s, runtime)
+        result.update({"ok": True, "stage": name, "device": str(device), "precision": request["precision"],
+                       "batch": s.sampling.batch_size, "torch_threads": torch.get_num_threads()})
+        Path(out_path).write_text(json.dumps(result))
+        return 0
     stage, data, epoch, notes = build_stage(name, s, runtime, batch)
     clip = getattr(s, name).training.grad_clip_norm
     result = measure_stage(stage, data, epoch, runtime, steps=int(request["steps"]), grad_clip_norm=clip)

@@ -128,11 +128,36 @@ def format_plan(plan: dict[str, Any]) -> str:
     out += _format_verdict((plan.get("verdicts") or {}).get("diffusion"))
     out.append("")
 
+    # ---- inference
+    inf = plan.get("inference")
+    if inf is not None:
+        out.append("Inference: the autoencoder outside training")
+        out.append(f"  encode           one {shape_text(inf['volume'])} volume (latent caching, stage 2, evaluate) "
+                   + (f"in exact tiles of {shape_text(inf['encode_tile'])} (autoencoder.tile_size)"
+                      if inf["encode_tile"] else "whole (autoencoder.tile_size=null)"))
+        out.append(f"  decode           {inf['sampling_batch_size']} latent(s) (sampling.batch_size) "
+                   + (f"in exact tiles of {shape_text(inf['decode_tile'])} ({inf['decode_tile_key']})"
+                      if inf["decode_tile"] else "whole (sampling.tile_size and autoencoder.tile_size null)"))
+        m = inf.get("measurement")
+        if m is None:
+            out.append("  peak memory      not measured (--no-measure)")
+        elif not m.get("ok"):
+            out.append(f"  peak memory      {m.get('error')}")
+        else:
+            out.append(f"  peak memory      {mib_text(m['peak_mib'])}  (encode {mib_text(m['phases']['encode'])}, "
+                       f"decode {mib_text(m['phases']['decode'])}; weights {mib_text(m['static_mib'])}; "
+                       f"{m['precision']})")
+            out.append(f"  time             encode {m['seconds']['encode']:.2f} s, decode {m['seconds']['decode']:.2f} s "
+                       f"(random weights, one pass each)")
+        out += _format_verdict((plan.get("verdicts") or {}).get("inference"))
+        out.append("")
+
     # ---- how it was measured, advice
     if plan.get("measure_method"):
         out.append(f"Memory: one training step per stage (engine.train_step on the real stage, after a warm-up step) "
                    f"at batch {plan['batch_size']}, each in a fresh process on {plan['device']}, measured as "
-                   f"fast_dev_run measures its last step; method: {plan['measure_method']}.")
+                   f"fast_dev_run measures its last step; inference: one encode and one decode pass in a fresh "
+                   f"process; method: {plan['measure_method']}.")
     elif not plan["measured"]:
         out.append("Memory: not measured (--no-measure).")
     advice = plan.get("advice") or []
@@ -141,18 +166,19 @@ def format_plan(plan: dict[str, Any]) -> str:
     if knobs:
         out.append("Advice (most effective first):")
         n = 0
-        for stage in ("autoencoder", "diffusion"):
+        for stage, title in (("autoencoder", "stage 1"), ("diffusion", "stage 2"), ("inference", "inference")):
             items = [a for a in knobs if a["stage"] == stage]
             if not items:
                 continue
-            out.append(f"  {'stage 1' if stage == 'autoencoder' else 'stage 2'}:")
+            out.append(f"  {title}:")
             for a in items:
                 n += 1
                 head = " ".join(f"--set {x}" for x in a["set"]) if a["set"] else a["key"]
                 out.append(f"    {n}. {head}: {a['text']}")
     verdicts = [v for v in (plan.get("verdicts") or {}).values()]
     if verdicts and all(v and v.get("fits") for v in verdicts):
-        out.append(f"Both stages fit the {mib_text(plan['budget_mib'])} budget.")
+        what = "Both stages and inference fit" if "inference" in plan.get("verdicts", {}) else "Both stages fit"
+        out.append(f"{what} the {mib_text(plan['budget_mib'])} budget.")
     for a in notes:
         out.append(f"Note: {a['text']}")
     return "\n".join(out).rstrip() + "\n"
