@@ -237,13 +237,15 @@ class Sampler:
         return cond
 
     @torch.no_grad()
-    def denoise(self, noise: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
-        """The reverse process from ``noise`` to images on the data's [0, 1] scale (clipped when ``sampling.clip``)."""
+    def denoise(self, noise: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator | None,
+                progress: bool = False) -> torch.Tensor:
+        """The reverse process from ``noise`` to images on the data's [0, 1] scale (clipped when ``sampling.clip``);
+        ``progress``: a progress bar of the tile passes when decoding in exact tiles."""
         with _autocast(self.device, self.amp):
             z = sample_latents(self.unet, self.scheduler, noise, cond, self.conditioner, self.cfg.guidance_scale,
                                generator)
             images = decode_samples(z.float(), self.autoencoder, float(self.ckpt["scale_factor"]), self.tile_size,
-                                    self.ckpt.get("pixel_range")).float()
+                                    self.ckpt.get("pixel_range"), progress=progress).float()
         return images.clamp(0.0, 1.0) if self.cfg.clip else images
 
     @torch.no_grad()
@@ -255,7 +257,7 @@ class Sampler:
             count = min(cfg.batch_size, n - first)
             generator = torch.Generator(device=device).manual_seed(seed + first)
             noise = torch.randn((count, *self.latent_shape), generator=generator, device=device)
-            yield first, self.denoise(noise, self.conditions(count, seed + first, first), generator)
+            yield first, self.denoise(noise, self.conditions(count, seed + first, first), generator, progress)
 
     def sample(self, n: int, seed: int, progress: bool = True) -> torch.Tensor:
         """``n`` decoded samples on the CPU, ``(n, C, *spatial)``."""

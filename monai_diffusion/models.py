@@ -257,12 +257,14 @@ def encode_to_latent(
     return autoencoder.encode(images)
 
 
-def decode_latent(autoencoder: nn.Module, z: torch.Tensor, tile_size: Sequence[int] | None = None) -> torch.Tensor:
+def decode_latent(autoencoder: nn.Module, z: torch.Tensor, tile_size: Sequence[int] | None = None,
+                  progress: bool = False) -> torch.Tensor:
     """A (unscaled) latent back to an image: KL ``decode`` (``decode_tiled`` with ``tile_size``: exact, bounded
-    memory); the VQ-VAE quantises to its codebook first (``decode_stage_2_outputs``)."""
+    memory, with a progress bar of its tile passes when ``progress``); the VQ-VAE quantises to its codebook first
+    (``decode_stage_2_outputs``)."""
     tile = _tile(autoencoder, tile_size)
     if tile is not None:
-        return autoencoder.decode_tiled(z, tile_size=tile)
+        return autoencoder.decode_tiled(z, tile_size=tile, progress=progress)
     return autoencoder.decode_stage_2_outputs(z)
 
 

@@ -280,9 +280,11 @@ def sample_latents(
     return x
 
 
-def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float, tile_size: Sequence[int] | None) -> torch.Tensor:
+def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float, tile_size: Sequence[int] | None,
+                   progress: bool = False) -> torch.Tensor:
     """Undo the latent scaling and decode (:func:`monai_diffusion.models.decode_latent`: in exact tiles when
-    ``tile_size`` is given; a VQ-VAE quantises the latent to its codebook first)."""
+    ``tile_size`` is given, with a progress bar of the tile passes when ``progress``; a VQ-VAE quantises the latent
+    to its codebook first)."""
     from .models import decode_latent, is_vq
 
     if tile_size is not None and is_vq(autoencoder):
@@ -290,18 +292,18 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float,
 
         raise ConfigError(f"{list(tile_size)}: tiled decoding is for the KL autoencoder, this checkpoint's stage 1 "
                           f"is a {type(autoencoder).__name__}; set it to null", key="sampling.tile_size")
-    return decode_latent(autoencoder, z / scale_factor, tile_size)
+    return decode_latent(autoencoder, z / scale_factor, tile_size, progress=progress)
 
 
 def decode_samples(
     x: torch.Tensor, autoencoder: nn.Module | None, scale_factor: float, tile_size: Sequence[int] | None,
-    pixel_range: Sequence[float] | None = None,
+    pixel_range: Sequence[float] | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """What the reverse process produced -> images on the data's [0, 1] scale: decoded latents, or (no autoencoder:
     a pixel-space model) the samples mapped back from ``pixel_range``."""
     if autoencoder is None:
         return from_pixel_space(x, pixel_range if pixel_range is not None else PIXEL_RANGE)
-    return decode_latents(autoencoder, x, scale_factor, tile_size)
+    return decode_latents(autoencoder, x, scale_factor, tile_size, progress)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:

@@ -142,3 +142,15 @@ def test_sampling_decodes_in_exact_tiles_with_autoencoder_tile_size(stage1, tmp_
     a, b = whole.sample(2, seed=5), tiled.sample(2, seed=5)
     assert a.shape == b.shape == (2, 1, 16, 16, 16)
     assert _rel(b, a) < 1e-4
+
+
+def test_tiled_passes_show_a_progress_bar_and_give_the_same_numbers(capsys):
+    """A long tiled decode says how far it is (tile passes, growing as GroupNorm passes are discovered)."""
+    ae = _kl()
+    z = torch.randn(1, 2, 6, 5, 3, generator=torch.Generator().manual_seed(4))
+    quiet = ae.decode_tiled(z, tile_size=(8, 8, 4))
+    capsys.readouterr()
+    shown = decode_latent(ae, z, tile_size=(8, 8, 4), progress=True)
+    assert torch.equal(quiet, shown)
+    err = capsys.readouterr().err
+    assert "tiled decode" in err and ("tile/s" in err or "s/tile" in err) and "GroupNorm statistics" in err

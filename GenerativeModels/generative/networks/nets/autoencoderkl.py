@@ -1099,6 +1099,7 @@ class AutoencoderKL(nn.Module):
         tile_size: Sequence[int] | int,
         halo: Sequence[int] | int | None = None,
         whole_voxels: int | None = None,
+        progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode exactly as ``encode`` does, holding full-resolution activations one tile at a time.
 
@@ -1115,6 +1116,7 @@ class AutoencoderKL(nn.Module):
             halo: accepted for compatibility and checked, but not used: halos are derived from the layers.
             whole_voxels: levels whose activations have at most this many voxels per sample are computed whole, as
                 in the untiled pass; larger ones are streamed. Default: the voxels of one tile.
+            progress: show a progress bar of the tile passes (tqdm, when installed).
         """
         self.encoder.check_input_shape(x.shape)
         tile, _ = self._check_tiling(tile_size, halo)
@@ -1122,7 +1124,7 @@ class AutoencoderKL(nn.Module):
         from .tiled import run_tiled
 
         with torch.no_grad():
-            h = run_tiled(self.encoder.blocks, x, tile, x.shape[2:], whole)
+            h = run_tiled(self.encoder.blocks, x, tile, x.shape[2:], whole, progress="tiled encode" if progress else False)
             return self._quantize(h)
 
     def decode_tiled(
@@ -1131,6 +1133,7 @@ class AutoencoderKL(nn.Module):
         tile_size: Sequence[int] | int,
         halo: Sequence[int] | int | None = None,
         whole_voxels: int | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Decode exactly as ``decode`` does, holding full-resolution activations one tile at a time.
 
@@ -1143,6 +1146,7 @@ class AutoencoderKL(nn.Module):
             halo: accepted for compatibility and checked, but not used: halos are derived from the layers.
             whole_voxels: levels whose activations have at most this many voxels per sample are computed whole;
                 larger ones are streamed. Default: the voxels of one tile.
+            progress: show a progress bar of the tile passes (tqdm, when installed).
         """
         self.decoder.check_input_shape(z.shape)
         tile, _ = self._check_tiling(tile_size, halo)
@@ -1151,4 +1155,5 @@ class AutoencoderKL(nn.Module):
         from .tiled import run_tiled
 
         with torch.no_grad():
-            return run_tiled(self.decoder.blocks, self.post_quant_conv(z), tile, image_shape, whole)
+            return run_tiled(self.decoder.blocks, self.post_quant_conv(z), tile, image_shape, whole,
+                             progress="tiled decode" if progress else False)

@@ -47,11 +47,25 @@ Box = tuple[tuple[int, int], ...]  # per spatial axis: [start, stop)
 class _Context:
     """What all nodes of one tiled pass share: the per-node tile shape and a one-tile memo for shared inputs."""
 
-    def __init__(self, tile: Sequence[int], image_shape: Sequence[int], whole_voxels: int) -> None:
+    def __init__(self, tile: Sequence[int], image_shape: Sequence[int], whole_voxels: int, bar=None) -> None:
         self.tile = tuple(tile)
         self.image_shape = tuple(image_shape)
         self.whole_voxels = whole_voxels
         self.memo: dict[int, tuple[Box, torch.Tensor]] = {}
+        self.bar = bar  # a tqdm bar counting tile passes (its total grows as passes are discovered), or None
+
+    def passes(self, shape: Sequence[int], what: str):
+        """:meth:`tiles` for one pass over a streamed level (GroupNorm statistics, or materialising it), counted
+        on the progress bar when there is one."""
+        boxes = list(self.tiles(shape))
+        if self.bar is not None:
+            self.bar.total = (self.bar.total or 0) + len(boxes)
+            self.bar.set_postfix_str(f"{what} {'x'.join(map(str, shape))}", refresh=False)
+            self.bar.refresh()
+        for box in boxes:
+            yield box
+            if self.bar is not None:
+                self.bar.update(1)
 
     def tile_for(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Tile of a node with spatial ``shape``: the image tile scaled to that node's resolution."""
@@ -115,7 +129,7 @@ def _materialize(node: _Node) -> _Whole:
     if isinstance(node, _Whole):
         return node
     ctx, out = node.ctx, None
-    for box in ctx.tiles(node.shape):
+    for box in ctx.passes(node.shape, "output"):
         ctx.memo.clear()
         part = node.get(box)
         if out is None:
@@ -134,7 +148,7 @@ class _GroupNorm(_Node):
         self.inp, self.silu, self.shape = inp, silu, inp.shape
         groups = norm.num_groups
         count, mean, m2 = 0, None, None
-        for box in ctx.tiles(inp.shape):
+        for box in ctx.passes(inp.shape, "GroupNorm statistics"):
             ctx.memo.clear()
             x = inp.get(box)
             n = x[0].numel() // groups
@@ -384,6 +398,7 @@ def run_tiled(
     tile: Sequence[int],
     image_shape: Sequence[int],
     whole_voxels: int,
+    progress: bool | str = False,
 ) -> torch.Tensor:
     """Run a chain of encoder/decoder ``blocks`` on ``x`` exactly, streaming the levels larger than ``whole_voxels``.
 
@@ -394,12 +409,24 @@ def run_tiled(
             own resolution.
         image_shape: spatial size of the image (the encoder's input or the decoder's output).
         whole_voxels: block outputs with at most this many voxels per sample are held whole.
+        progress: show a tqdm progress bar of the tile passes (when tqdm is installed); a string is its label.
 
     Returns:
         the output of the last block, whole.
     """
-    ctx = _Context(tile, image_shape, whole_voxels)
-    node: _Node = _Whole(ctx, x)
-    for block in blocks:
-        node = _add_block(ctx, block, node)
-    return _materialize(node).tensor
+    bar = None
+    if progress:
+        from monai.utils import optional_import
+
+        tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+        if has_tqdm:
+            bar = tqdm(total=0, desc=progress if isinstance(progress, str) else "tiled pass", unit="tile", leave=False)
+    ctx = _Context(tile, image_shape, whole_voxels, bar)
+    try:
+        node: _Node = _Whole(ctx, x)
+        for block in blocks:
+            node = _add_block(ctx, block, node)
+        return _materialize(node).tensor
+    finally:
+        if bar is not None:
+            bar.close()
