@@ -298,7 +298,7 @@ def apply_budget(plan: dict[str, Any], settings: Settings, budget_gb: float | No
             lower = 4 * plan["autoencoder"]["parameters"].get("autoencoder", 0) / MIB
             sure = lower > budget
             verdicts["inference"] = {"fits": False if sure else None, "peak_mib": None, "lower_bound_mib": lower,
-                                     "budget_mib": budget,
+                                     "budget_mib": budget, "lower_bound_what": "the autoencoder's weights alone need",
                                      "basis": "the autoencoder's weights alone, 4 bytes per parameter" if sure else
                                      "not measured" + (f" ({error})" if error else "")}
     plan["verdicts"] = verdicts

@@ -60,8 +60,8 @@ def _format_verdict(v: dict | None) -> list[str]:
     if v["fits"] is False:
         return [f"  budget           DOES NOT FIT: at least {mib_text(v['lower_bound_mib'])} > {budget} ({v['basis']})"]
     hint = "; measure (drop --no-measure) to know" if v["basis"] == "not measured" else ""
-    return [f"  budget           unknown: {v['basis']}; weights, gradients and Adam states alone need "
-            f"{mib_text(v['lower_bound_mib'])} of {budget}{hint}"]
+    what = v.get("lower_bound_what", "weights, gradients and Adam states alone need")
+    return [f"  budget           unknown: {v['basis']}; {what} {mib_text(v['lower_bound_mib'])} of {budget}{hint}"]
 
 
 def format_plan(plan: dict[str, Any]) -> str:
