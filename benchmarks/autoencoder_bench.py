@@ -338,12 +338,16 @@ def machine_info(device: str) -> dict[str, Any]:
     """What the numbers were measured on: CPU model, cores, memory, GPU, library versions, commit, time."""
     import monai
 
-    cpu = "unknown"
+    cpu, flags = "unknown", []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == "unknown":
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    # what decides whether bf16 autocast pays off on a CPU (and the vector width)
+                    flags = sorted(f for f in have if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx"))
                     break
     except OSError:
         pass
@@ -364,6 +368,7 @@ def machine_info(device: str) -> dict[str, Any]:
     info = {
         "device": device,
         "cpu_model": cpu,
+        "cpu_flags": flags,
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -387,7 +392,8 @@ def machine_line(info: dict[str, Any]) -> str:
     """One-line Markdown description of the machine."""
     where = info.get("gpu", f"CPU only, {info['cpu_cores_usable']} cores ({info['torch_threads']} torch threads)")
     return (
-        f"Machine: {info['cpu_model']}, {info['cpu_cores']} cores, {info['ram_gib']} GiB RAM; device: "
+        f"Machine: {info['cpu_model']} (flags: {', '.join(info.get('cpu_flags') or ['none of avx2/avx512f/avx512_bf16/amx'])}), "
+        f"{info['cpu_cores']} cores, {info['ram_gib']} GiB RAM; device: "
         f"{info['device']} ({where}); torch {info['torch']}, monai {info['monai']}, Python {info['python']}; "
         f"commit {info['git_commit']}; {info['date_utc']}; 1-min load average at start "
         f"{info['loadavg_at_start'][0]}."

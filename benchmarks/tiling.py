@@ -201,8 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:
         mode, size, tile = args.single[0], int(args.single[1]), int(args.single[2]) or None
         payload = {"mode": mode, "size": size, "tile": tile, "device": args.device, "attention": not args.no_attention}
+        info = machine_info(args.device)
         res = run_worker_subprocess(Path(__file__), payload, extra_env=CLEAN_MALLOC_ENV)
-        print(json.dumps({**payload, **res, "machine": machine_info(args.device)}))
+        record = {**payload, **res, "machine": info}
+        print(json.dumps(record))
+        if args.out:  # keep the figure: <out>.json and a one-row <out>.md
+            out = Path(args.out)
+            command = "python benchmarks/tiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            write_json(out.with_suffix(".json"), {"command": command, **record})
+            cell = (lambda k, f: f.format(res[k]) if k in res else res.get("error", "—"))
+            out.with_suffix(".md").write_text("\n".join([
+                f"# One {mode} pass of the 8x recipe ({args.device})", "", machine_line(info), "",
+                f"Command: `{command.strip()}`", "",
+                markdown_table(["pass", "volume", "tile", "attention", "peak MiB", "output MiB", "wall s", "CPU s"],
+                               [[mode, f"{size}^3", tile or "untiled", "yes" if payload["attention"] else "no",
+                                 cell("peak_mib", "{:.0f}"), cell("output_mib", "{:.0f}"),
+                                 cell("pass_wall_s", "{:.0f}"), cell("pass_cpu_s", "{:.0f}")]]), ""]))
         return 0
     start = time.perf_counter()
     info = machine_info(args.device)
