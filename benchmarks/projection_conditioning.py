@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
 
 from monai_diffusion.data import build_datasets  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from autoencoder_bench import machine_info, machine_line  # noqa: E402
 from monai_diffusion.evaluate import projection_consistency  # noqa: E402
 from monai_diffusion.generate import Sampler  # noqa: E402
 from monai_diffusion.sampling import image_panel, projection, tile_panels  # noqa: E402
@@ -60,7 +62,7 @@ def data_section(data: str, work: Path, size: list[int], num_train: int, num_val
 
 
 def config(work: Path, size: list[int], epochs: int, num_train: int, num_val: int, guidance: float = 1.0,
-           data: str = "microtubules", prediction_type: str = "epsilon") -> dict:
+           data: str = "microtubules", prediction_type: str = "epsilon", concat: bool = True) -> dict:
     return {
         "data": data_section(data, work, size, num_train, num_val),
         "autoencoder": {"spatial_dims": 3, "in_channels": 1},
@@ -68,7 +70,7 @@ def config(work: Path, size: list[int], epochs: int, num_train: int, num_val: in
             "space": "pixel", "spatial_dims": 3, "in_channels": 1, "out_channels": 1,
             "num_channels": [16, 32, 32], "attention_levels": [False, True, True], "num_head_channels": 16,
             "norm_num_groups": 8, "condition_channels": 1, "condition_embed_dim": 32, "projection_axis": 2,
-            "condition_encoder_channels": [16, 32],
+            "condition_encoder_channels": [16, 32], "condition_concat": concat,
             "conditioning": {"dropout": 0.1},
             "scheduler": {"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 0.0005,
                           "beta_end": 0.0195, "prediction_type": prediction_type},
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs=3, default=[24, 24, 8])
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default="epsilon")
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--no-concat", action="store_true",
+                        help="cross-attention tokens only (diffusion.condition_concat false, the seed's network)")
     parser.add_argument("--num-train", type=int, default=32)
     parser.add_argument("--num-val", type=int, default=8)
     parser.add_argument("--work", default="/tmp/projection_conditioning")
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = config(work, args.size, args.epochs, args.num_train, args.num_val, data=args.data,
-                 prediction_type=args.prediction_type)
+                 prediction_type=args.prediction_type, concat=not args.no_concat)
     if args.data == "blobs" and not (work / "data").exists():
         write_blobs(work / "data" / "train", args.num_train, args.size, seed=0)
         write_blobs(work / "data" / "val", args.num_val, args.size, seed=1)
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     results, samples = {}, {}
     for name, guidance in (("guidance 1", 1.0), ("guidance 3", 3.0), ("condition dropped", 0.0)):
         sampler = Sampler(settings_from_dict(config(work, args.size, args.epochs, args.num_train, args.num_val,
-                                                    guidance, args.data, args.prediction_type), stage="sampling"),
+                                                    guidance, args.data, args.prediction_type, not args.no_concat),
+                                             stage="sampling"),
                           ckpt, condition=conditions)
         t0 = time.perf_counter()
         samples[name] = sampler.sample(len(conditions), seed=1, progress=False)
@@ -137,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray(canvas.mul(255).round().byte().numpy(), mode="L").save(out.with_suffix(".png"))
 
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-            "torch": torch.__version__, "data": args.data, "prediction_type": args.prediction_type, "size": args.size, "epochs": args.epochs,
+            "machine": machine_line(machine_info("cpu")),
+            "torch": torch.__version__, "data": args.data, "prediction_type": args.prediction_type, "condition_concat": not args.no_concat, "size": args.size,
+            "epochs": args.epochs,
             "num_train": args.num_train, "num_val": args.num_val, "train_seconds": round(train_seconds, 1)}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = [f"# Projection consistency ({meta['command']})", "",
-             f"{meta['machine']}, torch {meta['torch']}; {args.data} {args.size}, {args.num_train} training volumes, "
-             f"{args.epochs} epochs ({train_seconds / 60:.1f} min), prediction {args.prediction_type}; {args.num_val} validation projections as "
+             f"{meta['machine']}", "", f"{args.data} {args.size}, {args.num_train} training volumes, "
+             f"{args.epochs} epochs ({train_seconds / 60:.1f} min), prediction {args.prediction_type}, "
+             f"condition_concat {str(not args.no_concat).lower()}; {args.num_val} validation projections as "
              "conditions, 50 DDIM steps, the same noise in every row.", "",
              "| samples | Pearson r with their condition (mean) | with another volume's condition | min | max |",
              "| --- | --- | --- | --- | --- |"]

@@ -363,16 +363,34 @@ class ProjectionConditionedUNet(nn.Module):
     """MONAI's DiffusionModelUNet (built with cross-attention) and the :class:`ProjectionEncoder` whose tokens are
     its context, trained together as one network: ``forward(x, timesteps, projection=...)``.
 
+    With ``concat_axis`` the projection also reaches the UNet spatially aligned: resized (area average) to the
+    input's grid across that axis, repeated along it, and concatenated to the input as extra channels, so every
+    voxel sees the projection value of its own column (the UNet then has ``in_channels`` + the projection's
+    channels inputs).
+
     Args:
         unet: the DiffusionModelUNet, ``with_conditioning=True``, ``cross_attention_dim`` = the encoder's
             ``embed_dim``.
         encoder: the projection encoder.
+        concat_axis: the spatial axis (0-based) the projection was summed along, or None: tokens only.
     """
 
-    def __init__(self, unet: DiffusionModelUNet, encoder: ProjectionEncoder) -> None:
+    def __init__(self, unet: DiffusionModelUNet, encoder: ProjectionEncoder, concat_axis: int | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.encoder = encoder
+        self.concat_axis = concat_axis
+
+    def spread(self, projection: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """``(B, C, H, W)`` projection -> ``(B, C, *spatial)``: area-resized to ``spatial`` without the projection
+        axis, repeated along it."""
+        axis = self.concat_axis
+        assert axis is not None
+        plane = [n for i, n in enumerate(spatial) if i != axis]
+        if list(projection.shape[2:]) != plane:
+            projection = torch.nn.functional.interpolate(projection, size=plane, mode="area")
+        shape = list(projection.shape[:2]) + list(spatial)
+        return projection.unsqueeze(2 + axis).expand(shape)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None, projection: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,7 +404,10 @@ class ProjectionConditionedUNet(nn.Module):
             a = self.encoder.init_args
             projection = torch.full((x.shape[0], a["in_channels"], *a["image_size"]), NULL_PROJECTION,
                                     device=x.device, dtype=x.dtype)
-        return self.unet(x, timesteps, context=self.encoder(projection.to(x.dtype)), class_labels=class_labels)
+        projection = projection.to(x.dtype)
+        if self.concat_axis is not None:
+            x = torch.cat([x, self.spread(projection, x.shape[2:])], dim=1)
+        return self.unet(x, timesteps, context=self.encoder(projection), class_labels=class_labels)
 
 
 def projection_encoder_args(df: Any, voxel_size: Sequence[int]) -> dict[str, Any] | None:
@@ -396,17 +417,25 @@ def projection_encoder_args(df: Any, voxel_size: Sequence[int]) -> dict[str, Any
         return None
     size = [int(v) for i, v in enumerate(voxel_size) if i != df.projection_axis]
     return {"in_channels": df.condition_channels, "embed_dim": df.condition_embed_dim, "image_size": size,
-            "channels": [int(c) for c in df.condition_encoder_channels]}
+            "channels": [int(c) for c in df.condition_encoder_channels],
+            "concat_axis": int(df.projection_axis) if df.condition_concat else None}
+
+
+# keys of a checkpoint's ``condition_encoder`` that are the encoder's own arguments (the rest describe the wiring)
+_ENCODER_KEYS = ("in_channels", "embed_dim", "image_size", "channels")
 
 
 def build_diffusion_network(args: dict[str, Any], encoder_args: dict[str, Any] | None = None,
                             use_flash_attention: bool = False) -> nn.Module:
     """The stage-2 network: :func:`build_unet`, wrapped with its :class:`ProjectionEncoder` when ``encoder_args``
     (as stored in a checkpoint's ``condition_encoder``) are given."""
-    unet = build_unet(args, use_flash_attention)
     if encoder_args is None:
-        return unet
+        return build_unet(args, use_flash_attention)
     if args.get("cross_attention_dim") != encoder_args["embed_dim"]:
         raise ValueError(f"the UNet's cross_attention_dim ({args.get('cross_attention_dim')}) must equal the "
                          f"projection encoder's embed_dim ({encoder_args['embed_dim']})")
-    return ProjectionConditionedUNet(unet, ProjectionEncoder(**encoder_args))
+    concat_axis = encoder_args.get("concat_axis")  # absent in checkpoints written before it existed: tokens only
+    if concat_axis is not None:  # the UNet also reads the spread projection as input channels
+        args = {**args, "in_channels": args["in_channels"] + encoder_args["in_channels"]}
+    encoder = ProjectionEncoder(**{k: encoder_args[k] for k in _ENCODER_KEYS})
+    return ProjectionConditionedUNet(build_unet(args, use_flash_attention), encoder, concat_axis)

@@ -638,6 +638,11 @@ class DiffusionSettings:
         (16, 32, 64), "channels of the projection encoder's stride-2 convolutions (one halving each); tokens = the "
                       "last feature map's pixels", ge=1,
     )
+    condition_concat: bool = _f(
+        True, "also give the UNet the projection itself, spread along projection_axis (averaged down to the latent "
+              "grid in latent space), as extra input channels: every voxel sees its own column's projection value. "
+              "false = cross-attention tokens only (the seed's network)"
+    )
     scheduler: SchedulerSettings = _section(SchedulerSettings, "noise scheduler")
     conditioning: ConditioningSettings = _section(ConditioningSettings, "optional class / covariate conditioning")
     training: DiffusionTrainingSettings = _section(DiffusionTrainingSettings, "stage 2 training")
@@ -1334,7 +1339,8 @@ def _check_tile_size(key: str, tile: Optional[Sequence[int]], s: Settings, total
 def _check_logging(s: Settings, total: Optional[tuple[int, ...]], problems: list[tuple[str, str]]) -> None:
     """The tiles of inference (``autoencoder.tile_size``, ``sampling.tile_size``), the sliding windows of stage 1's
     validation and the sampling steps of stage 2's pictures."""
-    for tile_key, tile in (("autoencoder.tile_size", s.autoencoder.tile_size), ("sampling.tile_size", s.sampling.tile_size)):
+    for tile_key, tile in (("autoencoder.tile_size", s.autoencoder.tile_size),
+                           ("sampling.tile_size", s.sampling.tile_size)):
         _check_tile_size(tile_key, tile, s, total, problems)
     roi, dims = s.autoencoder.logging.sliding_window_roi_size, s.autoencoder.spatial_dims
     key = "autoencoder.logging.sliding_window_roi_size"

@@ -195,7 +195,9 @@ class DiffusionStage:
         return [f"condition: sum-projection along axis {self.conditioner.projection_axis}, "
                 f"{enc['in_channels']} x {enc['image_size'][0]} x {enc['image_size'][1]} -> {net.encoder.num_tokens} "
                 f"context tokens of {enc['embed_dim']} (encoder {count_parameters(net.encoder):,} parameters, trained "
-                f"with the UNet; dropped with probability {self.dropout:g})"]
+                f"with the UNet; dropped with probability {self.dropout:g})"
+                + ("; also spread along the axis as extra UNet input channels" if net.concat_axis is not None
+                   else "")]
 
     def _describe_input(self, batch: Any) -> list[str]:
         if self.pixel_space:
@@ -304,7 +306,8 @@ class DiffusionStage:
                            self.runtime.device)
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
-            return decode_samples(z.float(), self.autoencoder, self.scale_factor, self.sampling.tile_size or self.tile_size,
+            tile = self.sampling.tile_size or self.tile_size
+            return decode_samples(z.float(), self.autoencoder, self.scale_factor, tile,
                                   self.extra.get("pixel_range")).float()
 
     def on_epoch_start(self, epoch: int) -> None:

@@ -188,7 +188,8 @@ def test_training_resumes_exactly_and_the_checkpoint_holds_the_encoder(tmp_path)
     assert any(k.startswith("encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     for key, value in weights.items():
         assert torch.equal(value, b["state_dict"]["unet"][key]), key
-    assert a["condition_encoder"] == {"in_channels": 1, "embed_dim": 8, "image_size": [16, 16], "channels": [8, 8]}
+    assert a["condition_encoder"] == {"in_channels": 1, "embed_dim": 8, "image_size": [16, 16], "channels": [8, 8],
+                                      "concat_axis": 2}
     assert a["conditioning"]["projection_axis"] == 2
     assert a["model_args"]["with_conditioning"] is True and a["model_args"]["cross_attention_dim"] == 8
     losses = [h["val_loss"] for h in a["history"] if "val_loss" in h]
@@ -287,3 +288,35 @@ def test_evaluate_reports_projection_consistency(run, tmp_path):
     assert pc["axis"] == 2 and pc["count"] == 4 and len(pc["per_sample"]) == 4 and -1 <= pc["mean"] <= 1
     assert "validation" in pc["conditions"]
     assert "projection consistency" in out.with_suffix(".md").read_text()
+
+
+def test_concat_spreads_the_projection_along_its_axis_onto_the_input_grid():
+    """diffusion.condition_concat: the UNet's extra input channels hold, at every voxel, the projection value of its
+    own column (area-averaged down to a latent grid); without it (or in older checkpoints) tokens only."""
+    from monai_diffusion.models import build_diffusion_network
+
+    args = {**unet_args(settings_from_dict({"diffusion": {**CONDITION, "space": "pixel", "in_channels": 1,
+                                                          "out_channels": 1, "num_channels": [8, 16],
+                                                          "attention_levels": [False, False],
+                                                          "num_head_channels": 8, "norm_num_groups": 4}},
+                                           check_paths=False, require_data=False).diffusion)}
+    encoder = {"in_channels": 1, "embed_dim": 8, "image_size": [8, 4], "channels": [8, 8]}
+    net = build_diffusion_network(args, {**encoder, "concat_axis": 1})
+    assert net.concat_axis == 1 and net.unet.conv_in.conv.in_channels == 2
+    proj = torch.arange(32.0).reshape(1, 1, 8, 4)
+    spread = net.spread(proj, (8, 6, 4))  # pixel space: the projection's own grid, repeated along axis 1
+    assert spread.shape == (1, 1, 8, 6, 4) and all(torch.equal(spread[:, :, :, j], proj) for j in range(6))
+    small = net.spread(proj, (4, 3, 2))  # a latent grid: 2 x 2 area averages
+    assert small.shape == (1, 1, 4, 3, 2)
+    assert small[0, 0, 1, 2, 1] == proj[0, 0, 2:4, 2:4].mean()
+    # the output depends on where the projection is bright, not only on whether one is given
+    x, t = torch.randn(1, 1, 8, 6, 4), torch.tensor([10])
+    flipped = proj.flip(-1)
+    with torch.no_grad():
+        net.unet.out[2].conv.weight.normal_()  # MONAI starts the output convolution at zero
+        assert not torch.allclose(net(x, t, projection=proj), net(x, t, projection=flipped))
+    old = build_diffusion_network(args, encoder)  # a checkpoint from before condition_concat: tokens only
+    assert old.concat_axis is None and old.unet.conv_in.conv.in_channels == 1
+    settings = settings_from_dict({"diffusion": {**CONDITION, "space": "latent", "condition_concat": False}}, check_paths=False,
+                                  require_data=False)
+    assert not settings.diffusion.condition_concat
