@@ -146,3 +146,17 @@ def test_tiled_passes_show_a_progress_bar_and_give_the_same_numbers(capsys):
     assert torch.equal(quiet, shown)
     err = capsys.readouterr().err
     assert "tiled decode" in err and ("tile/s" in err or "s/tile" in err) and "GroupNorm statistics" in err
+
+
+def test_tiled_encode_under_bf16_autocast_is_as_close_to_fp32_as_the_untiled_one():
+    """Stage 2 encodes under the run's autocast: the tiled pass (GroupNorm statistics gathered in fp32 or better)
+    stays as close to the fp32 result as bf16 lets the untiled pass be."""
+    ae = _kl(attention_levels=(False, False, False))
+    x = torch.rand(1, 1, 32, 24, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = ae.encode(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            untiled = ae.encode(x)[0].float()
+            tiled = encode_to_latent(ae, x, tile_size=(16, 8, 8))[0].float()
+    assert torch.isfinite(tiled).all()
+    assert _rel(tiled, ref) < 2 * _rel(untiled, ref) + 0.02

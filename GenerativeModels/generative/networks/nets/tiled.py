@@ -152,7 +152,10 @@ class _GroupNorm(_Node):
             ctx.memo.clear()
             x = inp.get(box)
             n = x[0].numel() // groups
-            var_t, mean_t = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=-1, correction=0)
+            # statistics in fp32 at least, as autocast runs GroupNorm (tiles may be bf16 / fp16 under autocast)
+            flat = x.reshape(x.shape[0], groups, -1)
+            flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            var_t, mean_t = torch.var_mean(flat, dim=-1, correction=0)
             mean_t, m2_t = mean_t.double(), var_t.double() * n
             if mean is None:
                 count, mean, m2 = n, mean_t, m2_t
