@@ -26,6 +26,7 @@ from .sampling import (
     write_picture,
     write_sample,
 )
+from .settings import sampling_tile
 
 
 def is_pixel_space(ckpt: dict[str, Any]) -> bool:
@@ -135,9 +136,7 @@ class Sampler:
         self.pixel_space = autoencoder is None
         self.conditioner = Conditioner.from_state(ckpt.get("conditioning"))
         self.condition = self._condition(condition) if condition is not None or require_condition else None
-        # exact tiled decoding: sampling.tile_size, else autoencoder.tile_size (that one is ignored in pixel space)
-        self.tile_size = cfg.tile_size or (None if self.pixel_space else settings.autoencoder.tile_size)
-        key = "sampling.tile_size" if cfg.tile_size is not None else "autoencoder.tile_size"
+        self.tile_size, key = sampling_tile(settings, self.pixel_space)  # exact tiled decoding, or None
         if self.tile_size is not None and self.pixel_space:
             raise RunError(f"sampling.tile_size tiles the autoencoder's decoding, but {path} is a pixel-space model "
                            "(no decoder); set sampling.tile_size=null")

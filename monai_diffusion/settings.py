@@ -2003,6 +2003,17 @@ def initial_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ..
     return (f,) * autoencoder.spatial_dims if isinstance(f, int) else tuple(f)
 
 
+def sampling_tile(s: Settings, pixel: bool = False) -> tuple[Optional[tuple[int, ...]], str]:
+    """The exact tile sampling decodes in and the key that sets it: ``sampling.tile_size``, else
+    ``autoencoder.tile_size`` (which a pixel-space model, ``pixel``, has no decoder for); ``(None, key)`` = whole
+    volumes."""
+    if s.sampling.tile_size is not None:
+        return tuple(s.sampling.tile_size), "sampling.tile_size"
+    if not pixel and s.autoencoder.tile_size is not None:
+        return tuple(s.autoencoder.tile_size), "autoencoder.tile_size"
+    return None, "sampling.tile_size"
+
+
 def total_downsample_factor(autoencoder: AutoencoderSettings) -> tuple[int, ...]:
     """Total downsample factor of the autoencoder per spatial axis: initial_downsample_factor times the product of
     downsample_factors (None = 2 per level, with len(num_channels) - 1 levels); for a VQ-VAE the product of its

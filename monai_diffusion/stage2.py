@@ -47,7 +47,7 @@ from .models import (
     total_factor,
     unet_args,
 )
-from .settings import ConfigError, unet_fit_problems
+from .settings import ConfigError, sampling_tile, unet_fit_problems
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 
@@ -122,8 +122,9 @@ class DiffusionStage:
         self.ema = ema
         self.lr_scheduler = lr_scheduler
         self.autoencoder = autoencoder
-        # exact tiled encoding (and decoding of the pictures) of the frozen KL autoencoder; None: whole volumes
+        # exact tiled encoding of the frozen KL autoencoder, and the decoding of the pictures; None: whole volumes
         self.tile_size = None if autoencoder is None else settings.autoencoder.tile_size
+        self.decode_tile_size, _ = sampling_tile(settings, pixel=autoencoder is None)
         self.scheduler_args = scheduler_args
         self.noise_scheduler = build_scheduler(scheduler_args, "train")
         self.inferer = DiffusionInferer(self.noise_scheduler)
@@ -306,8 +307,7 @@ class DiffusionStage:
                            self.runtime.device)
         with self.runtime.autocast():
             z = sample_latents(net, scheduler, noise, cond, self.conditioner, self.sampling.guidance_scale, generator, False)
-            tile = self.sampling.tile_size or self.tile_size
-            return decode_samples(z.float(), self.autoencoder, self.scale_factor, tile,
+            return decode_samples(z.float(), self.autoencoder, self.scale_factor, self.decode_tile_size,
                                   self.extra.get("pixel_range")).float()
 
     def on_epoch_start(self, epoch: int) -> None:

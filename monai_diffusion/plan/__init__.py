@@ -151,7 +151,7 @@ def make_plan(
                                  steps, timeout)
         for stage, result in results.items():
             plan[stage]["measurement"] = result
-        methods = [m["method"] for m in results.values() if m.get("ok") and "method" in m]
+        methods = [m["method"] for m in results.values() if m.get("ok")]
         plan["measure_method"] = methods[0] if methods else None
     return apply_budget(plan, settings, budget_gb)
 

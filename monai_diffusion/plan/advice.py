@@ -73,9 +73,14 @@ def _first_level_suggestion(s: Settings) -> tuple[list[Any], str] | None:
     return compact_factors(new), text
 
 
+def _halved(sizes: Sequence[int], multiple: Sequence[int]) -> list[int]:
+    """About half of ``sizes`` per axis, a multiple of ``multiple`` (at least one multiple)."""
+    return [max(m, (v // 2) // m * m) for v, m in zip(sizes, multiple)]
+
+
 def _patch_size(s: Settings, multiple: Sequence[int]) -> list[int]:
     """About half of data.voxel_size per axis, a multiple of ``multiple``."""
-    return [max(m, (v // 2) // m * m) for v, m in zip(s.data.voxel_size, multiple)]
+    return _halved(s.data.voxel_size, multiple)
 
 
 def _halved_channels(channels: Sequence[int], groups: int, prefix: str) -> dict[str, Any] | None:
@@ -207,13 +212,12 @@ def _inference_knobs(s: Settings, plan: dict[str, Any]) -> list[dict[str, Any]]:
     total = total_downsample_factor(s.autoencoder)
     knobs: list[dict[str, Any]] = []
     tile = info["encode_tile"]
+    new = _halved(info["volume"] if tile is None else tile, total)
     if tile is None:
-        new = _patch_size(s, total)
         text = (f"encode and decode in exact tiles of {shape_text(new)} instead of whole "
                 f"{shape_text(info['volume'])} volumes: the same numbers, memory bounded by the tile (about 3x the "
                 f"compute)")
     else:
-        new = [max(m, (t // 2) // m * m) for t, m in zip(tile, total)]
         text = f"smaller exact tiles ({shape_text(tile)} now): less memory, more recomputed halo"
     if new != tile:
         sets: dict[str, Any] = {"autoencoder.tile_size": new}

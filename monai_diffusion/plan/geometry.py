@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..settings import Settings, _set_value, initial_downsample_factor, total_downsample_factor
+from ..settings import Settings, _set_value, initial_downsample_factor, sampling_tile, total_downsample_factor
 
 MIB = 2**20
 
@@ -207,7 +207,7 @@ def inference_info(s: Settings) -> dict[str, Any]:
     stage 2's encoding, evaluate) and of sampling's decoding (``sampling.tile_size``, else ``autoencoder.tile_size``);
     None = whole volumes."""
     enc = s.autoencoder.tile_size
-    dec = s.sampling.tile_size or enc
+    dec, dec_key = sampling_tile(s)
     return {"encode_tile": None if enc is None else list(enc), "decode_tile": None if dec is None else list(dec),
-            "decode_tile_key": "sampling.tile_size" if s.sampling.tile_size else "autoencoder.tile_size",
+            "decode_tile_key": dec_key,
             "volume": list(s.data.voxel_size), "sampling_batch_size": s.sampling.batch_size, "measurement": None}

@@ -190,10 +190,6 @@ def measure_inference(s: Settings, runtime: Any) -> dict[str, Any]:
     phases: dict[str, float] = {}
     seconds: dict[str, float] = {}
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     image = torch.rand(1, ae.in_channels, *s.data.voxel_size, device=device)
     latent = torch.randn(s.sampling.batch_size, ae.latent_channels, *latent_spatial(s), device=device)
     for name, fn, inp in (("encode", lambda x: encode_to_latent(net, x, enc_tile)[0], image),
@@ -202,7 +198,7 @@ def measure_inference(s: Settings, runtime: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         with torch.no_grad(), runtime.autocast():
             out = fn(inp)
-        sync()
+        _sync(device)
         seconds[name] = time.perf_counter() - t0
         phases[name] = meter.peak_mib()
         del out
@@ -281,6 +277,14 @@ def _diffusion_stage(s: Settings, runtime: Any, batch: int) -> tuple[Any, dict[s
 
 
 # ------------------------------------------------------------------------------------------------ the measurement
+def _sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA), so that times and peaks cover it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, steps: int = 1,
                   grad_clip_norm: float | None = None) -> dict[str, Any]:
     """Peak memory and time of ``steps`` training steps of ``stage`` after one warm-up step, each measured as
@@ -299,8 +303,6 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
         ``phases`` (``{"train step": peak}``, plus ``"encode"`` when a stage-2 step encodes images),
         ``step_seconds`` (fastest), ``first_step_seconds`` (warm-up), ``method``, and on CUDA ``reserved_mib``.
     """
-    import torch
-
     from ..engine import make_scalers, stage_tensor_bytes, train_step
     from ..memory import MIB, PeakMeter
 
@@ -309,18 +311,14 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
     device = runtime.device
     scalers = make_scalers(stage, runtime)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def step(global_step: int) -> None:
         train_step(stage, batch, epoch, scalers, runtime, grad_clip_norm=grad_clip_norm, global_step=global_step,
                    where="plan")
 
-    sync()
+    _sync(device)
     t0 = time.perf_counter()
     step(0)  # warm-up: allocates the optimizer states, pages in kernels and libraries; not measured
-    sync()
+    _sync(device)
     first = time.perf_counter() - t0
     meter = PeakMeter(device)
     peaks: list[float] = []
@@ -332,7 +330,7 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
         meter.start(static_bytes)
         t0 = time.perf_counter()
         step(i + 1)
-        sync()
+        _sync(device)
         times.append(time.perf_counter() - t0)
         peaks.append(meter.peak_mib())
     phases = {"train step": max(peaks)}
@@ -340,7 +338,7 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
     if "image" in batch and hasattr(stage, "encode") and getattr(stage, "autoencoder", None) is not None:
         meter.start(stage_tensor_bytes(stage, batch))
         stage.encode(batch)
-        sync()
+        _sync(device)
         phases["encode"] = meter.peak_mib()
     peak = max(peaks)
     result = {
