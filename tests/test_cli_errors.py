@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,15 @@ def tiny(root: Path, *extra: str) -> list[str]:
         "device.use_cuda=false",
         *extra,
     ]
-    args = ["--config", str(QUICKSTART)]
+    return cli_args(QUICKSTART, sets)
+
+
+def cli_args(config: Path, sets: Sequence[str], *flags: str) -> list[str]:
+    """The argv of a CLI entry point: ``--config CONFIG [FLAGS] --set S ...`` for these overrides."""
+    out = ["--config", str(config), *flags]
     for s in sets:
-        args += ["--set", s]
-    return args
+        out += ["--set", s]
+    return out
 
 
 def error_line(capsys, code: int) -> str:

@@ -14,6 +14,7 @@ from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, t
 from monai_diffusion.engine import load_checkpoint
 from monai_diffusion.sampling import build_scheduler, resolve_sampler, sample_latents, set_sampling_steps
 from monai_diffusion.settings import ConfigError, settings_from_dict
+from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 
@@ -52,10 +53,7 @@ def args(root: Path, *extra: str) -> list[str]:
         "device.use_cuda=false",
         *extra,
     ]
-    out = ["--config", str(QUICKSTART)]
-    for s in sets:
-        out += ["--set", s]
-    return out
+    return cli_args(QUICKSTART, sets)
 
 
 @pytest.fixture(scope="module")

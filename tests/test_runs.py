@@ -11,6 +11,7 @@ import yaml
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
 from monai_diffusion.settings import load_settings
+from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 CONFIG_2D = QUICKSTART.parent / "ldm_config_2d_512.yaml"
@@ -50,10 +51,7 @@ def args(root: Path, *extra: str, config: Path = QUICKSTART, size: str = "[16, 1
         "device.mixed_precision=false",
         *extra,
     ]
-    out = ["--config", str(config)]
-    for s in sets:
-        out += ["--set", s]
-    return out
+    return cli_args(config, sets)
 
 
 def test_run_record_config_and_log(tmp_path, capsys):

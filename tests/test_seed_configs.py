@@ -17,7 +17,7 @@ import yaml
 
 from monai_diffusion.cli import train_autoencoder_main
 from monai_diffusion.settings import load_settings
-from test_cli_errors import error_line  # one `error:` line, exit code 2
+from test_cli_errors import cli_args, error_line  # argv for --set lists; one `error:` line, exit code 2
 
 SEED_LAYOUT = """
 data:
@@ -143,10 +143,7 @@ def write_config(tmp_path: Path, data: Path, edit=None) -> Path:
 
 
 def run(path: Path, *sets: str) -> int:
-    args = ["--config", str(path), "--fast-dev-run"]
-    for s in sets:
-        args += ["--set", s]
-    return train_autoencoder_main(args)
+    return train_autoencoder_main(cli_args(path, sets, "--fast-dev-run"))
 
 
 def test_every_seed_key_is_accepted_with_its_meaning(tmp_path, seed_data):

@@ -19,6 +19,7 @@ from monai_diffusion.generate import generate_samples
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder
 from monai_diffusion.stage2 import train_diffusion
+from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 
@@ -183,9 +184,7 @@ def test_unet_that_does_not_fit_the_latent_is_rejected(synthetic_ae, tmp_path):
 
 def test_missing_or_foreign_autoencoder_checkpoint_is_named(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
-    args = ["--config", str(QUICKSTART)]
-    for o in overrides(tmp_path, SYNTHETIC, f"diffusion.checkpoints.autoencoder_path={missing}"):
-        args += ["--set", o]
+    args = cli_args(QUICKSTART, overrides(tmp_path, SYNTHETIC, f"diffusion.checkpoints.autoencoder_path={missing}"))
     assert train_diffusion_main(args) == 2
     assert str(missing) in capsys.readouterr().err
 
@@ -286,13 +285,11 @@ def test_tiled_decoding_when_sampling(synthetic_ae, tmp_path):
     root = synthetic_ae
     extra = ("diffusion.training.n_epochs=1", f"diffusion.checkpoints.output_dir={tmp_path / 'dm'}", "sampling.num_samples=1")
     train_diffusion(_settings(root, SYNTHETIC, *extra))
-    def cli_args(tile: str) -> list[str]:
-        args = ["--config", str(QUICKSTART)]
-        for o in overrides(root, SYNTHETIC, *extra, f"sampling.tile_size={tile}", f"sampling.output_dir={tmp_path / 's'}"):
-            args += ["--set", o]
-        return args
+    def tiled_args(tile: str) -> list[str]:
+        return cli_args(QUICKSTART, overrides(root, SYNTHETIC, *extra, f"sampling.tile_size={tile}",
+                                              f"sampling.output_dir={tmp_path / 's'}"))
 
-    assert generate_samples_main(cli_args("[6, 8, 8]")) == 2  # 6 is not a multiple of the factor 4
+    assert generate_samples_main(tiled_args("[6, 8, 8]")) == 2  # 6 is not a multiple of the factor 4
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
-    assert generate_samples_main(cli_args("[8, 8, 8]")) == 0
+    assert generate_samples_main(tiled_args("[8, 8, 8]")) == 0
     assert nib.load(tmp_path / "s" / "sample_0000.nii.gz").shape == (16, 16, 16)

@@ -20,7 +20,7 @@ from monai_diffusion.settings import ConfigError, load_settings
 from monai_diffusion.stage2 import train_diffusion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli_errors import error_line  # noqa: E402  (one `error:` line, exit code 2)
+from test_cli_errors import cli_args, error_line  # noqa: E402  (argv for --set lists; one `error:` line)
 from test_logging_options import QUICKSTART, autoencoder_run, tiny  # noqa: E402,F401  (16^3, factor 4; a stage-1 run)
 
 
@@ -90,9 +90,7 @@ def test_bad_tile_sizes_are_refused_naming_the_key(tmp_path, key, value, extra, 
 
 
 def test_bad_tile_size_is_one_error_line_before_any_work(tmp_path, capsys):
-    args = ["--config", str(QUICKSTART)]
-    for s in tiny(tmp_path, "autoencoder.tile_size=[16, 10, 16]"):
-        args += ["--set", s]
+    args = cli_args(QUICKSTART, tiny(tmp_path, "autoencoder.tile_size=[16, 10, 16]"))
     line = error_line(capsys, train_diffusion_main(args))
     assert "autoencoder.tile_size" in line and "axis 1: 10 is not divisible by 4" in line
     assert not (tmp_path / "dm").exists()

@@ -25,6 +25,7 @@ from monai_diffusion.settings import (
     total_downsample_factor,
 )
 from monai_diffusion.stage1 import codebook_is_untrained, init_codebook_from_data, train_autoencoder
+from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 NUM_EMBEDDINGS = 16
@@ -65,10 +66,7 @@ def args(root: Path, *extra: str) -> list[str]:
         "device.mixed_precision=false",
         *extra,
     ]
-    out = ["--config", str(QUICKSTART)]
-    for s in sets:
-        out += ["--set", s]
-    return out
+    return cli_args(QUICKSTART, sets)
 
 
 def settings(root: Path, *extra: str):
