@@ -12,27 +12,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .data import DataError
-from .engine import RunError
-from .settings import ConfigError, add_config_args, settings_from_args
-
-# the exceptions that mean "the user's input is wrong", as opposed to a bug
-USER_ERRORS = (ConfigError, DataError, RunError, FileExistsError)
+from .errors import USER_ERRORS, one_line
+from .settings import add_config_args, settings_from_args
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line: the lines of a multi-problem message joined with '; '."""
-    parts = [part.strip(" -") for part in str(exc).splitlines() if part.strip(" -")]
-    text = "; ".join(parts) if parts else type(exc).__name__
-    return text.replace(":;", ":")
-
-
-def run_command(work: Callable[[], object], extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_command(work: Callable[[], object]) -> int:
     """Run ``work``; a user error becomes ``error: <one line>`` on stderr and exit code 2. A training run that a
     signal stopped (it wrote a checkpoint first) exits with 128 + the signal's number, as a shell reports it."""
     try:
         result = work()
-    except USER_ERRORS + extra_errors as exc:
+    except USER_ERRORS as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -207,7 +196,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if args.config is not None and (args.real or args.recon):
         parser.error("--real and --recon belong to the folder mode; with --config the real volumes come from the "
                      "config's data")
-    from .evaluate import C2STSettings, EvaluateError, compare_sets, load_volume_folder, write_report
+    from .errors import EvaluateError
+    from .evaluate import C2STSettings, compare_sets, load_volume_folder, write_report
 
     result: dict = {}
 
@@ -244,7 +234,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         result["report"] = report
         result["written"] = write_report(report, out, real=real, recon=recon, samples=samples, overwrite=args.overwrite)
 
-    code = run_command(work, extra_errors=(EvaluateError,))
+    code = run_command(work)
     if code == 0:
         _print_evaluation(result["report"], result["written"])
     return code
@@ -294,7 +284,7 @@ def voxelize_main(argv: Sequence[str] | None = None) -> int:
     """``monai-diffusion-voxelize INPUT [INPUT ...] --out DIR --voxel-size S [S S] --unit nm|um|mm [...]``: point
     clouds -> NIfTI volumes."""
     args = voxelize_parser().parse_args(argv)
-    from .pointcloud import PointCloudError, voxelize_files
+    from .pointcloud import voxelize_files
 
     def work() -> None:
         columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
@@ -304,4 +294,4 @@ def voxelize_main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
 
-    return run_command(work, extra_errors=(PointCloudError,))
+    return run_command(work)

@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .errors import DataError
 from .synthetic import make_synthetic_dataset
 
 if TYPE_CHECKING:  # the settings module validates; this one only reads the validated section
@@ -68,8 +69,6 @@ _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """A problem with the data or the data configuration (names the file/key and what was expected)."""
 
 
 # ----------------------------------------------------------------------------------------------

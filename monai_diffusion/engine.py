@@ -33,18 +33,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .errors import NonFiniteLoss, RunError
+from .fileio import atomic_write, atomic_write_text
 from .memory import PeakMeter, tensor_bytes, use_clean_malloc
 
 CHECKPOINT_FORMAT = "monai-diffusion-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: model_args hold the architecture only (no execution knobs)
 
 
-class RunError(RuntimeError):
-    """A run cannot start or resume; the message says why and what to do."""
-
-
-class NonFiniteLoss(RunError):
-    """A loss became NaN or infinite on some process (every process raises it with the same message)."""
 
 
 class BatchSkipped(Exception):
@@ -177,18 +173,7 @@ def stage_tensor_bytes(stage: Any, batch: Any = None) -> int:
 # ------------------------------------------------------------------------------------------------ checkpoints
 def atomic_save(obj: Any, path: str | Path) -> None:
     """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # what each stage's checkpoint must hold; anything less is an older or foreign format
@@ -576,9 +561,7 @@ def start_record(cfg: LoopConfig, runtime: Runtime) -> None:
             n += 1
         target = cfg.output_dir / f"config.resume-{n}.yaml"
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_text(target, text)
     runtime.log = open(cfg.output_dir / "train.log", "a", encoding="utf-8")
     what = f"resuming {cfg.resume_from}" if cfg.resume_from else "new run"
     runtime.log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {cfg.section}: {what}; settings in {target.name}; "

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import EvaluateError
+from .fileio import atomic_write_bytes, plain
+
 __all__ = [
     "EvaluateError",
     "C2STSettings",
@@ -63,8 +66,6 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, 
 MAX_PAIRS = 1000  # diversity: all pairs up to this many, else a seeded random subset
 
 
-class EvaluateError(ValueError):
-    """A user error in the evaluation inputs (folder, shapes, counts, weights file)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1031,33 +1032,6 @@ def compare_sets(
 # ----------------------------------------------------------------------------------------------
 
 
-def _json_ready(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, torch.Tensor):
-        return _json_ready(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -1236,11 +1210,11 @@ def write_report(
 
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
-        _atomic_write_bytes(targets[2], buf.getvalue())
+        atomic_write_bytes(targets[2], buf.getvalue())
         written.append(targets[2])
-    text = json.dumps(_json_ready(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    text = json.dumps(plain(report, json=True), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
     written.append(path)
-    _atomic_write_bytes(targets[1], _markdown(report, targets[2].name if rows else None).encode("utf-8"))
+    atomic_write_bytes(targets[1], _markdown(report, targets[2].name if rows else None).encode("utf-8"))
     written.append(targets[1])
     return written

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import build_datasets, build_transforms, training_geometry, validates_whole_volumes
-from .engine import RunError
+from .errors import RunError
 from .evaluate import (
     C2STSettings,
     EvaluateError,

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine import RunError, load_checkpoint, resolve_precision
+from .engine import load_checkpoint, resolve_precision
+from .errors import RunError
 from .models import autoencoder_from_args, build_diffusion_network, is_vq, load_weights
 from .sampling import (
     Conditioner,

@@ -25,6 +25,7 @@ from monai.networks.nets import VQVAE, DiffusionModelUNet
 from generative.networks.nets import AutoencoderKL
 
 from .engine import load_checkpoint, load_weights
+from .fileio import plain
 
 
 # constructor arguments that change how a network runs, not what it computes
@@ -36,30 +37,24 @@ def architecture(args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in EXECUTION_ARGS}
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def autoencoder_args(ae: Any) -> dict[str, Any]:
     """Architecture arguments of the fork's AutoencoderKL from the ``autoencoder`` settings section."""
     return {
         "spatial_dims": ae.spatial_dims,
         "in_channels": ae.in_channels,
         "out_channels": ae.out_channels,
-        "num_channels": _plain(ae.num_channels),
-        "num_res_blocks": _plain(ae.num_res_blocks),
-        "attention_levels": _plain(ae.attention_levels),
+        "num_channels": plain(ae.num_channels),
+        "num_res_blocks": plain(ae.num_res_blocks),
+        "attention_levels": plain(ae.attention_levels),
         "latent_channels": ae.latent_channels,
         "norm_num_groups": ae.norm_num_groups,
         "with_encoder_nonlocal_attn": ae.with_encoder_nonlocal_attn,
         "with_decoder_nonlocal_attn": ae.with_decoder_nonlocal_attn,
         "use_convtranspose": ae.use_convtranspose,
-        "downsample_factors": _plain(ae.downsample_factors),
-        "upsample_factors": _plain(ae.upsample_factors),
+        "downsample_factors": plain(ae.downsample_factors),
+        "upsample_factors": plain(ae.upsample_factors),
         # AutoencoderKL.init_args (what checkpoints store) records these two only when they are not the default
-        "initial_downsample_factor": _plain(ae.initial_downsample_factor),
+        "initial_downsample_factor": plain(ae.initial_downsample_factor),
         "use_conv_downsample": ae.use_conv_downsample,
     }
 
@@ -81,11 +76,11 @@ def vqvae_args(ae: Any) -> dict[str, Any]:
         "spatial_dims": ae.spatial_dims,
         "in_channels": ae.in_channels,
         "out_channels": ae.out_channels,
-        "channels": _plain(vq.num_channels),
+        "channels": plain(vq.num_channels),
         "num_res_layers": vq.num_res_layers,
-        "num_res_channels": _plain(vq.num_res_channels),
-        "downsample_parameters": _plain(down),
-        "upsample_parameters": _plain(up),
+        "num_res_channels": plain(vq.num_res_channels),
+        "downsample_parameters": plain(down),
+        "upsample_parameters": plain(up),
         "num_embeddings": vq.num_embeddings,
         "embedding_dim": vq.embedding_dim,
         "embedding_init": vq.embedding_init,

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PointCloudError
+
 __all__ = [
     "METHODS",
     "MODES",
@@ -63,8 +65,6 @@ _AXES = ("x", "y", "z")
 _UNIT_ALIASES = {"mm": "mm", "um": "um", "µm": "um", "μm": "um", "micron": "um", "microns": "um", "nm": "nm"}
 
 
-class PointCloudError(ValueError):
-    """A problem with a point-cloud file or a voxelisation request (names the file or option and what was expected)."""
 
 
 # --------------------------------------------------------------------------------------------------------- export

@@ -288,7 +288,7 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float,
     from .models import decode_latent, is_vq
 
     if tile_size is not None and is_vq(autoencoder):
-        from .settings import ConfigError
+        from .errors import ConfigError
 
         raise ConfigError(f"{list(tile_size)}: tiled decoding is for the KL autoencoder, this checkpoint's stage 1 "
                           f"is a {type(autoencoder).__name__}; set it to null", key="sampling.tile_size")

@@ -43,6 +43,8 @@ from typing import Any, Literal, Optional, Tuple, Union, get_args, get_origin, g
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "Settings",
@@ -86,39 +88,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """An invalid configuration. ``str(err)`` names every offending key path, what was given and what was expected.
-
-    Attributes:
-        problems: list of ``(key_path, message)`` pairs, one per problem found.
-        key: key path of the first problem (``""`` for problems with the file as a whole).
-        source: the YAML file the settings came from, if any.
-    """
-
-    def __init__(
-        self, message: str | None = None, key: str = "", problems: Sequence[tuple[str, str]] | None = None,
-        source: str | None = None,
-    ) -> None:
-        if problems is None:
-            problems = [(key, message or "invalid value")]
-        self.problems: list[tuple[str, str]] = list(problems)
-        self.key: str = self.problems[0][0] if self.problems else key
-        self.source = source
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        where = f" in {self.source}" if self.source else ""
-        lines = [f"{k}: {m}" if k else m for k, m in self.problems]
-        if len(lines) == 1:
-            return f"Invalid configuration{where}: {lines[0]}"
-        body = "\n".join(f"  - {line}" for line in lines)
-        return f"Invalid configuration{where} ({len(lines)} problems):\n{body}"
-
-    def with_source(self, source: str | Path) -> ConfigError:
-        """Same problems, with the config file named in the message."""
-        return ConfigError(problems=self.problems, source=str(source))
 
 
 class _Problem(Exception):

@@ -38,6 +38,7 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
+from .fileio import plain
 from .losses import ReconstructionLoss, build_reconstruction_loss, corrupt
 from .models import (
     architecture,
@@ -465,7 +466,7 @@ def train_autoencoder(settings: Any) -> LoopState:
             val_batch_size=1 if window is not None else None,  # whole volumes can differ in size
         )
         stage = build_autoencoder_stage(
-            settings, runtime, perceptual=perceptual, data_info=_json_safe(info), val_window=window,
+            settings, runtime, perceptual=perceptual, data_info=plain(info), val_window=window,
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run and not state.stopped_by:
@@ -533,13 +534,3 @@ def _rank0_first(runtime: Runtime):
     yield
     if runtime.distributed and runtime.is_main:
         dist.barrier()
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from .data import DataError, build_datasets, build_loaders, load_datalist
+from .data import build_datasets, build_loaders, load_datalist
+from .errors import ConfigError, DataError
 from .engine import (
     LoopState,
     RunError,
@@ -34,6 +35,7 @@ from .engine import (
     teardown_runtime,
     unwrap,
 )
+from .fileio import plain
 from .losses import corrupt
 from .models import (
     architecture,
@@ -47,7 +49,7 @@ from .models import (
     total_factor,
     unet_args,
 )
-from .settings import ConfigError, sampling_tile, unet_fit_problems
+from .settings import sampling_tile, unet_fit_problems
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 
@@ -63,7 +65,7 @@ from .sampling import (
     set_sampling_steps,
     to_pixel_space,
 )
-from .stage1 import _json_safe, _rank0_first
+from .stage1 import _rank0_first
 from .visualize import orthogonal_slices
 
 
@@ -608,7 +610,7 @@ def train_diffusion(settings: Any) -> LoopState:
         steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
         stage = build_diffusion_stage(
             settings, runtime, autoencoder, conditioner, steps_per_epoch,
-            data_info=_json_safe(ae_args.get("data_info") or info), autoencoder_source=str(ae_path),
+            data_info=plain(ae_args.get("data_info") or info), autoencoder_source=str(ae_path),
             picture_dir=None if t.fast_dev_run else loop_cfg.log_dir,  # fast_dev_run writes nothing
         )
         if t.cache_latents:

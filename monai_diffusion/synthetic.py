@@ -40,6 +40,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .errors import DataError
+from .fileio import atomic_target, atomic_write_json
+
 __all__ = [
     "KINDS",
     "PARAMS",
@@ -66,13 +69,6 @@ _BRAIN_MARGIN = 0.06
 _BRAIN_INSTALL_HINT = 'pip install -e ".[brain]"  (or: pip install "nilearn>=0.10")'
 
 
-def _error(message: str) -> ValueError:
-    """A :class:`monai_diffusion.data.DataError` (a ValueError); imported late because data.py imports us."""
-    from .data import DataError
-
-    return DataError(message)
-
-
 # ----------------------------------------------------------------------------------------------
 # Generator parameters
 # ----------------------------------------------------------------------------------------------
@@ -90,21 +86,21 @@ def _check_bounds(obj: Any, kind: str) -> None:
         key = f"data.synthetic.{f.name} ({kind})"
         if isinstance(f.default, bool):
             if not isinstance(value, bool):
-                raise _error(f"{key} must be true or false, got {value!r}")
+                raise DataError(f"{key} must be true or false, got {value!r}")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _error(f"{key} must be a number, got {value!r}")
+            raise DataError(f"{key} must be a number, got {value!r}")
         if isinstance(f.default, int) and not isinstance(value, int):
-            raise _error(f"{key} must be an integer, got {value!r}")
+            raise DataError(f"{key} must be an integer, got {value!r}")
         if not math.isfinite(value):
-            raise _error(f"{key} must be finite, got {value!r}")
+            raise DataError(f"{key} must be finite, got {value!r}")
         m = f.metadata
         if m.get("ge") is not None and value < m["ge"]:
-            raise _error(f"{key} must be >= {m['ge']}, got {value!r}")
+            raise DataError(f"{key} must be >= {m['ge']}, got {value!r}")
         if m.get("gt") is not None and value <= m["gt"]:
-            raise _error(f"{key} must be > {m['gt']}, got {value!r}")
+            raise DataError(f"{key} must be > {m['gt']}, got {value!r}")
         if m.get("le") is not None and value > m["le"]:
-            raise _error(f"{key} must be <= {m['le']}, got {value!r}")
+            raise DataError(f"{key} must be <= {m['le']}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,7 @@ class MicrotubuleParams:
     def __post_init__(self) -> None:
         _check_bounds(self, "microtubules")
         if self.max_filaments < self.min_filaments:
-            raise _error(
+            raise DataError(
                 f"data.synthetic.max_filaments ({self.max_filaments}) must be >= data.synthetic.min_filaments "
                 f"({self.min_filaments})"
             )
@@ -181,7 +177,7 @@ PARAMS: dict[str, type] = {"phantom": PhantomParams, "microtubules": Microtubule
 
 def _check_kind(kind: Any) -> str:
     if not isinstance(kind, str) or kind not in PARAMS:
-        raise _error(f"unknown synthetic dataset kind {kind!r} (data.synthetic.kind); expected one of {list(KINDS)}")
+        raise DataError(f"unknown synthetic dataset kind {kind!r} (data.synthetic.kind); expected one of {list(KINDS)}")
     return kind
 
 
@@ -205,11 +201,11 @@ def make_params(kind: str, params: Mapping[str, Any] | Any | None = None) -> Any
     if dataclasses.is_dataclass(params) and not isinstance(params, type):
         params = dataclasses.asdict(params)
     if not isinstance(params, Mapping):
-        raise _error(f"synthetic parameters for kind {kind!r} must be a mapping, got {type(params).__name__}")
+        raise DataError(f"synthetic parameters for kind {kind!r} must be a mapping, got {type(params).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(params) - set(names))
     if unknown:
-        raise _error(
+        raise DataError(
             f"unknown parameter(s) {unknown} for synthetic kind {kind!r}; valid parameters: {names or 'none'}"
         )
     return cls(**dict(params))
@@ -230,7 +226,7 @@ def default_spacing(kind: str, spatial_dims: int, voxel_size: Sequence[int] | No
     """
     _check_kind(kind)
     if spatial_dims not in (2, 3):
-        raise _error(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if kind == "phantom":
         return (1.0,) * spatial_dims
     if kind == "microtubules":
@@ -239,7 +235,7 @@ def default_spacing(kind: str, spatial_dims: int, voxel_size: Sequence[int] | No
         return (2.0,) * spatial_dims
     shape = _check_shape(voxel_size)
     if len(shape) != spatial_dims:
-        raise _error(f"voxel_size {list(shape)} does not have spatial_dims={spatial_dims} entries")
+        raise DataError(f"voxel_size {list(shape)} does not have spatial_dims={spatial_dims} entries")
     extent = _MNI_BRAIN_EXTENT_MM[: len(shape)]  # 2D: an axial slice (x, y)
     fit = max(e * (1.0 + 2.0 * _BRAIN_MARGIN) / s for e, s in zip(extent, shape))
     return (math.ceil(fit * 100.0) / 100.0,) * spatial_dims
@@ -400,7 +396,7 @@ def _nilearn_template_loader():
     try:
         from nilearn.datasets import load_mni152_template
     except ImportError as e:
-        raise _error(
+        raise DataError(
             "the 'brain' synthetic dataset needs nilearn, which ships the MNI152 2009 T1 template (no download); "
             f"install it with: {_BRAIN_INSTALL_HINT}"
         ) from e
@@ -514,7 +510,7 @@ def _check_shape(voxel_size: Any) -> list[int]:
     except (TypeError, ValueError):
         ok, shape = False, []
     if not ok or len(shape) not in (2, 3) or min(shape) < 1:
-        raise _error(f"synthetic voxel_size must be 2 or 3 positive ints, got {voxel_size!r}")
+        raise DataError(f"synthetic voxel_size must be 2 or 3 positive ints, got {voxel_size!r}")
     return shape
 
 
@@ -526,7 +522,7 @@ def _check_spacing(spacing: Any, kind: str, shape: Sequence[int]) -> list[float]
     except (TypeError, ValueError):
         values = []
     if len(values) != len(shape) or min(values) <= 0 or not all(math.isfinite(v) for v in values):
-        raise _error(f"synthetic spacing must have {len(shape)} positive values (mm), got {spacing!r}")
+        raise DataError(f"synthetic spacing must have {len(shape)} positive values (mm), got {spacing!r}")
     return values
 
 
@@ -542,14 +538,14 @@ def _check_feasible(kind: str, shape: Sequence[int], spacing: Sequence[float], p
         chain_um = 2.0 * 1.05 * float(np.linalg.norm(field_um[:2]))  # both halves of one filament
         expected = p.max_filaments * chain_um * p.localizations_per_um + p.background_density * float(np.prod(field_um))
         if expected > _MAX_LOCALIZATIONS:
-            raise _error(
+            raise DataError(
                 f"synthetic microtubules: spacing {list(spacing)} mm makes a field of "
                 f"{' x '.join(f'{v:g}' for v in field_um)} um, about {expected:.3g} localisations (limit "
                 f"{_MAX_LOCALIZATIONS:.0e}); SMLM spacings are tens of nm, e.g. "
                 f"{list(default_spacing(kind, len(shape)))} mm"
             )
     elif kind == "brain" and min(spacing) < _MIN_BRAIN_SPACING_MM:
-        raise _error(
+        raise DataError(
             f"synthetic brain: spacing {list(spacing)} mm is finer than {_MIN_BRAIN_SPACING_MM} mm; the template has "
             f"1 mm voxels, so use >= {_MIN_BRAIN_SPACING_MM} mm (default for this voxel_size: "
             f"{list(default_spacing(kind, len(shape), shape))} mm)"
@@ -600,7 +596,7 @@ def generate_volume(
     shape = _check_shape(voxel_size)
     spacing_l = _check_spacing(spacing, kind, shape)
     if split not in _SPLIT_CODES:
-        raise _error(f"split must be one of {list(_SPLIT_CODES)}, got {split!r}")
+        raise DataError(f"split must be one of {list(_SPLIT_CODES)}, got {split!r}")
     _check_feasible(kind, shape, spacing_l, p)
     if kind == "brain":
         _require_nilearn()
@@ -622,13 +618,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _software() -> dict:
@@ -661,7 +650,7 @@ def make_synthetic_dataset(
     volumes later keeps the existing ones. A manifest (``synthetic_manifest.json``) records the kind, the
     generator parameters and a checksum per file; existing files made with the same inputs are reused without
     being rewritten. An existing file that differs from what would be written is never overwritten: a
-    :class:`~monai_diffusion.data.DataError` names it. Files and the manifest are written atomically.
+    :class:`~monai_diffusion.errors.DataError` names it. Files and the manifest are written atomically.
 
     Args:
         out_dir: folder to write into (created if needed).
@@ -686,7 +675,7 @@ def make_synthetic_dataset(
     shape = _check_shape(voxel_size)
     spacing_l = _check_spacing(spacing, kind, shape)
     if isinstance(num_train, bool) or isinstance(num_val, bool) or int(num_train) < 1 or int(num_val) < 0:
-        raise _error(f"synthetic dataset needs num_train >= 1 and num_val >= 0, got {num_train!r}, {num_val!r}")
+        raise DataError(f"synthetic dataset needs num_train >= 1 and num_val >= 0, got {num_train!r}, {num_val!r}")
     _check_feasible(kind, shape, spacing_l, p)
     if kind == "brain":
         _require_nilearn()
@@ -751,7 +740,7 @@ def make_synthetic_dataset(
                 except Exception:  # unreadable -> different
                     same = False
                 if not same:
-                    raise _error(
+                    raise DataError(
                         f"synthetic data file {str(path)!r} already exists and differs from the {kind!r} volume "
                         f"make_synthetic_dataset would write (seed={seed}, voxel_size={shape}, spacing={spacing_l}, "
                         f"params={gen_params}); refusing to overwrite it: delete it or choose another output folder"
@@ -759,12 +748,11 @@ def make_synthetic_dataset(
             else:
                 img = nib.Nifti1Image(data, affine)
                 img.header.set_xyzt_units("mm")
-                tmp = out / f".{split}_{index:03d}.{os.getpid()}.tmp.nii.gz"
-                nib.save(img, str(tmp))
-                os.replace(tmp, path)
+                with atomic_target(path) as tmp:
+                    nib.save(img, str(tmp))
             manifest["files"][name] = {"params": record_params, "sha256": _sha256(path)}
             changed = True
             result[split].append(str(path))
     if changed:
-        _atomic_write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest)
     return result["train"], result["val"]

@@ -47,7 +47,7 @@ def _resolve_device(device: str | None, s: Settings) -> tuple[str, str]:
     """(torch device string, human name). ``device`` None: CUDA when the config allows it and one is visible."""
     import torch
 
-    from ..engine import RunError
+    from ..errors import RunError
 
     if device is None:
         device = "cuda" if s.device.use_cuda and torch.cuda.is_available() else "cpu"
@@ -112,13 +112,13 @@ def make_plan(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if settings.diffusion.space == "pixel":
-        from ..engine import RunError
+        from ..errors import RunError
 
         raise RunError("the plan covers latent pipelines (autoencoder + latent UNet); this config has diffusion.space "
                        "pixel: run train_diffusion.py --fast-dev-run instead, which prints the UNet's batch shape, "
                        "the time of a step and its peak memory")
     if settings.autoencoder.type != "kl":
-        from ..settings import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"the plan describes and measures the KL autoencoder only, not yet type "
                           f"{settings.autoencoder.type!r}; run train_autoencoder.py --fast-dev-run to check a VQ-VAE "
@@ -187,7 +187,7 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
                         help="give up a measurement after this many seconds")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON to PATH")
     args = parser.parse_args(argv)
-    from ..cli import USER_ERRORS, one_line
+    from ..errors import USER_ERRORS, one_line
 
     if args.budget_gb is not None and not args.budget_gb > 0:
         print(f"error: --budget-gb must be > 0, got {args.budget_gb}", file=sys.stderr)

@@ -214,7 +214,7 @@ def measure_inference(s: Settings, runtime: Any) -> dict[str, Any]:
 def _autoencoder_stage(s: Settings, runtime: Any, batch: int) -> tuple[Any, dict[str, Any], int, list[str]]:
     import torch
 
-    from ..engine import RunError
+    from ..errors import RunError
     from ..stage1 import build_autoencoder_stage, build_perceptual_loss
 
     ae, t = s.autoencoder, s.autoencoder.training
