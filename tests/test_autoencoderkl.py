@@ -14,6 +14,7 @@ from monai.networks.nets import AutoencoderKL as CoreAutoencoderKL
 import generative.networks.nets.autoencoder_blocks as autoencoder_blocks
 import generative.networks.nets.autoencoderkl as autoencoderkl
 from generative.networks.nets import AutoencoderKL, Decoder, Encoder
+from generative.networks.nets.autoencoder_blocks import AttentionBlock
 from generative.networks.nets.autoencoderkl import Downsample, Upsample, normalize_factors
 from generative.networks.nets.tiled import run_tiled
 
@@ -306,6 +307,63 @@ def test_sdpa_attention_matches_explicit_attention():
     x = torch.randn(1, 1, 32, 32, 16)
     with torch.no_grad():
         torch.testing.assert_close(sdpa.reconstruct(x), explicit.reconstruct(x), rtol=1e-5, atol=1e-5)
+
+
+def _previous_explicit_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The explicit attention as it was before the fix (and in 0.2.3): q @ k^T first, then the scale."""
+    b, c = x.shape[:2]
+    h = block.norm(x).reshape(b, c, -1).transpose(1, 2)
+    q, k, v = (block._split_heads(proj(h)) for proj in (block.to_q, block.to_k, block.to_v))
+    weights = torch.matmul(q, k.transpose(-1, -2)) * block.scale
+    out = torch.matmul(weights.softmax(dim=-1), v).transpose(1, 2).reshape(b, -1, c)
+    if block.include_fc:
+        out = block.proj_attn(out)
+    return out.transpose(1, 2).reshape(x.shape) + x
+
+
+@pytest.mark.parametrize("num_head_channels, include_fc", [(None, False), (4, True)])
+def test_explicit_attention_in_fp32_equals_the_previous_formula(num_head_channels, include_fc):
+    torch.manual_seed(0)
+    block = AttentionBlock(3, 16, num_head_channels=num_head_channels, norm_num_groups=4, include_fc=include_fc)
+    x = torch.randn(2, 16, 4, 3, 2) * 5
+    with torch.no_grad():
+        torch.testing.assert_close(block.eval()(x), _previous_explicit_attention(block, x))
+
+
+def _overflowing_block(channels: int = 512) -> tuple[AttentionBlock, torch.Tensor]:
+    """A 512-channel block whose q . k is 512 * 16^2 = 131072 for every pair: past fp16's 65504 before scaling,
+    5793 after (scale 1 / sqrt(512)). Every score is equal, so the attention output is the mean of v."""
+    torch.manual_seed(0)
+    block = AttentionBlock(3, channels, norm_num_groups=32).eval()
+    with torch.no_grad():
+        for proj in (block.to_q, block.to_k):
+            proj.weight.zero_()
+            proj.bias.fill_(16.0)
+    return block, torch.randn(1, channels, 2, 2, 2)
+
+
+def test_explicit_attention_does_not_overflow_in_fp16():
+    block, x = _overflowing_block()
+    with torch.no_grad():
+        reference = block(x)
+        half = block.half()
+        before = _previous_explicit_attention(half, x.half())
+        after = half(x.half())
+    assert not torch.isfinite(before).all(), "the test input must overflow the previous formula"
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after.float(), reference, rtol=0, atol=2e-2)
+
+
+def test_explicit_attention_does_not_overflow_under_fp16_autocast():
+    block, x = _overflowing_block()
+    with torch.no_grad():
+        reference = block(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            before = _previous_explicit_attention(block, x)
+            after = block(x)
+    assert not torch.isfinite(before).all(), "the test input must overflow the previous formula"
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after.float(), reference, rtol=0, atol=2e-2)
 
 
 def test_normalize_factors_expands_ints_per_axis():

@@ -331,6 +331,9 @@ class AttentionBlock(nn.Module):
     0.2.3 creates an output projection (``proj_attn``) but never applies it; ``include_fc=False`` (default) keeps
     that behaviour, ``include_fc=True`` applies it as MONAI core's ``SpatialAttentionBlock`` does.
 
+    The explicit attention (``use_flash_attention=False``) multiplies ``q`` by ``1 / sqrt(head channels)`` before
+    ``q @ k^T``, so that fp16 scores overflow only where the scaled scores themselves exceed fp16's range (0.2.3
+    scaled the product, which overflows first); in fp32 the result is 0.2.3's up to float rounding.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -386,7 +389,11 @@ class AttentionBlock(nn.Module):
         if self.use_flash_attention:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            weights = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            # scale q before the product, not the scores after it: in fp16 (autocast or a half model) q @ k^T
+            # overflows to inf (then NaN after softmax) at wide attention long before the scaled scores do, e.g.
+            # at 512 channels once |q . k| > 65504 although the scores are 22.6x smaller; in fp32 the two orders
+            # differ by rounding only. It also skips one N x N temporary.
+            weights = torch.matmul(q * self.scale, k.transpose(-1, -2))
             out = torch.matmul(weights.softmax(dim=-1), v)
         out = out.transpose(1, 2).reshape(b, -1, c).to(q.dtype)
         if self.include_fc:
