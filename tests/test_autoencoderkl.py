@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from monai.networks.blocks import Convolution
 from monai.networks.nets import AutoencoderKL as CoreAutoencoderKL
 
+import generative.networks.nets.autoencoder_blocks as autoencoder_blocks
+import generative.networks.nets.autoencoderkl as autoencoderkl
 from generative.networks.nets import AutoencoderKL, Decoder, Encoder
+from generative.networks.nets.autoencoder_blocks import AttentionBlock
 from generative.networks.nets.autoencoderkl import Downsample, Upsample, normalize_factors
+from generative.networks.nets.tiled import run_tiled
 
 LEGACY_FIXTURE = Path(__file__).parent / "data" / "legacy_aekl_0_2_3.pt"
 
@@ -303,24 +309,87 @@ def test_sdpa_attention_matches_explicit_attention():
         torch.testing.assert_close(sdpa.reconstruct(x), explicit.reconstruct(x), rtol=1e-5, atol=1e-5)
 
 
+def _previous_explicit_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The explicit attention as it was before the fix (and in 0.2.3): q @ k^T first, then the scale."""
+    b, c = x.shape[:2]
+    h = block.norm(x).reshape(b, c, -1).transpose(1, 2)
+    q, k, v = (block._split_heads(proj(h)) for proj in (block.to_q, block.to_k, block.to_v))
+    weights = torch.matmul(q, k.transpose(-1, -2)) * block.scale
+    out = torch.matmul(weights.softmax(dim=-1), v).transpose(1, 2).reshape(b, -1, c)
+    if block.include_fc:
+        out = block.proj_attn(out)
+    return out.transpose(1, 2).reshape(x.shape) + x
+
+
+@pytest.mark.parametrize("num_head_channels, include_fc", [(None, False), (4, True)])
+def test_explicit_attention_in_fp32_equals_the_previous_formula(num_head_channels, include_fc):
+    torch.manual_seed(0)
+    block = AttentionBlock(3, 16, num_head_channels=num_head_channels, norm_num_groups=4, include_fc=include_fc)
+    x = torch.randn(2, 16, 4, 3, 2) * 5
+    with torch.no_grad():
+        torch.testing.assert_close(block.eval()(x), _previous_explicit_attention(block, x))
+
+
+def _overflowing_block(channels: int = 512) -> tuple[AttentionBlock, torch.Tensor]:
+    """A 512-channel block whose q . k is 512 * 16^2 = 131072 for every pair: past fp16's 65504 before scaling,
+    5793 after (scale 1 / sqrt(512)). Every score is equal, so the attention output is the mean of v."""
+    torch.manual_seed(0)
+    block = AttentionBlock(3, channels, norm_num_groups=32).eval()
+    with torch.no_grad():
+        for proj in (block.to_q, block.to_k):
+            proj.weight.zero_()
+            proj.bias.fill_(16.0)
+    return block, torch.randn(1, channels, 2, 2, 2)
+
+
+def test_explicit_attention_does_not_overflow_in_fp16():
+    block, x = _overflowing_block()
+    with torch.no_grad():
+        reference = block(x)
+        half = block.half()
+        before = _previous_explicit_attention(half, x.half())
+        after = half(x.half())
+    assert not torch.isfinite(before).all(), "the test input must overflow the previous formula"
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after.float(), reference, rtol=0, atol=2e-2)
+
+
+def test_explicit_attention_does_not_overflow_under_fp16_autocast():
+    block, x = _overflowing_block()
+    with torch.no_grad():
+        reference = block(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            before = _previous_explicit_attention(block, x)
+            after = block(x)
+    assert not torch.isfinite(before).all(), "the test input must overflow the previous formula"
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after.float(), reference, rtol=0, atol=2e-2)
+
+
 def test_normalize_factors_expands_ints_per_axis():
     assert normalize_factors([4, (2, 2, 1)], 2, 3) == ((4, 4, 4), (2, 2, 1))
     assert normalize_factors(None, 3, 2) == ((2, 2), (2, 2), (2, 2))
 
 
 # ------------------------------------------------------------------------------------------------------ tiling
-def test_tiling_stitches_exactly_for_a_local_operator():
-    """With a halo at least the receptive field, tiled == untiled for any purely convolutional function."""
+def test_run_tiled_stitches_exactly_for_a_local_chain():
+    """Convolutions and nearest upsampling, every level streamed tile by tile (halos from the layers) == whole pass."""
     torch.manual_seed(0)
-    convs = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.SiLU(), nn.Conv3d(4, 1, 3, padding=1))
-    up = nn.Upsample(scale_factor=(4, 4, 2), mode="nearest")
-    fn = lambda z: convs(up(z))  # noqa: E731  receptive field: 1 latent voxel on each side
-    z = torch.randn(1, 2, 8, 6, 5)
+    blocks = [
+        Convolution(3, 2, 4, strides=1, kernel_size=3, padding=1, conv_only=True),
+        Upsample(3, 4, scale_factor=(4, 4, 2)),
+        Convolution(3, 4, 1, strides=1, kernel_size=3, padding=1, conv_only=True),
+    ]
+    for block in blocks:
+        block.double()
+    z = torch.randn(1, 2, 8, 6, 5, dtype=torch.float64)
     with torch.no_grad():
-        full = fn(z)
-        tiled = AutoencoderKL._run_tiles(z, fn, tile=(3, 4, 2), halo=(1, 1, 1), num=(4, 4, 2), den=(1, 1, 1))
+        full = z
+        for block in blocks:
+            full = block(full)
+        tiled = run_tiled(blocks, z, tile=(12, 16, 4), image_shape=full.shape[2:], whole_voxels=1)
     assert tiled.shape == full.shape
-    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-12)
 
 
 def test_tiled_equals_untiled_when_one_tile_covers_the_volume():
@@ -350,14 +419,34 @@ def test_tiled_decode_equals_untiled_whatever_the_halo():
     z = torch.randn(1, 2, 64, 64)
     with torch.no_grad():
         full = model.decode(z)
-        model.enable_tiling(tile_size=128, halo=64)
+        with pytest.warns(DeprecationWarning, match="`halo` is deprecated and has no effect"):
+            model.enable_tiling(tile_size=128, halo=64)
         tiled = model.decode(z)
         model.disable_tiling()
-        small_halo = model.decode_tiled(z, tile_size=128, halo=0)
+        with pytest.warns(DeprecationWarning, match="removed in version 0.4.0"):
+            small_halo = model.decode_tiled(z, tile_size=128, halo=0)
     assert tiled.shape == full.shape
     rel = (tiled - full).abs().max() / full.std()
     rel_no_halo = (small_halo - full).abs().max() / full.std()
     assert rel < 1e-4 and rel_no_halo < 1e-4, (float(rel), float(rel_no_halo))
+
+
+def test_halo_warns_once_and_only_when_given():
+    model = small(3, downsample_factors=[4, 2]).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all without `halo`
+        model.enable_tiling(tile_size=8)
+        with torch.no_grad():
+            model.reconstruct(x)
+        model.encode_tiled(x, tile_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.enable_tiling(tile_size=8, halo=8)
+        with torch.no_grad():
+            model.reconstruct(x)  # the tiled encode/decode of enable_tiling do not warn again
+    assert [w.category for w in caught] == [DeprecationWarning]
+    assert caught[0].filename == __file__  # points at the caller
 
 
 def test_tiling_arguments_are_checked():
@@ -366,3 +455,36 @@ def test_tiling_arguments_are_checked():
         model.enable_tiling(tile_size=12)
     with pytest.raises(ValueError, match="`halo` .*multiple of the total downsample factor 8"):
         model.enable_tiling(tile_size=16, halo=4)
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+def _imports_among_nets(name: str) -> tuple[set[str], set[str]]:
+    """Modules of ``generative.networks.nets`` that module ``name`` imports at module level, and inside functions."""
+    package = "generative.networks.nets."
+    tree = ast.parse(Path(autoencoder_blocks.__file__).with_name(f"{name}.py").read_text())
+    top, nested = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            absolute = package + (node.module or "") if node.level == 1 else node.module or ""
+            found = {absolute[len(package):]} if absolute.startswith(package) else set()
+        elif isinstance(node, ast.Import):
+            found = {alias.name[len(package):] for alias in node.names if alias.name.startswith(package)}
+        else:
+            continue
+        (top if node in tree.body else nested).update(found)
+    return top, nested
+
+
+def test_blocks_module_sits_below_autoencoderkl_and_tiled():
+    """No import cycle and no function-local imports: blocks <- tiled <- autoencoderkl."""
+    assert _imports_among_nets("autoencoder_blocks") == (set(), set())
+    assert _imports_among_nets("tiled") == ({"autoencoder_blocks"}, set())
+    assert _imports_among_nets("autoencoderkl") == ({"autoencoder_blocks", "tiled"}, set())
+
+
+def test_block_names_stay_importable_from_autoencoderkl():
+    for name in autoencoder_blocks.__all__:
+        assert getattr(autoencoderkl, name) is getattr(autoencoder_blocks, name), name
+    assert set(autoencoderkl.__all__) >= {"AutoencoderKL", "Encoder", "Decoder", "AttentionBlock", "ResBlock",
+                                          "Downsample", "Upsample"}
+    assert not hasattr(AutoencoderKL, "_run_tiles")

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autoencoderkl import AttentionBlock, Downsample, ResBlock, Upsample
+from .autoencoder_blocks import AttentionBlock, Downsample, ResBlock, Upsample
 
 __all__ = ["run_tiled"]
 
@@ -109,9 +109,6 @@ class _Node:
         out = self.compute(box)
         self.ctx.memo[id(self)] = (box, out)
         return out
-
-    def full_box(self) -> Box:
-        return tuple((0, n) for n in self.shape)
 
 
 class _Whole(_Node):
