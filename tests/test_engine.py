@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_diffusion.engine import LoopConfig, Runtime, resolve_precision, run_loop
+from monai_diffusion.engine import LoopConfig, run_loop
+from monai_diffusion.runtime import Runtime, resolve_precision
 
 
 class ToyStage:
