@@ -316,6 +316,21 @@ def make_scalers(stage: Stage, runtime: Runtime) -> dict[str, torch.amp.GradScal
     return {name: torch.amp.GradScaler(runtime.device.type, enabled=enabled) for name in stage.optimizers}
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any] | None, name: str, runtime: Runtime) -> None:
+    """Put a checkpoint's gradient-scaler state into ``scaler`` (a no-op when fp16 loss scaling is off).
+
+    A run trained in fp32 or bf16 saved an empty state (a disabled scaler has none), and older checkpoints may have
+    none at all: an fp16 run resuming it starts with a fresh scaler, as a new fp16 run would, and says so.
+    """
+    if not scaler.is_enabled():
+        return
+    if not saved:
+        runtime.print(f"note: the checkpoint holds no fp16 loss-scaling state for '{name}' (it was trained in fp32 "
+                      "or bf16); its gradient scaler starts fresh")
+        return
+    scaler.load_state_dict(saved)
+
+
 class StopOnSignal:
     """While active (in the main thread), SIGTERM or SIGINT asks the loop to stop after the current optimizer step
     (``signum`` is set); a second one exits at once with the signal's default action."""
@@ -497,8 +512,7 @@ class _Loop:
         for name, opt in stage.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         for name, scaler in self.scalers.items():
-            if name in ckpt.get("scalers", {}):
-                scaler.load_state_dict(ckpt["scalers"][name])
+            restore_scaler(scaler, ckpt.get("scalers", {}).get(name), name, runtime)
         self.state = LoopState(ckpt["epoch"] + 1, ckpt["global_step"], ckpt["best_metric"], ckpt.get("history", []),
                                ckpt.get("skipped_batches", 0))
         self.position = ckpt.get("position")
