@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -154,7 +154,7 @@ def loop_config(settings: Settings, section: str, visualize_interval: int | None
 @dataclass
 class LoopState:
     epoch: int = 0  # next epoch to run
-    global_step: int = 0  # optimizer steps taken
+    global_step: int = 0  # optimizer steps taken (not those fp16 loss scaling skipped, nor skipped batches)
     best_metric: float = math.inf
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_batches: int = 0  # batches dropped for a non-finite loss (on_nonfinite: skip), whole run
@@ -209,6 +209,13 @@ def _reseed_loader(loader: Iterable, seed: int) -> None:
         transform.set_random_state(seed=seed % (2**32))
 
 
+class StepResult(NamedTuple):
+    """What :func:`train_step` did."""
+
+    logs: dict[str, float]  # the stage's scalars of this batch
+    stepped: bool  # an optimizer step was taken (the last batch of its group, not skipped by fp16 loss scaling)
+
+
 def train_step(
     stage: Stage,
     batch: Any,
@@ -222,15 +229,19 @@ def train_step(
     global_step: int = 0,
     where: str = "",
     on_nonfinite: str = "stop",
-) -> dict[str, float]:
+) -> StepResult:
     """The one training step of every stage and every tool that measures one (``plan``, benchmarks).
 
     Forward and losses under the runtime's autocast, a finite-loss check on every process (one all-reduce under
     DDP, so that all processes decide alike), backward of each loss divided by ``group_size`` (gradient
     accumulation; DDP gradient sync is skipped until the group's last batch), and, when ``boundary`` (the last
     batch of an accumulation group), per optimizer: unscale, clip to ``grad_clip_norm``, step, scaler update; then
-    all gradients are zeroed and the stage's ``after_optimizer_step`` runs (learning-rate schedule, EMA) with the
-    new step count ``global_step + 1``.
+    all gradients are zeroed and, when the optimizer step went through, the stage's ``after_optimizer_step`` runs
+    (learning-rate schedule, EMA) with the new step count ``global_step + 1``.
+
+    With fp16 loss scaling the scaler skips an optimizer's step whose gradients hold inf or NaN (and lowers its
+    scale); such a step did not happen: the learning-rate schedule and the EMA do not advance, and the loop does
+    not count it as a global step. When a stage has several optimizers, the step counts only if none was skipped.
 
     Args:
         on_nonfinite: what a non-finite loss on any process does: ``"stop"`` raises :class:`NonFiniteLoss` on every
@@ -238,7 +249,8 @@ def train_step(
             step when this batch ends the group) and raises :class:`BatchSkipped` on every process.
 
     Returns:
-        The stage's scalars to log for this batch.
+        The stage's scalars to log for this batch, and whether an optimizer step was taken (False when not
+        ``boundary`` or when the scaler skipped it).
 
     Raises:
         NonFiniteLoss: a loss is not finite on some process (names the loss, the process and ``where``).
@@ -268,21 +280,27 @@ def train_step(
         for opt in stage.optimizers.values():
             opt.zero_grad(set_to_none=True)
         raise BatchSkipped(f"{stage.name}: {bad}" + (f" at {where}" if where else ""))
-    if boundary:
-        for name, opt in stage.optimizers.items():
-            if name not in losses:
-                continue
-            if grad_clip_norm:
-                scalers[name].unscale_(opt)
-                params = [p for g in opt.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-            scalers[name].step(opt)
-            scalers[name].update()
-        for opt in stage.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        if hasattr(stage, "after_optimizer_step"):
-            stage.after_optimizer_step(global_step + 1)
-    return logs
+    if not boundary:
+        return StepResult(logs, False)
+    stepped = True
+    for name, opt in stage.optimizers.items():
+        if name not in losses:
+            continue
+        scaler = scalers[name]
+        if grad_clip_norm:
+            scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(opt)
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:  # update() lowers the scale exactly when step() skipped
+            stepped = False
+    for opt in stage.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    if stepped and hasattr(stage, "after_optimizer_step"):
+        stage.after_optimizer_step(global_step + 1)
+    return StepResult(logs, stepped)
 
 
 def _nonfinite_losses(losses: dict[str, torch.Tensor], runtime: Runtime) -> str:
@@ -626,10 +644,11 @@ class _Loop:
             self.meter.start(stage_tensor_bytes(stage, batch))
         where = f"epoch {epoch + 1}, batch {i + 1}"
         logs: dict[str, float] | None = None
+        stepped = False  # an optimizer step was taken: not a skipped batch, nor a step fp16 loss scaling skipped
         try:
-            logs = train_step(stage, batch, epoch, self.scalers, runtime, group_size=group_size, boundary=boundary,
-                              grad_clip_norm=cfg.grad_clip_norm, global_step=state.global_step, where=where,
-                              on_nonfinite=cfg.on_nonfinite)
+            logs, stepped = train_step(stage, batch, epoch, self.scalers, runtime, group_size=group_size,
+                                       boundary=boundary, grad_clip_norm=cfg.grad_clip_norm,
+                                       global_step=state.global_step, where=where, on_nonfinite=cfg.on_nonfinite)
             done.in_a_row = 0
         except BatchSkipped as exc:
             state.skipped_batches += 1
@@ -642,7 +661,6 @@ class _Loop:
                 ) from None
         if measure:
             self.step_peak_mib = self.meter.peak_mib()
-        stepped = boundary and logs is not None
         if stepped:
             state.global_step += 1
         if runtime.device.type == "cuda":
