@@ -406,7 +406,7 @@ def _save_step_checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: 
     """Write ``step_checkpoint_<step>.pt``: everything an epoch-end checkpoint holds, plus the position inside the
     epoch and each process's global random states and partial sums (gathered to rank 0); then keep the newest
     ``keep_last``. Collective under DDP."""
-    mine = {"rng": rng_state(), **dataclasses.asdict(progress)}
+    mine = {"rng": rng_state(runtime.device), **dataclasses.asdict(progress)}
     ranks: list[Any] = [None] * runtime.world_size
     if runtime.distributed:
         dist.all_gather_object(ranks, mine)
@@ -438,7 +438,7 @@ def _restore_position(position: dict[str, Any], runtime: Runtime) -> tuple[dict[
     return mine["rng"], _EpochProgress(dict(mine["sums"]), mine["counted"], mine["in_a_row"])
 
 
-def _batches_after(loader: Iterable, done: int, rng: dict[str, Any] | None) -> Iterator:
+def _batches_after(loader: Iterable, done: int, rng: dict[str, Any] | None, device: torch.device) -> Iterator:
     """The loader's batches after the first ``done`` of the epoch. Those are loaded and augmented again (not trained
     on), so that the loader's and the transforms' random states are where the interrupted run left them; then the
     global random states saved at that point (``rng``) are restored."""
@@ -446,7 +446,7 @@ def _batches_after(loader: Iterable, done: int, rng: dict[str, Any] | None) -> I
     for _ in range(done):
         next(batches)
     if rng is not None:
-        set_rng_state(rng)
+        set_rng_state(rng, device)
     return batches
 
 
@@ -619,7 +619,7 @@ class _Loop:
         progress = tqdm(total=n_batches, initial=first, desc=f"{self.stage.name} epoch {epoch + 1}/{n_epochs}",
                         disable=not self.runtime.is_main)
         try:
-            batches = _batches_after(self.train_loader, min(first, n_batches), rng)
+            batches = _batches_after(self.train_loader, min(first, n_batches), rng, self.runtime.device)
             for i, batch in enumerate(batches, start=first):
                 if i >= n_batches:
                     break

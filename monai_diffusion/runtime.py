@@ -1,5 +1,8 @@
 """Where and how a run executes: the device (one rule for training, sampling, evaluation and ``plan``), the autocast
 precision, the DDP process group, seeding and the random states that exact resume saves.
+
+A CPU run never calls into CUDA here: the device rule asks ``torch.cuda`` only when the settings allow a GPU, and the
+random states include CUDA's only when the run's device is a GPU.
 """
 
 from __future__ import annotations
@@ -167,20 +170,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """The global random states (Python, NumPy, torch CPU and CUDA) of this process."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global random states of this process: Python, NumPy, torch CPU and, on a CUDA run, its own GPU's."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved. A CUDA state is restored only on a CUDA run; older checkpoints hold
+    a list with one state per visible GPU, of which the run's own is taken."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)

@@ -595,7 +595,7 @@ def train_diffusion(settings: Any) -> LoopState:
         loader_args = dict(
             batch_size=t.batch_size,
             num_workers=settings.data.num_workers,
-            pin_memory=settings.data.pin_memory,
+            pin_memory=settings.data.pin_memory and runtime.device.type == "cuda",  # pinning starts CUDA
             distributed=runtime.distributed,
             seed=seed,
             num_replicas=runtime.world_size if runtime.distributed else None,
