@@ -72,16 +72,26 @@ def choose_device(use_cuda: bool, gpu_id: int, local_rank: int | None = None) ->
     return torch.device("cuda", gpu_id if local_rank is None else local_rank)
 
 
+def _cuda_has_native_bf16() -> bool:
+    """The current CUDA device computes in bf16 natively (Ampere and newer: A100, H100, H200; ROCm), not emulated."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(mixed_precision: bool | str | None, device: torch.device) -> torch.dtype | None:
     """Map the ``device.mixed_precision`` setting to an autocast dtype (None = fp32).
 
-    ``true`` means fp16 on CUDA and bf16 elsewhere; fp16 is only used on CUDA (on CPU it falls back to bf16 with a
-    warning, since CPU autocast in fp16 is slow and needs no loss scaling anyway).
+    ``true`` lets the project choose: bf16 on a CPU and on a GPU that computes in bf16 natively (it needs no loss
+    scaling and has fp32's range), fp16 with loss scaling on an older GPU. ``'bf16'`` and ``'fp16'`` are explicit and
+    kept, except that fp16 needs CUDA: on another device it falls back to bf16 with a warning (CPU autocast in fp16
+    is slow and gains nothing). On CUDA the answer is about the current device (``setup_runtime`` selects the run's
+    device before asking).
     """
     if mixed_precision in (False, None, "false", "no", "fp32"):
         return None
     if mixed_precision is True:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda" and not _cuda_has_native_bf16():
+            return torch.float16
+        return torch.bfloat16
     if mixed_precision == "bf16":
         return torch.bfloat16
     if mixed_precision == "fp16":

@@ -106,7 +106,9 @@ def test_gradient_clipping(tmp_path):
     assert not torch.allclose(reference.weight, unclipped.weight)
 
 
-def test_precision_resolution():
+def test_precision_resolution(monkeypatch):
+    # a GPU without native bf16 (true means bf16 where the GPU has it: tests/test_runtime.py)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kwargs: False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision(False, cpu) is None
     assert resolve_precision(True, cpu) is torch.bfloat16

@@ -119,3 +119,25 @@ def test_random_states_of_a_cpu_run_round_trip(cuda_forbidden):
     # a checkpoint written on a GPU (older ones hold a list of per-GPU states) resumes on a CPU without CUDA
     set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]}, torch.device("cpu"))
     assert cuda_forbidden == []
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_mixed_precision_true_on_cuda_prefers_bf16_where_the_gpu_has_it(monkeypatch, native_bf16, expected):
+    from monai_diffusion.runtime import resolve_precision
+
+    asked: list[dict] = []
+
+    def is_bf16_supported(**kwargs):
+        asked.append(kwargs)
+        return native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision(True, cuda) is expected
+    assert asked == [{"including_emulation": False}]  # emulated bf16 (pre-Ampere GPUs) is slow: fp16 there
+    # explicit choices are kept whatever the GPU supports
+    assert resolve_precision("fp16", cuda) is torch.float16
+    assert resolve_precision("bf16", cuda) is torch.bfloat16
+    assert resolve_precision(False, cuda) is None
+    assert resolve_precision(True, torch.device("cpu")) is torch.bfloat16
