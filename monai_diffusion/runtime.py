@@ -8,12 +8,14 @@ random states include CUDA's only when the run's device is a GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import IO, Any
 
 import numpy as np
@@ -22,6 +24,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from .errors import RunError
+
+
+# How long a process waits in a collective (a barrier, an all-reduce) for the others. NCCL's own default is 10
+# minutes, shorter than what rank 0 alone may do while the others wait: build the dataset cache, encode the latent
+# cache, draw stage 2's sample pictures, write a large checkpoint.
+DDP_TIMEOUT_ENV = "MONAI_DIFFUSION_DDP_TIMEOUT_MINUTES"
+DEFAULT_DDP_TIMEOUT_MINUTES = 60.0
 
 
 @dataclass
@@ -103,16 +114,41 @@ def resolve_precision(mixed_precision: bool | str | None, device: torch.device) 
 
 
 # ------------------------------------------------------------------------------------------------------- DDP
-def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str | None) -> Runtime:
-    """Pick the device and, under ``torchrun``, join the process group (NCCL on CUDA, gloo on CPU)."""
+def ddp_timeout(minutes: float | None = None) -> timedelta:
+    """How long a process waits for the others in a collective: ``minutes``, else the environment variable
+    ``MONAI_DIFFUSION_DDP_TIMEOUT_MINUTES``, else 60 minutes.
+
+    Raises:
+        RunError: the value is not a positive number of minutes (naming where it came from).
+    """
+    source = "the timeout"
+    if minutes is None:
+        text = os.environ.get(DDP_TIMEOUT_ENV)
+        if text is None or not text.strip():
+            return timedelta(minutes=DEFAULT_DDP_TIMEOUT_MINUTES)
+        source = f"environment variable {DDP_TIMEOUT_ENV}"
+        try:
+            minutes = float(text)
+        except ValueError:
+            raise RunError(f"{source} is {text!r}; expected a number of minutes, e.g. 120") from None
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise RunError(f"{source} is {minutes!r}; expected a positive number of minutes, e.g. 120")
+    return timedelta(minutes=minutes)
+
+
+def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str | None, *,
+                  timeout_minutes: float | None = None) -> Runtime:
+    """Pick the device and, under ``torchrun``, join the process group (NCCL on CUDA, gloo on CPU) with the
+    collective timeout of :func:`ddp_timeout`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = ddp_timeout(timeout_minutes) if world_size > 1 else None  # a bad value fails before any work
     device = choose_device(use_cuda, gpu_id, local_rank if world_size > 1 else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Runtime(device, resolve_precision(mixed_precision, device), rank, world_size, local_rank)
 
 

@@ -141,3 +141,44 @@ def test_mixed_precision_true_on_cuda_prefers_bf16_where_the_gpu_has_it(monkeypa
     assert resolve_precision("bf16", cuda) is torch.bfloat16
     assert resolve_precision(False, cuda) is None
     assert resolve_precision(True, torch.device("cpu")) is torch.bfloat16
+
+
+def test_ddp_timeout_is_an_hour_unless_set(monkeypatch):
+    from datetime import timedelta
+
+    from monai_diffusion.errors import RunError
+    from monai_diffusion.runtime import DDP_TIMEOUT_ENV, ddp_timeout
+
+    monkeypatch.delenv(DDP_TIMEOUT_ENV, raising=False)
+    assert ddp_timeout() == timedelta(minutes=60)  # NCCL's own default, 10 minutes, is too short
+    monkeypatch.setenv(DDP_TIMEOUT_ENV, "150")
+    assert ddp_timeout() == timedelta(minutes=150)
+    assert ddp_timeout(5) == timedelta(minutes=5)
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv(DDP_TIMEOUT_ENV, bad)
+        with pytest.raises(RunError, match=f"environment variable {DDP_TIMEOUT_ENV} is .*; expected a"):
+            ddp_timeout()
+
+
+def test_the_process_group_gets_the_timeout(monkeypatch):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from monai_diffusion.errors import RunError
+    from monai_diffusion.runtime import DDP_TIMEOUT_ENV
+
+    joined: list[dict] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(DDP_TIMEOUT_ENV, "90")
+    runtime = setup_runtime(False, 0, False)
+    assert joined == [{"backend": "gloo", "timeout": timedelta(minutes=90)}]
+    assert runtime.rank == 1 and runtime.world_size == 2
+    monkeypatch.setenv(DDP_TIMEOUT_ENV, "ten")
+    with pytest.raises(RunError, match=DDP_TIMEOUT_ENV):
+        setup_runtime(False, 0, False)
+    assert len(joined) == 1  # refused before joining
