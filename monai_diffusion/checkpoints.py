@@ -38,7 +38,9 @@ REQUIRED_KEYS = {
 
 # step checkpoints: step_checkpoint_<global step, 8 digits>.pt beside latest_checkpoint.pt and best_model.pt
 STEP_CHECKPOINT = re.compile(r"^step_checkpoint_(\d+)\.pt$")
-_OWN_TMP = re.compile(r"^\.(latest_checkpoint|best_model|step_checkpoint_\d+)\.pt\.tmp-(\d+)$")
+_CHECKPOINT_NAME = r"(?:latest_checkpoint|best_model|step_checkpoint_\d+)\.pt"
+# a checkpoint being written: fileio.atomic_target's ".tmp-<pid>-<name>", and ".<name>.tmp-<pid>" of earlier versions
+_OWN_TMP = re.compile(rf"^\.tmp-(?P<pid>\d+)-{_CHECKPOINT_NAME}$|^\.{_CHECKPOINT_NAME}\.tmp-(?P<old_pid>\d+)$")
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -147,7 +149,7 @@ def prune_step_checkpoints(output_dir: Path, keep_last: int | None) -> list[Path
 
 
 def remove_stale_temporaries(output_dir: Path, runtime: Runtime) -> list[Path]:
-    """Remove half-written checkpoint files (``.<name>.pt.tmp-<pid>``) that a killed process of this machine left
+    """Remove half-written checkpoint files (``.tmp-<pid>-<name>.pt``) that a killed process of this machine left
     in ``output_dir`` (rank 0 only; a file whose writer is still alive is kept). Returns what was removed."""
     removed: list[Path] = []
     if not runtime.is_main or not Path(output_dir).is_dir():
@@ -156,7 +158,7 @@ def remove_stale_temporaries(output_dir: Path, runtime: Runtime) -> list[Path]:
         m = _OWN_TMP.match(path.name)
         if m is None:
             continue
-        pid = int(m.group(2))
+        pid = int(m.group("pid") or m.group("old_pid"))
         if pid == os.getpid():
             continue
         try:
