@@ -64,7 +64,8 @@ class BatchSkipped(Exception):
 
 class Stage(Protocol):
     """What a stage provides to the loop. Optional hooks, called when a stage has them: ``on_epoch_start(epoch)``
-    (0-based, before the epoch's first batch) and ``on_validation_start()``."""
+    (0-based, before the epoch's first batch), ``after_optimizer_step(step)`` (after each optimizer step taken, with
+    the new global step; see :func:`train_step`) and ``on_validation_start()``."""
 
     name: str  # "autoencoder" or "diffusion"
     modules: dict[str, nn.Module]  # trained (and checkpointed) networks
