@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder
 from monai_diffusion.stage2 import train_diffusion

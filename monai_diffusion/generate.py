@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine import load_checkpoint, resolve_precision
+from .checkpoints import load_checkpoint, load_weights
 from .errors import RunError
-from .models import autoencoder_from_args, build_diffusion_network, is_vq, load_weights
+from .models import autoencoder_from_args, build_diffusion_network, is_vq
+from .runtime import choose_device, resolve_precision
 from .sampling import (
     Conditioner,
     build_scheduler,
@@ -27,7 +28,7 @@ from .sampling import (
     write_picture,
     write_sample,
 )
-from .settings import sampling_tile
+from .settings import Settings, sampling_tile
 
 
 def is_pixel_space(ckpt: dict[str, Any]) -> bool:
@@ -93,10 +94,9 @@ def load_condition(path: str | Path, expected: Sequence[int]) -> torch.Tensor:
     return normalise_projection(image)
 
 
-def sampling_device(settings: Any) -> tuple[torch.device, torch.dtype | None]:
-    """The device and autocast dtype that sampling and evaluation run with."""
-    use_cuda = settings.device.use_cuda and torch.cuda.is_available()
-    device = torch.device("cuda", settings.device.gpu_id) if use_cuda else torch.device("cpu")
+def sampling_device(settings: Settings) -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype that sampling and evaluation run with (training's rule, one process)."""
+    device = choose_device(settings.device.use_cuda, settings.device.gpu_id)
     return device, resolve_precision(settings.device.mixed_precision, device)
 
 

@@ -24,7 +24,7 @@ from monai.networks.nets import VQVAE, DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
 
-from .engine import load_checkpoint, load_weights
+from .checkpoints import load_checkpoint, load_weights
 from .fileio import plain
 
 

@@ -4,7 +4,6 @@ quantisation (+ the same adversarial / perceptual terms)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
@@ -23,21 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from generative.networks.nets import AutoencoderKL
 
 from .data import build_datasets, build_loaders, validates_whole_volumes
-from .engine import (
-    LoopState,
-    RunError,
-    Runtime,
-    count_parameters,
-    load_checkpoint,
-    loop_config,
-    prepare_output_dir,
-    resolve_resume,
-    run_loop,
-    seed_everything,
-    setup_runtime,
-    teardown_runtime,
-    unwrap,
-)
+from .checkpoints import load_checkpoint, prepare_output_dir, resolve_resume
+from .engine import LoopState, loop_config, run_loop
+from .errors import RunError
 from .fileio import plain
 from .losses import ReconstructionLoss, build_reconstruction_loss, corrupt
 from .models import (
@@ -49,6 +36,15 @@ from .models import (
     latent_spatial,
     reconstruct,
     total_factor,
+)
+from .runtime import (
+    Runtime,
+    count_parameters,
+    rank0_first,
+    seed_everything,
+    setup_runtime,
+    teardown_runtime,
+    unwrap,
 )
 from .settings import total_downsample_factor
 from .visualize import orthogonal_slices
@@ -442,7 +438,7 @@ def train_autoencoder(settings: Any) -> LoopState:
         perceptual = build_perceptual_loss(t, ae_cfg.spatial_dims)
 
         window = validation_window(settings)
-        with _rank0_first(runtime):
+        with rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
                 settings.data,
                 spatial_dims=ae_cfg.spatial_dims,
@@ -458,7 +454,7 @@ def train_autoencoder(settings: Any) -> LoopState:
             val_ds,
             batch_size=t.batch_size,
             num_workers=settings.data.num_workers,
-            pin_memory=settings.data.pin_memory,
+            pin_memory=settings.data.pin_memory and runtime.device.type == "cuda",  # pinning starts CUDA
             distributed=runtime.distributed,
             seed=seed,
             num_replicas=runtime.world_size if runtime.distributed else None,
@@ -524,13 +520,3 @@ def validation_window(settings: Any) -> tuple[int, ...] | None:
     if not (log.use_sliding_window or validates_whole_volumes(settings.data)):
         return None
     return tuple(log.sliding_window_roi_size or settings.autoencoder.tile_size or settings.data.voxel_size)
-
-
-@contextlib.contextmanager
-def _rank0_first(runtime: Runtime):
-    """Let rank 0 run the block first (e.g. writing the synthetic dataset), then the others."""
-    if runtime.distributed and not runtime.is_main:
-        dist.barrier()
-    yield
-    if runtime.distributed and runtime.is_main:
-        dist.barrier()

@@ -19,22 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from .data import build_datasets, build_loaders, load_datalist
-from .errors import ConfigError, DataError
-from .engine import (
-    LoopState,
-    RunError,
-    Runtime,
-    count_parameters,
-    load_checkpoint,
-    loop_config,
-    prepare_output_dir,
-    resolve_resume,
-    run_loop,
-    seed_everything,
-    setup_runtime,
-    teardown_runtime,
-    unwrap,
-)
+from .checkpoints import load_checkpoint, prepare_output_dir, resolve_resume
+from .engine import LoopState, loop_config, run_loop
+from .errors import ConfigError, DataError, RunError
 from .fileio import plain
 from .losses import corrupt
 from .models import (
@@ -48,6 +35,15 @@ from .models import (
     projection_encoder_args,
     total_factor,
     unet_args,
+)
+from .runtime import (
+    Runtime,
+    count_parameters,
+    rank0_first,
+    seed_everything,
+    setup_runtime,
+    teardown_runtime,
+    unwrap,
 )
 from .settings import sampling_tile, unet_fit_problems
 from monai.inferers import DiffusionInferer
@@ -65,7 +61,6 @@ from .sampling import (
     set_sampling_steps,
     to_pixel_space,
 )
-from .stage1 import _rank0_first
 from .visualize import orthogonal_slices
 
 
@@ -588,7 +583,7 @@ def train_diffusion(settings: Any) -> LoopState:
                              cond_cfg.num_classes),
             projection_axis=df.projection_axis if df.condition_channels is not None else None,
         )
-        with _rank0_first(runtime):
+        with rank0_first(runtime):
             train_ds, val_ds, info = build_datasets(
                 settings.data,
                 spatial_dims=ae_args["spatial_dims"],
@@ -600,7 +595,7 @@ def train_diffusion(settings: Any) -> LoopState:
         loader_args = dict(
             batch_size=t.batch_size,
             num_workers=settings.data.num_workers,
-            pin_memory=settings.data.pin_memory,
+            pin_memory=settings.data.pin_memory and runtime.device.type == "cuda",  # pinning starts CUDA
             distributed=runtime.distributed,
             seed=seed,
             num_replicas=runtime.world_size if runtime.distributed else None,

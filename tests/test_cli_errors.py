@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
-from monai_diffusion.engine import CHECKPOINT_FORMAT
+from monai_diffusion.checkpoints import CHECKPOINT_FORMAT
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_diffusion.engine import LoopConfig, Runtime, resolve_precision, run_loop
+from monai_diffusion.engine import LoopConfig, run_loop
+from monai_diffusion.runtime import Runtime, resolve_precision
 
 
 class ToyStage:
@@ -105,7 +106,9 @@ def test_gradient_clipping(tmp_path):
     assert not torch.allclose(reference.weight, unclipped.weight)
 
 
-def test_precision_resolution():
+def test_precision_resolution(monkeypatch):
+    # a GPU without native bf16 (true means bf16 where the GPU has it: tests/test_runtime.py)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kwargs: False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision(False, cpu) is None
     assert resolve_precision(True, cpu) is torch.bfloat16

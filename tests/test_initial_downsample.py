@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from generative.networks.nets import AutoencoderKL
 from generative.networks.nets.autoencoderkl import Downsample, OutputUpsample
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.generate import generate_samples
 from monai_diffusion.models import build_autoencoder, load_autoencoder
 from monai_diffusion.settings import ConfigError, load_settings, settings_from_dict, total_downsample_factor

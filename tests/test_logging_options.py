@@ -16,7 +16,7 @@ from PIL import Image
 
 from monai_diffusion.data import build_datasets
 from monai_diffusion import stage2
-from monai_diffusion.engine import Runtime
+from monai_diffusion.runtime import Runtime
 from monai_diffusion.settings import ConfigError, load_settings, settings_from_dict
 from monai_diffusion.stage1 import AutoencoderStage, train_autoencoder, validation_window
 from monai_diffusion.stage2 import DiffusionStage, comparison_picture, train_diffusion

@@ -26,16 +26,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from monai_diffusion import engine
-from monai_diffusion.engine import (
-    LoopConfig,
-    NonFiniteLoss,
-    RunError,
-    Runtime,
-    find_latest_checkpoint,
-    load_checkpoint,
-    run_loop,
-    step_checkpoints,
-)
+from monai_diffusion.checkpoints import find_latest_checkpoint, load_checkpoint, step_checkpoints
+from monai_diffusion.engine import LoopConfig, run_loop
+from monai_diffusion.errors import NonFiniteLoss, RunError
+from monai_diffusion.runtime import Runtime
 from monai_diffusion.settings import ConfigError, settings_from_dict
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX signals and os.fork")
@@ -480,7 +474,9 @@ import torch, torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
-from monai_diffusion.engine import LoopConfig, RunError, run_loop, setup_runtime, teardown_runtime
+from monai_diffusion.engine import LoopConfig, run_loop
+from monai_diffusion.errors import RunError
+from monai_diffusion.runtime import setup_runtime, teardown_runtime
 
 
 class Toy:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion import losses, stage1, stage2
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.losses import ReconstructionLoss, build_reconstruction_loss, corrupt, weighted_reconstruction_loss
 from monai_diffusion.settings import ConfigError, CorruptionSettings, load_settings, settings_from_dict
 from monai_diffusion.stage1 import train_autoencoder

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from monai_diffusion.cli import evaluate_main, generate_samples_main, train_diffusion_main
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.generate import Sampler, generate_samples, interpolate
 from monai_diffusion.sampling import slerp
 from monai_diffusion.settings import ConfigError, settings_from_dict
@@ -86,7 +86,7 @@ def test_settings_accept_pixel_space_and_refuse_what_does_not_fit(tmp_path):
     # no stage 1 and no plan for a pixel-space config
     with pytest.raises(ConfigError, match="no autoencoder is trained"):
         settings(tmp_path, stage="autoencoder")
-    from monai_diffusion.engine import RunError
+    from monai_diffusion.errors import RunError
     from monai_diffusion.plan import make_plan
 
     with pytest.raises(RunError, match="fast-dev-run"):
@@ -121,7 +121,8 @@ def test_training_resumes_exactly_and_checkpoint_describes_itself(tmp_path):
                        checkpoints={"resume_from": str(part / "dm" / "latest_checkpoint.pt")})
     train_diffusion(resumed)
     # a pixel-space run does not resume a latent checkpoint (or the other way round), even with the same UNet
-    from monai_diffusion.engine import RunError, setup_runtime
+    from monai_diffusion.errors import RunError
+    from monai_diffusion.runtime import setup_runtime
     from monai_diffusion.sampling import Conditioner
     from monai_diffusion.stage2 import build_diffusion_stage
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from monai_diffusion.cli import train_autoencoder_main
-from monai_diffusion.engine import Runtime
+from monai_diffusion.runtime import Runtime
 from monai_diffusion.plan import apply_budget, format_plan, make_plan, plan_main
 from monai_diffusion.memory import CLEAN_MALLOC_ENV
 from monai_diffusion.plan.measure import build_stage, measure_stage, worker_env

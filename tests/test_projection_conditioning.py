@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from monai_diffusion.cli import evaluate_main, generate_samples_main, train_diffusion_main
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.evaluate import projection_consistency
 from monai_diffusion.generate import Sampler, generate_samples, load_condition
 from monai_diffusion.models import unet_args

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.sampling import build_scheduler, resolve_sampler, sample_latents, set_sampling_steps
 from monai_diffusion.settings import ConfigError, settings_from_dict
 from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list

@@ -255,7 +255,7 @@ def test_enum_case_and_mixed_precision_values():
                            check_paths=False)
     assert s.data.crop_mode == "pad_crop" and s.device.mixed_precision == "bf16"
     assert settings_from_dict({"device": {"mixed_precision": True}}, check_paths=False).device.mixed_precision is True
-    from monai_diffusion.engine import resolve_precision
+    from monai_diffusion.runtime import resolve_precision
 
     assert resolve_precision(True, torch.device("cpu")) == torch.bfloat16
     assert resolve_precision(False, torch.device("cpu")) is None

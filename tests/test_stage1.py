@@ -15,7 +15,8 @@ import torch
 from nibabel.testing import data_path as NIB_DATA
 
 from monai_diffusion.cli import train_autoencoder_main
-from monai_diffusion.engine import RunError, atomic_save, load_checkpoint
+from monai_diffusion.checkpoints import atomic_save, load_checkpoint
+from monai_diffusion.errors import RunError
 from monai_diffusion.models import load_autoencoder
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder

@@ -14,7 +14,8 @@ from nibabel.testing import data_path as NIB_DATA
 
 from monai_diffusion.cli import generate_samples_main, train_diffusion_main
 from monai_diffusion.settings import ConfigError
-from monai_diffusion.engine import RunError, load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
+from monai_diffusion.errors import RunError
 from monai_diffusion.generate import generate_samples
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder

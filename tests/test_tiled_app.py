@@ -12,7 +12,7 @@ import torch
 
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.cli import train_diffusion_main
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.evaluate_run import _reconstruct
 from monai_diffusion.generate import Sampler
 from monai_diffusion.models import decode_latent, encode_to_latent, reconstruct

@@ -15,7 +15,7 @@ import yaml
 from monai.networks.nets import VQVAE
 
 from monai_diffusion.cli import evaluate_main, generate_samples_main, train_autoencoder_main, train_diffusion_main
-from monai_diffusion.engine import load_checkpoint
+from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.models import code_usage, encode_to_latent, latent_channels, load_autoencoder, total_factor
 from monai_diffusion.settings import (
     AutoencoderTrainingSettings,

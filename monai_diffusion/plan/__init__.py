@@ -48,9 +48,10 @@ def _resolve_device(device: str | None, s: Settings) -> tuple[str, str]:
     import torch
 
     from ..errors import RunError
+    from ..runtime import choose_device
 
     if device is None:
-        device = "cuda" if s.device.use_cuda and torch.cuda.is_available() else "cpu"
+        device = str(choose_device(s.device.use_cuda, s.device.gpu_id))
     if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise RunError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda"):
@@ -67,10 +68,10 @@ def _resolve_device(device: str | None, s: Settings) -> tuple[str, str]:
 
 
 def _resolve_precision(s: Settings, device: str) -> tuple[str, str | None]:
-    """('fp32' | 'fp16' | 'bf16', note) for device.mixed_precision on this device (``engine.resolve_precision``)."""
+    """('fp32' | 'fp16' | 'bf16', note) for device.mixed_precision on this device (``runtime.resolve_precision``)."""
     import torch
 
-    from ..engine import resolve_precision
+    from ..runtime import resolve_precision
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

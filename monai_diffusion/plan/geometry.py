@@ -182,7 +182,7 @@ def parameter_counts(s: Settings) -> tuple[dict[str, int], dict[str, int]]:
         ``({"autoencoder", "discriminator", "trainable"}, {"unet", "trainable", "frozen_autoencoder"})``; the
         frozen autoencoder counts only when stage 2 encodes images in every step (no ``cache_latents``).
     """
-    from ..engine import count_parameters
+    from ..runtime import count_parameters
     from ..models import build_autoencoder, build_unet, unet_args
     from ..stage1 import build_discriminator
 

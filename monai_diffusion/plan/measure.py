@@ -153,7 +153,7 @@ def build_stage(name: str, s: Settings, runtime: Any, batch: int) -> tuple[Any, 
     Args:
         name: "autoencoder" or "diffusion".
         s: validated settings.
-        runtime: the ``engine.Runtime`` to build on.
+        runtime: the ``runtime.Runtime`` to build on.
         batch: batch size.
     """
     if name == "autoencoder":
@@ -294,7 +294,7 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
         stage: a built stage (see :func:`build_stage`).
         batch: a batch as its loader gives it.
         epoch: the epoch the steps belong to.
-        runtime: the ``engine.Runtime`` the stage was built on.
+        runtime: the ``runtime.Runtime`` the stage was built on.
         steps: measured steps (>= 1).
         grad_clip_norm: gradient clipping of the stage's training settings.
 
@@ -361,7 +361,7 @@ def worker_main(request_path: str, out_path: str) -> int:
     import torch
 
     from .. import stage1, stage2  # noqa: F401 - imported before waiting, see _Worker
-    from ..engine import Runtime
+    from ..runtime import Runtime
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first optimizer imports torch._dynamo (seconds)
     Path(out_path).with_name("ready").touch()
