@@ -1,6 +1,6 @@
 """The house stays layered: the import graph of the project's own modules, read from the source with ``ast``, has no
 cycle (in ``monai_diffusion`` and in the fork's ``generative``), and inside ``monai_diffusion`` every import points
-down the layers of docs ARCHITECTURE ("the two packages, and the layers"), not even a function-local one pointing up.
+down the layers of the architecture guide (LAYERS below), not even a function-local one pointing up.
 
 The graph counts module-level and function-local imports, absolute and relative ones (``from . import x`` included),
 and leaves out what an ``if TYPE_CHECKING:`` block imports (that never runs). An import names the most specific
@@ -252,8 +252,8 @@ def test_no_import_cycle(package_graph):
 def test_every_app_module_has_a_layer():
     graph, _ = import_graph(PACKAGES["monai_diffusion"], "monai_diffusion")
     missing = unplaced(graph, "monai_diffusion", LAYERS)
-    assert not missing, (f"modules of monai_diffusion without a layer: {missing}; place each in LAYERS of "
-                         f"{Path(__file__).name} and in docs ARCHITECTURE's list of layers")
+    assert not missing, (f"modules of monai_diffusion without a layer: {missing}; place each in a layer of LAYERS "
+                         f"in tests/{Path(__file__).name}")
 
 
 def test_app_imports_only_point_down_the_layers():
