@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,58 +11,29 @@ import torch
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
 from monai_diffusion.checkpoints import CHECKPOINT_FORMAT
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART, cli_args, error_line, tiny_overrides
 
 
 def tiny(root: Path, *extra: str) -> list[str]:
-    sets = [
+    """The tiny run at 8^3 (2 train, 1 val): autoencoder [4, 4] with factor 2, UNet [4, 4] without attention,
+    20 timesteps, no sample during training, one sample of 2 steps at quickstart's sampling batch size."""
+    sets = tiny_overrides(
+        root,
         "data.synthetic={enabled: true, num_train: 2, num_val: 1, seed: 0}",
         "data.voxel_size=[8, 8, 8]",
         "autoencoder.num_channels=[4, 4]",
         "autoencoder.downsample_factors=[2]",
-        "autoencoder.attention_levels=[false, false]",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.latent_channels=2",
-        "autoencoder.training.n_epochs=1",
-        "autoencoder.training.batch_size=2",
-        "autoencoder.training.discriminator={num_layers_d: 1, num_channels: 4}",
-        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
-        "diffusion.in_channels=2",
-        "diffusion.out_channels=2",
         "diffusion.num_channels=[4, 4]",
         "diffusion.attention_levels=[false, false]",
         "diffusion.num_head_channels=4",
-        "diffusion.norm_num_groups=4",
         "diffusion.scheduler.num_train_timesteps=20",
         "diffusion.training.n_epochs=1",
-        "diffusion.training.batch_size=2",
         "diffusion.training.num_samples_to_generate=0",
-        f"diffusion.checkpoints.autoencoder_path={root / 'ae' / 'best_model.pt'}",
-        f"diffusion.checkpoints.output_dir={root / 'dm'}",
         "sampling.num_inference_steps=2",
         "sampling.num_samples=1",
-        f"sampling.output_dir={root / 'samples'}",
-        "device.use_cuda=false",
         *extra,
-    ]
+    )
     return cli_args(QUICKSTART, sets)
-
-
-def cli_args(config: Path, sets: Sequence[str], *flags: str) -> list[str]:
-    """The argv of a CLI entry point: ``--config CONFIG [FLAGS] --set S ...`` for these overrides."""
-    out = ["--config", str(config), *flags]
-    for s in sets:
-        out += ["--set", s]
-    return out
-
-
-def error_line(capsys, code: int) -> str:
-    """The command's exit code is 2 and stderr holds exactly one line, starting with 'error: '."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

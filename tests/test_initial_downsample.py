@@ -8,7 +8,6 @@ that never reach the network.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import nibabel as nib
 import pytest
@@ -24,7 +23,7 @@ from monai_diffusion.settings import ConfigError, load_settings, settings_from_d
 from monai_diffusion.stage1 import train_autoencoder
 from monai_diffusion.stage2 import train_diffusion
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART
 
 
 def small(**kwargs) -> AutoencoderKL:

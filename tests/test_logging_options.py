@@ -21,43 +21,9 @@ from monai_diffusion.settings import ConfigError, load_settings, settings_from_d
 from monai_diffusion.stage1 import AutoencoderStage, train_autoencoder, validation_window
 from monai_diffusion.stage2 import DiffusionStage, comparison_picture, train_diffusion
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART, tiny_factor4 as tiny  # tiny: 16^3, factor 4 (conftest's autoencoder_run: its stage 1)
+
 WHOLE = (33, 41, 25)  # nibabel's anatomical.nii: 33 x 41 x 25 voxels (LAS, so RAS only flips axis 0)
-
-
-def tiny(root: Path, *extra: str) -> list[str]:
-    """Both stages on 16^3 volumes: autoencoder [4, 8] (factor 4, latent 2 x 4^3), UNet [8, 8]."""
-    return [
-        "data.synthetic={enabled: true, num_train: 4, num_val: 2, seed: 0}",
-        "data.voxel_size=[16, 16, 16]",
-        "data.num_workers=0",
-        "autoencoder.num_channels=[4, 8]",
-        "autoencoder.downsample_factors=[4]",
-        "autoencoder.attention_levels=[false, false]",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.latent_channels=2",
-        "autoencoder.training.n_epochs=1",
-        "autoencoder.training.batch_size=2",
-        "autoencoder.training.discriminator={num_layers_d: 2, num_channels: 4}",
-        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
-        "diffusion.in_channels=2",
-        "diffusion.out_channels=2",
-        "diffusion.num_channels=[8, 8]",
-        "diffusion.attention_levels=[false, true]",
-        "diffusion.num_head_channels=8",
-        "diffusion.norm_num_groups=4",
-        "diffusion.scheduler.num_train_timesteps=50",
-        "diffusion.training.batch_size=2",
-        "diffusion.training.scale_factor_batches=1",
-        "diffusion.training.lr_warmup_steps=0",
-        "diffusion.training.ema_decay=null",
-        "diffusion.training.cache_latents=true",
-        f"diffusion.checkpoints.autoencoder_path={root / 'ae' / 'best_model.pt'}",
-        f"diffusion.checkpoints.output_dir={root / 'dm'}",
-        "device.use_cuda=false",
-        "device.mixed_precision=false",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +131,6 @@ def test_sampling_steps_of_the_pictures_must_fit_the_schedule(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
-@pytest.fixture(scope="module")
-def autoencoder_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ae_run")
-    train_autoencoder(load_settings(QUICKSTART, tiny(root)))
-    return root
-
-
 def test_pictures_come_at_their_epochs_with_one_generation_each(autoencoder_run, tmp_path, monkeypatch):
     root = autoencoder_run
     settings = load_settings(QUICKSTART, tiny(

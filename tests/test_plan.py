@@ -19,12 +19,7 @@ from monai_diffusion.memory import CLEAN_MALLOC_ENV
 from monai_diffusion.plan.measure import build_stage, measure_stage, worker_env
 from monai_diffusion.settings import load_settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_stage1 import tiny  # noqa: E402 - the shared tiny-config helper
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "monai_diffusion" / "config"
-QUICKSTART = CONFIGS / "examples" / "quickstart.yaml"
+from conftest import CONFIGS, QUICKSTART, REPO, tiny_any_config as tiny  # tiny: test_stage1's, shrinks any config
 
 # config -> (input spatial, latent spatial, total factor per axis, latent channels); values read from the YAMLs
 SHIPPED = {
@@ -44,7 +39,7 @@ def _load(path: Path, overrides=()):
 
 
 def _measured_config(tmp: Path) -> list[str]:
-    """test_stage1's tiny quickstart at 32^3 with quickstart's own channels (a step peak of ~80 MiB on a CPU, so
+    """The tiny quickstart of test_stage1 at 32^3 with quickstart's own channels (a step peak of ~80 MiB on a CPU, so
     fast_dev_run's whole-MiB figure is exact to ~1 %), batch 1, adversarial loss on from the first epoch."""
     return tiny(tmp, "data.voxel_size=[32, 32, 32]", "autoencoder.num_channels=[8, 16, 16]",
                 "autoencoder.norm_num_groups=8", "autoencoder.training.batch_size=1",

@@ -24,9 +24,7 @@ from monai_diffusion.pointcloud import (
 )
 from monai_diffusion.settings import ConfigError, PointCloudSettings, settings_from_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_runs import args as run_args  # noqa: E402  (the tiny train -> sample settings of test_runs.py)
-from test_cli_errors import error_line  # noqa: E402  (one `error:` line, exit code 2)
+from conftest import error_line, tiny_run_args as run_args  # run_args: test_runs' tiny train -> sample run
 
 ANATOMICAL = Path(data_path) / "anatomical.nii"  # 33 x 41 x 25, LAS, 2 mm voxels
 

@@ -21,7 +21,8 @@ from monai_diffusion.models import unet_args
 from monai_diffusion.sampling import NULL_PROJECTION, Conditioner, projection, write_sample
 from monai_diffusion.settings import ConfigError, settings_from_dict
 from monai_diffusion.stage2 import train_diffusion
-from test_cli_errors import error_line  # one `error:` line, exit code 2
+
+from conftest import error_line
 
 CONDITION = {"condition_channels": 1, "condition_embed_dim": 8, "projection_axis": 2,
              "condition_encoder_channels": [8, 8]}

@@ -14,45 +14,26 @@ from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, t
 from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.sampling import build_scheduler, resolve_sampler, sample_latents, set_sampling_steps
 from monai_diffusion.settings import ConfigError, settings_from_dict
-from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART, cli_args, tiny_overrides
 
 
 def args(root: Path, *extra: str) -> list[str]:
-    sets = [
-        "data.synthetic={enabled: true, num_train: 4, num_val: 2, seed: 0}",
-        "data.voxel_size=[16, 16, 16]",
+    """The tiny run with a rectified-flow scheduler: autoencoder [4, 4] with factor 4, UNet [8, 8], two diffusion
+    epochs with a sample after each, sampling of 2 samples in 4 steps from seed 0."""
+    sets = tiny_overrides(
+        root,
         "autoencoder.num_channels=[4, 4]",
-        "autoencoder.downsample_factors=[4]",
-        "autoencoder.attention_levels=[false, false]",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.latent_channels=2",
-        "autoencoder.training.n_epochs=1",
-        "autoencoder.training.batch_size=2",
-        "autoencoder.training.discriminator={num_layers_d: 1, num_channels: 4}",
-        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
-        "diffusion.in_channels=2",
-        "diffusion.out_channels=2",
-        "diffusion.num_channels=[8, 8]",
-        "diffusion.attention_levels=[false, true]",
-        "diffusion.num_head_channels=8",
-        "diffusion.norm_num_groups=4",
         "diffusion.scheduler.type=rflow",
-        "diffusion.training.batch_size=2",
         "diffusion.training.n_epochs=2",
         "diffusion.training.generate_samples_interval=1",
         "diffusion.training.num_samples_to_generate=1",
-        f"diffusion.checkpoints.autoencoder_path={root / 'ae' / 'best_model.pt'}",
-        f"diffusion.checkpoints.output_dir={root / 'dm'}",
         "sampling.num_inference_steps=4",
         "sampling.num_samples=2",
         "sampling.batch_size=2",
         "sampling.seed=0",
-        f"sampling.output_dir={root / 'samples'}",
-        "device.use_cuda=false",
         *extra,
-    ]
+    )
     return cli_args(QUICKSTART, sets)
 
 

@@ -3,55 +3,16 @@ fast_dev_run of both stages, and a 2D PNG folder through all three scripts."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import yaml
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
 from monai_diffusion.settings import load_settings
-from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART, tiny_run_args as args  # args: the tiny train -> train -> sample run
+
 CONFIG_2D = QUICKSTART.parent / "ldm_config_2d_512.yaml"
-
-
-def args(root: Path, *extra: str, config: Path = QUICKSTART, size: str = "[16, 16, 16]") -> list[str]:
-    sets = [
-        "data.synthetic={enabled: true, num_train: 2, num_val: 1, seed: 0}",
-        f"data.voxel_size={size}",
-        "data.num_workers=0",
-        "autoencoder.num_channels=[4, 4]",
-        "autoencoder.downsample_factors=[2]",
-        "autoencoder.attention_levels=[false, false]",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.latent_channels=2",
-        "autoencoder.training.n_epochs=1",
-        "autoencoder.training.batch_size=2",
-        "autoencoder.training.discriminator={num_layers_d: 1, num_channels: 4}",
-        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
-        "diffusion.in_channels=2",
-        "diffusion.out_channels=2",
-        "diffusion.num_channels=[4, 4]",
-        "diffusion.attention_levels=[false, true]",
-        "diffusion.num_head_channels=4",
-        "diffusion.norm_num_groups=4",
-        "diffusion.scheduler.num_train_timesteps=20",
-        "diffusion.training.n_epochs=1",
-        "diffusion.training.batch_size=2",
-        "diffusion.training.num_samples_to_generate=1",
-        f"diffusion.checkpoints.autoencoder_path={root / 'ae' / 'best_model.pt'}",
-        f"diffusion.checkpoints.output_dir={root / 'dm'}",
-        "sampling.num_inference_steps=2",
-        "sampling.num_samples=2",
-        "sampling.batch_size=2",
-        f"sampling.output_dir={root / 'samples'}",
-        "device.use_cuda=false",
-        "device.mixed_precision=false",
-        *extra,
-    ]
-    return cli_args(config, sets)
 
 
 def test_run_record_config_and_log(tmp_path, capsys):

@@ -17,7 +17,8 @@ import yaml
 
 from monai_diffusion.cli import train_autoencoder_main
 from monai_diffusion.settings import load_settings
-from test_cli_errors import cli_args, error_line  # argv for --set lists; one `error:` line, exit code 2
+
+from conftest import cli_args, error_line
 
 SEED_LAYOUT = """
 data:

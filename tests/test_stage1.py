@@ -21,50 +21,11 @@ from monai_diffusion.models import load_autoencoder
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "monai_diffusion" / "config"
-QUICKSTART = CONFIGS / "examples" / "quickstart.yaml"
-
-
-def tiny(tmp_path: Path, *extra: str, config: Path = QUICKSTART) -> list[str]:
-    """Overrides that shrink any shipped config to a few seconds of CPU work."""
-    return [
-        "data.train_data_dir=null",
-        "data.val_data_dir=null",
-        "data.datalist=null",
-        "data.synthetic={enabled: true, num_train: 4, num_val: 2, seed: 0}",
-        "data.voxel_size=[16, 16, 16]",
-        "data.crop_mode=resize",
-        "data.cache_rate=1.0",
-        "data.cache_dir=null",
-        "data.num_workers=0",
-        "autoencoder.num_channels=[4, 8, 8]",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.latent_channels=2",
-        "autoencoder.training.batch_size=2",
-        "autoencoder.training.n_epochs=2",
-        "autoencoder.training.autoencoder_warm_up_n_epochs=1",
-        "autoencoder.training.adv_weight=0.01",  # the adversarial path on from epoch 2
-        "autoencoder.training.use_perceptual_loss=false",
-        "autoencoder.training.discriminator={num_layers_d: 2, num_channels: 4}",
-        "autoencoder.training.gradient_accumulation_steps=1",
-        f"autoencoder.checkpoints.output_dir={tmp_path / 'ae'}",
-        "autoencoder.checkpoints.resume_from=null",
-        "autoencoder.logging.log_dir=null",
-        "autoencoder.logging.log_interval=1",
-        "diffusion.in_channels=2",
-        "diffusion.out_channels=2",
-        "diffusion.num_channels=[8, 8]",
-        "diffusion.attention_levels=[false, true]",
-        "diffusion.num_head_channels=8",
-        "diffusion.norm_num_groups=4",
-        "device.use_cuda=false",
-        *extra,
-    ]
+from conftest import CONFIGS, QUICKSTART, REPO, tiny_any_config as tiny  # tiny: shrinks any shipped config
 
 
 def settings_for(tmp_path: Path, *extra: str, config: Path = QUICKSTART):
-    return load_settings(config, tiny(tmp_path, *extra, config=config))
+    return load_settings(config, tiny(tmp_path, *extra))
 
 
 @pytest.mark.parametrize(
@@ -86,7 +47,7 @@ def settings_for(tmp_path: Path, *extra: str, config: Path = QUICKSTART):
 )
 def test_fast_dev_run_of_shipped_configs(tmp_path, capsys, config, extra):
     path = CONFIGS / config
-    settings = load_settings(path, tiny(tmp_path, "autoencoder.training.fast_dev_run=true", *extra, config=path))
+    settings = load_settings(path, tiny(tmp_path, "autoencoder.training.fast_dev_run=true", *extra))
     # keep each config's own factors (only the sizes shrink) unless overridden above
     state = train_autoencoder(settings)
     out = capsys.readouterr().out
@@ -104,7 +65,7 @@ def test_fast_dev_run_of_shipped_configs(tmp_path, capsys, config, extra):
 def test_8x_config_keeps_its_factors_when_shrunk(tmp_path, capsys):
     path = CONFIGS / "examples" / "ldm_config_8x_downsample.yaml"
     settings = load_settings(path, tiny(tmp_path, "autoencoder.training.fast_dev_run=true",
-                                        "device.mixed_precision=false", config=path))  # fp32: see above
+                                        "device.mixed_precision=false"))  # fp32: see above
     assert list(settings.autoencoder.downsample_factors) == [4, 2]
     train_autoencoder(settings)
     assert "latent (2, 2, 2, 2, 2)" in capsys.readouterr().out  # 16^3 / 8

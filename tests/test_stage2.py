@@ -20,34 +20,19 @@ from monai_diffusion.generate import generate_samples
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder
 from monai_diffusion.stage2 import train_diffusion
-from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART, cli_args, tiny_overrides
 
 
 def overrides(root: Path, data: list[str], *extra: str) -> list[str]:
-    return [
+    """The tiny run on ``data`` (overrides naming the data source): autoencoder [4, 8] with factor 4, 50 timesteps,
+    two diffusion epochs that visibly train, a sample in the second, sampling of 3 samples in 5 steps from seed 0."""
+    return tiny_overrides(
+        root,
         *data,
-        "data.voxel_size=[16, 16, 16]",
-        "data.num_workers=0",
-        "autoencoder.num_channels=[4, 8]",
-        "autoencoder.downsample_factors=[4]",
-        "autoencoder.attention_levels=[false, false]",
-        "autoencoder.norm_num_groups=4",
-        "autoencoder.latent_channels=2",
-        "autoencoder.training.n_epochs=1",
-        "autoencoder.training.batch_size=2",
         "autoencoder.training.discriminator={num_layers_d: 2, num_channels: 4}",
-        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
-        "diffusion.in_channels=2",
-        "diffusion.out_channels=2",
-        "diffusion.num_channels=[8, 8]",
-        "diffusion.attention_levels=[false, true]",
-        "diffusion.num_head_channels=8",
-        "diffusion.norm_num_groups=4",
         "diffusion.scheduler.num_train_timesteps=50",
         "diffusion.training.n_epochs=2",
-        "diffusion.training.batch_size=2",
         "diffusion.training.generate_samples_interval=2",
         "diffusion.training.num_samples_to_generate=1",
         "diffusion.training.scale_factor_batches=2",
@@ -57,16 +42,12 @@ def overrides(root: Path, data: list[str], *extra: str) -> list[str]:
         "diffusion.training.ema_decay=null",
         "diffusion.training.cache_latents=false",
         "diffusion.training.val_interval=1",
-        f"diffusion.checkpoints.autoencoder_path={root / 'ae' / 'best_model.pt'}",
-        f"diffusion.checkpoints.output_dir={root / 'dm'}",
         "sampling.num_inference_steps=5",
         "sampling.num_samples=3",
         "sampling.batch_size=2",
-        f"sampling.output_dir={root / 'samples'}",
         "sampling.seed=0",
-        "device.use_cuda=false",
         *extra,
-    ]
+    )
 
 
 SYNTHETIC = ["data.synthetic={enabled: true, num_train: 4, num_val: 2, seed: 0}"]

@@ -4,9 +4,6 @@ of the whole-volume pass; bad tile sizes are refused before any work, naming the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,9 +16,7 @@ from monai_diffusion.models import decode_latent, encode_to_latent, reconstruct
 from monai_diffusion.settings import ConfigError, load_settings
 from monai_diffusion.stage2 import train_diffusion
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cli_errors import cli_args, error_line  # noqa: E402  (argv for --set lists; one `error:` line)
-from test_logging_options import QUICKSTART, autoencoder_run, tiny  # noqa: E402,F401  (16^3, factor 4; a stage-1 run)
+from conftest import QUICKSTART, cli_args, error_line, tiny_factor4 as tiny  # 16^3, factor 4 (see autoencoder_run)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:

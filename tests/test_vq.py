@@ -25,47 +25,35 @@ from monai_diffusion.settings import (
     total_downsample_factor,
 )
 from monai_diffusion.stage1 import codebook_is_untrained, init_codebook_from_data, train_autoencoder
-from test_cli_errors import cli_args  # the argv of a CLI entry point for a --set list
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
+from conftest import QUICKSTART, cli_args, tiny_overrides
+
 NUM_EMBEDDINGS = 16
 
 
 def args(root: Path, *extra: str) -> list[str]:
     """A 16^3 VQ-VAE (factor 4, 16 codes of 4 channels) and a two-level UNet on its 4^3 latent."""
-    sets = [
-        "data.synthetic={enabled: true, num_train: 4, num_val: 2, seed: 0}",
-        "data.voxel_size=[16, 16, 16]",
-        "data.num_workers=0",
+    sets = tiny_overrides(
+        root,
         "autoencoder.type=vq",
         "autoencoder.vqvae={num_channels: [4, 8], num_res_channels: 4, num_res_layers: 1, "
         f"num_embeddings: {NUM_EMBEDDINGS}, embedding_dim: 4}}",
         "autoencoder.training.n_epochs=2",
-        "autoencoder.training.batch_size=2",
         "autoencoder.training.autoencoder_warm_up_n_epochs=1",
         "autoencoder.training.adv_weight=0.01",  # the adversarial path on from epoch 2
-        "autoencoder.training.discriminator={num_layers_d: 1, num_channels: 4}",
-        f"autoencoder.checkpoints.output_dir={root / 'ae'}",
         "autoencoder.logging.log_interval=1",
         "diffusion.in_channels=4",
         "diffusion.out_channels=4",
-        "diffusion.num_channels=[8, 8]",
-        "diffusion.attention_levels=[false, true]",
-        "diffusion.num_head_channels=8",
-        "diffusion.norm_num_groups=4",
         "diffusion.scheduler.num_train_timesteps=20",
         "diffusion.training.n_epochs=1",
-        "diffusion.training.batch_size=2",
-        f"diffusion.checkpoints.autoencoder_path={root / 'ae' / 'best_model.pt'}",
-        f"diffusion.checkpoints.output_dir={root / 'dm'}",
         "sampling.num_inference_steps=2",
         "sampling.num_samples=2",
         "sampling.batch_size=2",
-        f"sampling.output_dir={root / 'samples'}",
-        "device.use_cuda=false",
-        "device.mixed_precision=false",
         *extra,
-    ]
+        # the KL autoencoder's keys stay quickstart's
+        leave=("autoencoder.num_channels", "autoencoder.downsample_factors", "autoencoder.attention_levels",
+               "autoencoder.norm_num_groups", "autoencoder.latent_channels"),
+    )
     return cli_args(QUICKSTART, sets)
 
 
