@@ -59,7 +59,7 @@ def _synthetic_settings_class() -> type:
 SyntheticDataSettings = _synthetic_settings_class()
 
 
-def synthetic_params(synthetic: Any) -> dict[str, Any]:
+def synthetic_params(synthetic: SyntheticDataSettings) -> dict[str, Any]:
     """The generator parameters of the chosen ``data.synthetic.kind``, from the ``data.synthetic`` settings."""
     return {f.name: getattr(synthetic, f.name) for f in dataclasses.fields(PARAMS[synthetic.kind])}
 
