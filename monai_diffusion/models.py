@@ -24,8 +24,10 @@ from monai.networks.nets import VQVAE, DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
 
+from . import geometry
 from .checkpoints import load_checkpoint, load_weights
 from .fileio import plain
+from .settings import vq_sampling_parameters
 
 
 # constructor arguments that change how a network runs, not what it computes
@@ -68,8 +70,6 @@ def autoencoder_execution(ae: Any) -> dict[str, Any]:
 def vqvae_args(ae: Any) -> dict[str, Any]:
     """Architecture arguments of MONAI core's VQVAE from the ``autoencoder`` settings section (``type: vq``; the
     network keys are in ``autoencoder.vqvae``, the defaults of the parameter lists filled in)."""
-    from .settings import vq_sampling_parameters
-
     vq = ae.vqvae
     down, up = vq_sampling_parameters(vq)
     return {
@@ -201,8 +201,7 @@ def total_factor(autoencoder: nn.Module) -> tuple[int, ...]:
     """Total downsample factor per spatial axis (VQ-VAE: the product of its downsampling strides)."""
     if not is_vq(autoencoder):
         return tuple(autoencoder.total_downsample_factor)
-    stride = math.prod(int(p[0]) for p in autoencoder.init_args["downsample_parameters"])
-    return (stride,) * autoencoder.spatial_dims
+    return geometry.vq_total_factor(autoencoder.init_args["downsample_parameters"], autoencoder.spatial_dims)
 
 
 def latent_spatial(autoencoder: nn.Module, spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -216,10 +215,10 @@ def latent_spatial(autoencoder: nn.Module, spatial: tuple[int, ...]) -> tuple[in
     factor = total_factor(autoencoder)
     if len(spatial) != len(factor):
         raise ValueError(f"expected {len(factor)} spatial sizes, got {list(spatial)}")
-    bad = [f"axis {a}: {n} is not divisible by {f}" for a, (n, f) in enumerate(zip(spatial, factor)) if n % f]
-    if bad:
-        raise ValueError(f"the VQ-VAE's total downsample factor is {factor[0]} per axis; " + "; ".join(bad))
-    return tuple(n // f for n, f in zip(spatial, factor))
+    try:
+        return geometry.latent_shape(spatial, factor)
+    except ValueError as e:
+        raise ValueError(f"the VQ-VAE's total downsample factor is {factor[0]} per axis; {e}") from None
 
 
 def _tile(autoencoder: nn.Module, tile_size: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -273,7 +272,7 @@ def reconstruct(autoencoder: nn.Module, images: torch.Tensor, tile_size: Sequenc
     if is_vq(autoencoder):
         return autoencoder(images)[0]
     sizes = images.shape[2:]
-    padded = [-(-n // f) * f for n, f in zip(sizes, total_factor(autoencoder))]
+    padded = geometry.rounded_up(sizes, total_factor(autoencoder))
     if list(sizes) != padded:
         pads = [p for n, m in zip(reversed(sizes), reversed(padded)) for p in (0, m - n)]
         images = torch.nn.functional.pad(images, pads)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from generative.networks.nets import AutoencoderKL
 
+from . import geometry
 from .data import build_datasets, build_loaders, validates_whole_volumes
 from .checkpoints import load_checkpoint, prepare_output_dir, resolve_resume
 from .engine import LoopState, loop_config, run_loop
@@ -485,23 +486,16 @@ def attention_warning(init_args: dict[str, Any], spatial: tuple[int, ...]) -> li
         init_args: the autoencoder's constructor arguments (``AutoencoderKL.init_args``).
         spatial: the spatial size of its input.
     """
-    from generative.networks.nets.autoencoderkl import normalize_factor, normalize_factors
-
     if init_args.get("use_flash_attention"):
         return []
     dims, levels = len(spatial), len(init_args["num_channels"])
-    size = [n / f for n, f in zip(spatial, normalize_factor(init_args.get("initial_downsample_factor", 1), dims,
-                                                                 "initial_downsample_factor"))]
-    factors = normalize_factors(init_args.get("downsample_factors"), levels - 1, dims)
+    resolutions = geometry.level_resolutions(
+        spatial, geometry.per_axis(init_args.get("initial_downsample_factor", 1), dims, "initial_downsample_factor"),
+        geometry.per_level_factors(init_args.get("downsample_factors"), levels - 1, dims))
     attended = set(i for i, on in enumerate(init_args["attention_levels"]) if on)
     if init_args.get("with_encoder_nonlocal_attn", True) or init_args.get("with_decoder_nonlocal_attn", True):
         attended.add(levels - 1)
-    positions = 0
-    for level in range(levels):
-        if level in attended:
-            positions = max(positions, int(math.prod(size)))
-        if level < levels - 1:
-            size = [n / f for n, f in zip(size, factors[level])]
+    positions = max((math.prod(resolutions[level]) for level in attended if level < levels), default=0)
     if positions**2 * 4 <= ATTENTION_WARN_BYTES:
         return []
     return [f"warning: the autoencoder's self-attention over {positions:,} positions builds a "

@@ -8,14 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data import uses_random_patches
-from ..settings import Settings, initial_downsample_factor, total_downsample_factor
+from ..settings import Settings, initial_downsample_factor, set_value, total_downsample_factor
 from .geometry import (
     MIB,
     compact_factors,
     mib_text,
     per_level,
     per_level_factors,
-    set_value,
     shape_text,
 )
 

@@ -11,7 +11,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..settings import Settings, _set_value, initial_downsample_factor, sampling_tile, total_downsample_factor
+from .. import geometry
+from ..settings import (
+    AutoencoderSettings,
+    Settings,
+    initial_downsample_factor,
+    sampling_tile,
+    total_downsample_factor,
+)
 
 MIB = 2**20
 
@@ -31,17 +38,10 @@ def mib_text(x: float) -> str:
     return f"{x:,.1f} MiB"
 
 
-def set_value(value: Any) -> str:
-    """A value as written after ``--set key=`` (YAML): the same spelling settings use in their messages."""
-    return _set_value(value)
-
-
-def per_level_factors(ae: Any) -> list[list[int]]:
+def per_level_factors(ae: AutoencoderSettings) -> list[list[int]]:
     """Downsample factor of every level of the ``autoencoder`` settings, one int per axis (None = 2 per level)."""
-    dims, levels = ae.spatial_dims, len(ae.num_channels) - 1
-    if ae.downsample_factors is None:
-        return [[2] * dims for _ in range(levels)]
-    return [[f] * dims if isinstance(f, int) else list(f) for f in ae.downsample_factors]
+    return [list(f) for f in geometry.per_level_factors(ae.downsample_factors, len(ae.num_channels) - 1,
+                                                        ae.spatial_dims)]
 
 
 def per_level(value: Any, levels: int) -> list[int]:
@@ -56,7 +56,7 @@ def compact_factors(factors: Sequence[Sequence[int]]) -> list[Any]:
 
 def latent_spatial(s: Settings) -> list[int]:
     """The latent's spatial size: ``data.voxel_size`` over the autoencoder's total downsample factor."""
-    return [v // f for v, f in zip(s.data.voxel_size, total_downsample_factor(s.autoencoder))]
+    return geometry.divided(s.data.voxel_size, total_downsample_factor(s.autoencoder))
 
 
 def attention_entry(where: str, spatial: Sequence[int], heads: int, blocks: int, flash: bool,
@@ -87,13 +87,12 @@ def stage1_info(s: Settings, batch: int) -> dict[str, Any]:
     latent = latent_spatial(s)
     levels = []
     initial = list(initial_downsample_factor(ae))
-    spatial = [v // f for v, f in zip(voxel, initial)]  # the first level works after the patchify convolution
+    # the first level works after the patchify convolution
+    resolutions = geometry.level_resolutions(voxel, initial, factors)
     res_blocks = per_level(ae.num_res_blocks, len(ae.num_channels))
     for i, ch in enumerate(ae.num_channels):
-        levels.append({"level": i, "spatial": list(spatial), "channels": ch, "res_blocks": res_blocks[i],
+        levels.append({"level": i, "spatial": list(resolutions[i]), "channels": ch, "res_blocks": res_blocks[i],
                        "attention": bool(ae.attention_levels[i]) if i < len(ae.attention_levels) else False})
-        if i < len(factors):
-            spatial = [x // f for x, f in zip(spatial, factors[i])]
     attention = []
     for lv in levels:
         if lv["attention"]:
@@ -140,8 +139,10 @@ def stage2_info(s: Settings, batch: int) -> dict[str, Any]:
     res_blocks = per_level(df.num_res_blocks, levels)
     level_info = []
     attention = []
-    spatial = list(latent)
+    # every UNet level after the first halves the latent
+    resolutions = geometry.level_resolutions(latent, [1] * len(latent), [[2] * len(latent)] * (levels - 1))
     for i, ch in enumerate(df.num_channels):
+        spatial = list(resolutions[i])
         att = bool(df.attention_levels[i])
         h = heads[i] if heads[i] > 0 else ch
         n_heads = max(1, ch // h)
@@ -153,8 +154,6 @@ def stage2_info(s: Settings, batch: int) -> dict[str, Any]:
                                              df.use_flash_attention, batch))
         if i == levels - 1:
             attention.append(attention_entry("middle block", spatial, n_heads, 1, df.use_flash_attention, batch))
-        else:
-            spatial = [x // 2 for x in spatial]
     cond = df.conditioning
     return {
         "latent_shape": [batch, ae.latent_channels, *latent],

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .geometry import compact_factors, mib_text, set_value, shape_text
+from ..settings import set_value
+from .geometry import compact_factors, mib_text, shape_text
 
 
 def _format_levels(levels: list[dict], attention_key: str = "attention") -> str:
