@@ -1,17 +1,15 @@
-"""Helpers shared by the benchmark scripts in this folder.
+"""The autoencoder measurements shared by ``compression.py``, ``max_volume.py`` and ``quality.py``.
 
-Everything here is plain functions: describing the machine, building the autoencoders that are compared (MONAI
-core's and this fork's), one training step, peak-memory bookkeeping on CPU and GPU, and running a measurement in a
-fresh Python process so that each one starts from a clean memory state.
+Plain functions: building the autoencoders that are compared (MONAI core's and this fork's), one training step,
+peak-memory bookkeeping on CPU and GPU, and running a measurement in a fresh Python process so that each one starts
+from a clean memory state. The machine description and result writing live in ``_common.py``.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,9 +22,7 @@ import torch
 # the one memory meter; CLEAN_MALLOC_ENV is used through this module by compression.py and max_volume.py
 from monai_diffusion.memory import CLEAN_MALLOC_ENV, MIB, PeakMeter  # noqa: F401
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+from _common import REPO_ROOT
 
 # Architecture shared by every compared model; only the resampling factors (and the implementation) change.
 CHANNELS = (32, 64, 64)
@@ -332,83 +328,3 @@ def run_worker_subprocess(
     result["loadavg_1min_before"] = load_before[0]
     result["loadavg_1min_after"] = os.getloadavg()[0]
     return result
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, cores, memory, GPU, library versions, commit, time."""
-    import monai
-
-    cpu, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == "unknown":
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    # what decides whether bf16 autocast pays off on a CPU (and the vector width)
-                    flags = sorted(f for f in have if f in ("avx2", "avx512f", "avx512_bf16") or f.startswith("amx"))
-                    break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    info = {
-        "device": device,
-        "cpu_model": cpu,
-        "cpu_flags": flags,
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gib": mem_gib,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "platform": platform.platform(),
-        "git_commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
-        "omp_wait_policy": worker_env()["OMP_WAIT_POLICY"],
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return info
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    """One-line Markdown description of the machine."""
-    where = info.get("gpu", f"CPU only, {info['cpu_cores_usable']} cores ({info['torch_threads']} torch threads)")
-    return (
-        f"Machine: {info['cpu_model']} (flags: {', '.join(info.get('cpu_flags') or ['none of avx2/avx512f/avx512_bf16/amx'])}), "
-        f"{info['cpu_cores']} cores, {info['ram_gib']} GiB RAM; device: "
-        f"{info['device']} ({where}); torch {info['torch']}, monai {info['monai']}, Python {info['python']}; "
-        f"commit {info['git_commit']}; {info['date_utc']}; 1-min load average at start "
-        f"{info['loadavg_at_start'][0]}."
-    )
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub Markdown table."""
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

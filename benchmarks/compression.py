@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import autoencoder_bench as common  # noqa: E402
+import _common
+import autoencoder_bench as common
 
 DEFAULT_SIZE = [64, 64, 64]
 DEFAULT_FACTORS = ["core-4x", "4x", "8x", "16x-8-2", "16x-4-4", "aniso"]
@@ -90,7 +89,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Autoencoder training step per downsample factor ({report['device']})",
         "",
-        common.machine_line(report["machine"]),
+        _common.machine_line(report["machine"]),
         "",
         f"Command: `{report['command']}`  ",
         f"Input 1 x 1 x {' x '.join(map(str, size))}, batch 1; channels {list(common.CHANNELS)}, latent_channels 3, "
@@ -174,7 +173,7 @@ def render_markdown(report: dict) -> str:
                 f"{r['loadavg_1min_before']:.1f}/{r['loadavg_1min_after']:.1f}",
             ]
         )
-    lines += [common.markdown_table(header, rows), ""]
+    lines += [_common.markdown_table(header, rows), ""]
     checks = report.get("checks", [])
     if checks:
         lines += ["## Checks", ""]
@@ -197,7 +196,7 @@ def render_markdown(report: dict) -> str:
             "adds gradients and temporaries on top (and, on CPU, allocator overhead). Runs with checkpointing are left "
             "out (their blocks save only their inputs).",
             "",
-            common.markdown_table(["run", *(f"{g} (MiB)" for g in groups), "total saved (MiB)", "measured peak (MiB)"],
+            _common.markdown_table(["run", *(f"{g} (MiB)" for g in groups), "total saved (MiB)", "measured peak (MiB)"],
                                   rows),
             "",
         ]
@@ -208,7 +207,7 @@ def render_markdown(report: dict) -> str:
         "64-channel full-resolution tensors after its upsampling) and one attention matrix at the last level "
         "(tokens x tokens); without SDPA each of the 4 attention blocks keeps at least one such matrix for backward.",
         "",
-        common.markdown_table(
+        _common.markdown_table(
             ["setting", "total factor", "first-level activation (MiB)", "attention tokens",
              "one attention matrix (MiB)", "4 matrices (MiB)"],
             memory_anatomy(size),
@@ -309,7 +308,8 @@ def merge_repeats(run: str, measurements: list[dict]) -> dict:
 def run_sweep(args: argparse.Namespace) -> dict:
     """Measure every requested configuration in subprocesses (round-robin over --repeats); add ratios and checks."""
     runs = [":".join(common.parse_run(r)) for r in args.runs] if args.runs else default_runs(args)
-    machine = common.machine_info(args.device)
+    machine = _common.machine_info(args.device)
+    machine["omp_wait_policy"] = common.worker_env()["OMP_WAIT_POLICY"]  # what the measuring processes use
     t0 = time.perf_counter()
     per_run: dict[str, list[dict]] = {run: [] for run in runs}
     for rep in range(args.repeats):
@@ -397,15 +397,13 @@ def main(argv=None) -> None:
     if args.render:
         report = json.loads(args.render.read_text(encoding="utf-8"))
         report["checks"] = target_checks(report["results"])
-        common.write_json(args.render, report)
-        args.render.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
+        _common.write_results(args.render, report, render_markdown(report))
         return
     if args.device == "cpu":
         args.variants = [v for v in args.variants if "fp16" not in v]
     report = run_sweep(args)
-    out = args.out or common.RESULTS_DIR / f"compression_{args.device}"
-    common.write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
+    out = args.out or _common.RESULTS_DIR / f"compression_{args.device}"
+    _common.write_results(out, report, render_markdown(report))
     print("\n".join(report["checks"]))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({report['wall_s'] / 60:.1f} min)")
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import platform
 import re
 import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-
+from _common import machine_info, machine_line, write_results
 from monai_diffusion.checkpoints import load_checkpoint
 from monai_diffusion.settings import load_settings
 from monai_diffusion.stage1 import train_autoencoder
@@ -69,8 +66,7 @@ def run(args: argparse.Namespace) -> dict:
         "num_train": args.num_train,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__,
+        "machine": machine_info("cpu"),
     }
     return results
 
@@ -85,7 +81,7 @@ def markdown(results: dict) -> str:
         "",
         f"Speed-up per epoch: **{results['speedup']:.2f}x** ({'x'.join(map(str, s['voxel_size']))} volumes, "
         f"{s['num_train']} training volumes, batch {s['batch_size']}, median of epochs 2-{s['epochs']}; "
-        f"{s['machine']}, torch {s['torch']}).",
+        f"{machine_line(s['machine'])})",
     ]
     return "\n".join(rows)
 
@@ -99,10 +95,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latent_cache_cpu")
     args = parser.parse_args()
     results = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, results, table)
     print(table)
 
 

@@ -12,13 +12,12 @@ and the target at half intensity. Also reports the foreground fraction at a few 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
 
 import torch
 from monai.transforms import ScaleIntensityRangePercentiles
 
+from _common import machine_info, machine_line, write_results
 from monai_diffusion.losses import ReconstructionLoss
 from monai_diffusion.synthetic import generate_volume
 
@@ -51,8 +50,7 @@ def run(args: argparse.Namespace) -> dict:
             "voxel_size": list(args.voxel_size),
             "volumes": args.volumes,
             "seed": args.seed,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-            "torch": torch.__version__,
+            "machine": machine_info("cpu"),
         },
     }
 
@@ -68,7 +66,7 @@ def markdown(results: dict) -> str:
         *(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |" for name, row in scores.items()),
         "",
         f"{s['volumes']} microtubule volumes of {'x'.join(map(str, s['voxel_size']))} (seed {s['seed']}): foreground "
-        f"{fractions}; mean intensity {results['mean_intensity']:.3f}. {s['machine']}, torch {s['torch']}.",
+        f"{fractions}; mean intensity {results['mean_intensity']:.3f}. {machine_line(s['machine'])}",
     ]
     return "\n".join(rows)
 
@@ -82,10 +80,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loss_separation_cpu")
     args = parser.parse_args()
     results = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, results, table)
     print(table)
 
 

@@ -42,9 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import autoencoder_bench as common  # noqa: E402
+import _common
+import autoencoder_bench as common
 
 DEFAULT_RECIPES = ["core-4x:fp32", "8x:fp32", "8x:sdpa+ckpt", "8x:recipe", "16x-8-2:sdpa+ckpt", "16x-8-2:recipe"]
 # fraction of the fitted memory the attention term must reach at the largest fit size to be estimated from the fit
@@ -204,7 +203,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Largest trainable volume within {a['budget_gib']:g} GiB ({report['device']}, batch 1)",
         "",
-        common.machine_line(report["machine"]),
+        _common.machine_line(report["machine"]),
         "",
         f"Command: `{report['command']}`  ",
         f"Aspect {':'.join(map(str, a['aspect']))}; fitted on scales {a['fit_scales']}, checked at scale "
@@ -235,7 +234,7 @@ def render_markdown(report: dict) -> str:
         ])
     extra = [f"largest {':'.join(map(str, o))} (same fit)" for o in a.get("also_aspects") or []]
     extra += [f"predicted at {'x'.join(map(str, m))} (GiB)" for m in a.get("reference") or []]
-    lines.append(common.markdown_table(
+    lines.append(_common.markdown_table(
         ["recipe", "total factor", "precision", "SDPA", "ckpt", "measured (MiB)", "a (MiB)", "b (MiB per Mvoxel)",
          "attention term c", "check: measured vs fit (MiB)", f"largest {':'.join(map(str, a['aspect']))} in "
          f"{a['budget_gib']:g} GiB", "Mvoxels", *extra], rows))
@@ -287,11 +286,11 @@ def main(argv=None) -> None:
             if getattr(args, key) != parse_args([]).__dict__[key] or key not in report["args"]:
                 report["args"][key] = getattr(args, key)
         add_derived(report)
-        common.write_json(args.render, report)
-        args.render.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
+        _common.write_results(args.render, report, render_markdown(report))
         return
     t0 = time.perf_counter()
-    machine = common.machine_info(args.device)
+    machine = _common.machine_info(args.device)
+    machine["omp_wait_policy"] = common.worker_env()["OMP_WAIT_POLICY"]  # what the measuring processes use
     fits: dict = {}
     results = []
     for run in [":".join(common.parse_run(r)) for r in args.recipes]:
@@ -312,9 +311,8 @@ def main(argv=None) -> None:
         "wall_s": time.perf_counter() - t0,
     }
     add_derived(report)
-    out = args.out or common.RESULTS_DIR / f"max_volume_{args.device}"
-    common.write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
+    out = args.out or _common.RESULTS_DIR / f"max_volume_{args.device}"
+    _common.write_results(out, report, render_markdown(report))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({report['wall_s'] / 60:.1f} min)")
 
 

@@ -17,7 +17,6 @@ without the condition).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,18 +25,14 @@ import nibabel as nib
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "GenerativeModels")]
-
-from monai_diffusion.data import build_datasets  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoencoder_bench import machine_info, machine_line  # noqa: E402
-from monai_diffusion.evaluate import projection_consistency  # noqa: E402
-from monai_diffusion.generate import Sampler  # noqa: E402
-from monai_diffusion.sampling import image_panel, projection, tile_panels  # noqa: E402
-from monai_diffusion.settings import settings_from_dict  # noqa: E402
-from monai_diffusion.stage2 import train_diffusion  # noqa: E402
+from _common import REPO_ROOT as ROOT
+from _common import machine_info, machine_line, write_results
+from monai_diffusion.data import build_datasets
+from monai_diffusion.evaluate import projection_consistency
+from monai_diffusion.generate import Sampler
+from monai_diffusion.sampling import image_panel, projection, tile_panels
+from monai_diffusion.settings import settings_from_dict
+from monai_diffusion.stage2 import train_diffusion
 
 
 def write_blobs(folder: Path, count: int, size: list[int], seed: int) -> None:
@@ -146,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "data": args.data, "prediction_type": args.prediction_type, "condition_concat": not args.no_concat, "size": args.size,
             "epochs": args.epochs,
             "num_train": args.num_train, "num_val": args.num_val, "train_seconds": round(train_seconds, 1)}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     lines = [f"# Projection consistency ({meta['command']})", "",
              f"{meta['machine']}", "", f"{args.data} {args.size}, {args.num_train} training volumes, "
              f"{args.epochs} epochs ({train_seconds / 60:.1f} min), prediction {args.prediction_type}, "
@@ -157,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         lines.append(f"| {name} | {r['mean']:.3f} | {r['mismatched_mean']:.3f} | {min(r['per_sample']):.3f} | "
                      f"{max(r['per_sample']):.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, {"meta": meta, "results": results}, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -44,9 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import yaml  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import autoencoder_bench as common  # noqa: E402
+import _common as common  # noqa: E402
 
 # factor setting -> autoencoder.downsample_factors (one entry per downsampling level)
 FACTORS: dict[str, list[int]] = {"4x": [2, 2], "8x": [4, 2], "16x": [8, 2]}
@@ -308,12 +306,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The Markdown summary of a benchmark report."""
     a = report["args"]
     m = report["machine"]
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m.get("cpu_flags", {}).items())
     partial = report.get("partial")
     lines = [
         f"# Quality per downsample factor: stage 1 and stage 2 after the same budget ({report['device']})",
         "",
-        common.machine_line(m) + (f" CPU flags: {flags}." if flags else "")
+        common.machine_line(m)
         + f" OMP_NUM_THREADS={m.get('omp_num_threads')}.",
         "",
         f"Command: `{report['command']}`  ",
@@ -412,16 +409,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cpu_flags() -> dict[str, bool]:
-    """Whether the CPU reports bf16 / AMX instructions (what makes bf16 fast on CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return {k: k in flags for k in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
@@ -462,7 +449,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.render:
         report = json.loads(args.render.read_text(encoding="utf-8"))
-        args.render.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
+        common.write_text(args.render.with_suffix(".md"), render_markdown(report))
         print(f"wrote {args.render.with_suffix('.md')}")
         return
     if args.data_dir is not None:
@@ -486,7 +473,6 @@ def main(argv=None) -> None:
     out = args.out or common.RESULTS_DIR / f"quality_{args.device}"
     t0 = time.perf_counter()
     machine = common.machine_info(args.device)
-    machine["cpu_flags"] = cpu_flags()
     machine["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     report: dict[str, Any] = {
         "device": args.device,
@@ -502,8 +488,7 @@ def main(argv=None) -> None:
         report["wall_s"] = time.perf_counter() - t0
         report["loadavg_at_end"] = round(os.getloadavg()[0], 2)
         report["partial"] = partial
-        common.write_json(out.with_suffix(".json"), report)
-        out.with_suffix(".md").write_text(render_markdown(report), encoding="utf-8")
+        common.write_results(out, report, render_markdown(report))
 
     for dataset in args.datasets:
         data_from = None

@@ -20,43 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _common import machine_info, machine_line, write_results
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "monai_diffusion" / "config" / "examples" / "quickstart.yaml"
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADLINE = [("samples_vs_recon", "c2st_accuracy"), ("samples_vs_real", "histogram_w1"), ("samples_vs_real", "mmd"),
             ("samples_vs_real", "nn_ratio"), ("samples_vs_real", "ms_ssim_diversity")]
-
-
-def machine() -> dict:
-    """CPU model and the flags that decide bf16 speed, versions, commit and load."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    import monai
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
-    return {
-        "cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-        "amx": sorted(f for f in flags if f.startswith("amx")), "torch": torch.__version__, "monai": monai.__version__,
-        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": commit.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average": os.getloadavg()[0],
-    }
 
 
 def overrides(work: Path, kind: str, extra: list[str]) -> list[str]:
@@ -116,9 +92,7 @@ def render(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# Sampling steps: quality and time (quickstart)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), avx512_bf16: "
-        f"{m['avx512_bf16']}, AMX: {m['amx'] or 'none'}; GPU: {m['cuda'] or 'none'}; torch {m['torch']}, "
-        f"monai {m['monai']}; commit {m['commit']}; {m['date']}; load average at start {m['load_average']:.1f}.  ",
+        machine_line(m) + "  ",
         f"Command: `{result['command']}`  ",
         f"{result['samples']} samples per row against {result['samples']} training volumes; NFE = network "
         "evaluations per sample (classifier-free guidance off). `c2st vs recon`: held-out accuracy of a classifier "
@@ -187,7 +161,7 @@ def main(argv_: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "sampling_cpu")
     args = p.parse_args(argv_)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "command": " ".join(["python", "benchmarks/sampling.py", *(argv_ or sys.argv[1:])]),
+    result = {"machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"), "command": " ".join(["python", "benchmarks/sampling.py", *(argv_ or sys.argv[1:])]),
               "seed": args.seed, "rows": []}
     t0 = time.perf_counter()
     train(args.work_dir, args.extra, args.reuse)
@@ -201,9 +175,7 @@ def main(argv_: list[str] | None = None) -> int:
     result["rows"].append(measure(args.work_dir, "ddpm", "ddpm", 0, args.seed + 1, args.extra))
     result["samples"] = json.loads(Path(result["rows"][0]["report"]).read_text())["samples"]["count"]
     result["wall_seconds"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(render(result))
+    write_results(args.out, result, render(result))
     plot(result, args.out.with_suffix(".png"))
     print(render(result))
     return 0

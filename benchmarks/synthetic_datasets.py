@@ -11,7 +11,6 @@ Pictures are drawn with the physical aspect ratio of the voxels (taken from the 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _common import cpu_info
 from monai_diffusion.synthetic import default_spacing, generate_volume
 
 # (kind, voxel_size, number of volumes shown, what to time)
@@ -101,7 +101,7 @@ def main() -> None:
         _grid(rows).save(out / name, optimize=True)
         print(f"wrote {out / name}")
 
-    machine = platform.processor() or platform.machine()
+    machine = cpu_info()["model"]
     print(f"\nseconds per volume ({machine}, torch threads={torch.get_num_threads()})")
     print("| kind | voxel_size | spacing (mm) | s / volume |")
     print("|---|---|---|---|")

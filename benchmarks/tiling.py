@@ -42,16 +42,8 @@ import torch  # noqa: E402
 
 from monai_diffusion.memory import MIB, PeakMeter  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autoencoder_bench import (  # noqa: E402
-    CLEAN_MALLOC_ENV,
-    RESULTS_DIR,
-    machine_info,
-    machine_line,
-    markdown_table,
-    run_worker_subprocess,
-    write_json,
-)
+from _common import RESULTS_DIR, machine_info, machine_line, markdown_table, write_json, write_text  # noqa: E402
+from autoencoder_bench import CLEAN_MALLOC_ENV, run_worker_subprocess  # noqa: E402
 
 from generative.networks.nets import AutoencoderKL  # noqa: E402
 
@@ -210,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             command = "python benchmarks/tiling.py " + " ".join(sys.argv[1:] if argv is None else argv)
             write_json(out.with_suffix(".json"), {"command": command, **record})
             cell = (lambda k, f: f.format(res[k]) if k in res else res.get("error", "—"))
-            out.with_suffix(".md").write_text("\n".join([
+            write_text(out.with_suffix(".md"), "\n".join([
                 f"# One {mode} pass of the 8x recipe ({args.device})", "", machine_line(info), "",
                 f"Command: `{command.strip()}`", "",
                 markdown_table(["pass", "volume", "tile", "attention", "peak MiB", "output MiB", "wall s", "CPU s"],
@@ -247,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(column \"output\"). CPU s: process CPU time of the pass.", "",
                   markdown_table(["pass", "volume", "tile", "untiled peak", "tiled peak", "tiled / untiled",
                                   "output", "untiled CPU s", "tiled CPU s"], memory_rows(memory)), ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_text(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -250,12 +250,21 @@ class AutoencoderStage:
         ``quick``)."""
         out = {}
         images = self._images(batch)[: 1 if quick else self.num_visualize]
-        for i in range(images.shape[0]):
-            image = images[i : i + 1]
-            with self.runtime.autocast():
-                recon = self._reconstruct(image).clamp(0, 1)
-            slices = orthogonal_slices([image, recon, (recon - image).abs()])
-            out.update({f"reconstruction/{i}/{axis}": v for axis, v in slices.items()})
+        # eval mode for the picture pass: validate() leaves the modules in train mode, and in train mode MONAI's EMA
+        # quantizer (VQ-VAE) updates its codebook with an all-reduce over the DDP ranks, which only rank 0 would
+        # reach here (the run hung); the pictures must not change the codebook either
+        ae = self.modules["autoencoder"]
+        was_training = ae.training
+        ae.eval()
+        try:
+            for i in range(images.shape[0]):
+                image = images[i : i + 1]
+                with self.runtime.autocast():
+                    recon = self._reconstruct(image).clamp(0, 1)
+                slices = orthogonal_slices([image, recon, (recon - image).abs()])
+                out.update({f"reconstruction/{i}/{axis}": v for axis, v in slices.items()})
+        finally:
+            ae.train(was_training)
         return out
 
     # --------------------------------------------------------------------------------------------- checkpoints

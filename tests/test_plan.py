@@ -268,6 +268,40 @@ def test_budget_that_fits_reports_headroom(measured):
     assert "FITS" in text and "headroom" in text and "Both stages and inference fit" in text
 
 
+def test_cuda_fits_counts_reserved_memory_and_the_context_not_only_the_allocated_peak():
+    """On CUDA the allocator's reserved memory and the CUDA context come on top of max_memory_allocated: a step
+    whose allocated peak is under the budget but whose reserved memory plus the context allowance is over it does
+    not fit. A fake CUDA measurement: allocated 20 GiB, reserved 22.5 GiB, budget 23 GiB (the 1 GiB allowance
+    makes 23.5 GiB)."""
+    from monai_diffusion.plan.advice import CUDA_CONTEXT_MIB, memory_need
+
+    settings = _load(CONFIGS / "examples" / "ldm_config_8x_downsample.yaml")
+    plan = make_plan(settings, measure=False, budget_gb=None, device="cpu")
+    fake = {"ok": True, "peak_mib": 20 * 1024.0, "reserved_mib": 22.5 * 1024, "static_mib": 100.0,
+            "step_mib": 20 * 1024.0 - 100, "precision": "bf16", "batch": 1, "step_seconds": 0.5,
+            "first_step_seconds": 1.0, "steps": 1, "method": "torch.cuda.max_memory_allocated"}
+    for stage in ("autoencoder", "diffusion"):
+        plan[stage]["measurement"] = dict(fake)
+    plan["inference"]["measurement"] = dict(fake, phases={"encode": 9000.0, "decode": 20 * 1024.0},
+                                            seconds={"encode": 0.1, "decode": 0.2})
+    assert CUDA_CONTEXT_MIB == 1024
+    assert memory_need(fake)[0] == pytest.approx(23.5 * 1024)
+    assert memory_need({**fake, "reserved_mib": None})[0] == 20 * 1024  # CPU: the measured peak itself
+    tight = apply_budget(copy.deepcopy(plan), settings, 23)
+    for stage in ("autoencoder", "diffusion", "inference"):
+        v = tight["verdicts"][stage]
+        assert v["fits"] is False and v["need_mib"] == pytest.approx(23.5 * 1024)
+        assert v["headroom_mib"] == pytest.approx(-0.5 * 1024) and v["peak_mib"] == 20 * 1024
+    assert [a for a in tight["advice"] if a["kind"] == "knob"]  # over budget: knobs are offered
+    text = format_plan(tight)
+    assert "DOES NOT FIT: 23.5 GiB > 23.0 GiB" in text and "1024 MiB CUDA context allowance" in text
+    roomy = apply_budget(copy.deepcopy(plan), settings, 24)
+    assert all(v["fits"] is True and v["headroom_mib"] == pytest.approx(0.5 * 1024)
+               for v in roomy["verdicts"].values())
+    # a reserved figure below the allocated one (never on a real allocator) cannot lower the need
+    assert memory_need({**fake, "reserved_mib": 1.0})[0] == pytest.approx(21 * 1024)
+
+
 def test_without_measuring_nothing_is_claimed_but_a_sure_miss():
     settings = _load(CONFIGS / "examples" / "ldm_config_8x_downsample.yaml")
     plan = make_plan(settings, measure=False, budget_gb=8, device="cpu")

@@ -293,3 +293,38 @@ def test_stage2_and_sampling_on_vq_latents(tmp_path, capsys):
     stage1 = json.loads(report.read_text())["stage1_validation"]
     # the same volumes through the same VQ-VAE as stage 1's validation: the same L1
     assert stage1["count"] == 2 and stage1["l1"] == pytest.approx(ckpt["best_metric"], rel=1e-4)
+
+
+def test_two_process_gloo_vq_run_draws_its_pictures_instead_of_hanging(tmp_path):
+    """Only rank 0 draws pictures. validate() leaves the modules in train mode, and MONAI's EMA quantizer updates its
+    codebook in train mode with an all-reduce across ranks: a picture pass in train mode left rank 0 in a collective
+    that rank 1 never joined (NCCL hangs; gloo here aborted at the next mismatched collective). The picture pass runs
+    in eval mode (no codebook update), so both ranks finish; a hang fails at the timeout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = args(tmp_path, "autoencoder.training.n_epochs=1", "autoencoder.training.batch_size=1",
+                "autoencoder.training.adv_weight=0.0", "autoencoder.logging.visualize_interval=1",
+                f"autoencoder.logging.log_dir={tmp_path / 'logs'}")
+    script = Path(__file__).resolve().parents[1] / "monai_diffusion" / "3d_ldm" / "train_autoencoder.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
+           *argv]
+    # its own process group, so that a hang is ended with the launcher's workers, not left behind
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        raise AssertionError("the 2-process VQ-VAE run hung at its picture epoch: " + out[-2000:]) from None
+    assert proc.returncode == 0, out[-4000:]
+    assert "processes: 2" in out
+    assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))  # the pictures went to TensorBoard
+    assert load_checkpoint(tmp_path / "ae" / "latest_checkpoint.pt")["epoch"] == 0  # the one epoch (0-based)

@@ -22,6 +22,26 @@ from .geometry import (
 _ATTENTION_SHARE_FIRST = 0.25
 # stage 2: encoding is "the peak" when encoding alone reaches this share of the whole step's peak
 _ENCODE_SHARE = 0.9
+# what a CUDA process holds on the GPU besides the caching allocator's reserved memory: the CUDA context with the
+# kernels of cuBLAS/cuDNN loaded, and their workspaces. Typically 0.3-1 GiB (it depends on the GPU, the driver, the
+# CUDA version and lazy module loading); the allowance takes the upper end so that "fits" errs on the safe side.
+CUDA_CONTEXT_MIB = 1024.0
+
+
+def memory_need(m: dict[str, Any]) -> tuple[float, str]:
+    """(MiB a measured step needs of the device's memory, how that was worked out) for a measurement ``m``.
+
+    On CPU (no ``reserved_mib`` in ``m``) it is the measured peak. On CUDA the peak is
+    ``torch.cuda.max_memory_allocated``: tensors only. The process also holds what the caching allocator has reserved
+    beyond that (freed blocks kept for reuse, fragmentation) and the CUDA context, so the need is the peak reserved
+    memory (at least the allocated peak) plus :data:`CUDA_CONTEXT_MIB`.
+    """
+    peak = float(m["peak_mib"])
+    if m.get("reserved_mib") is None:
+        return peak, "measured"
+    reserved = max(peak, float(m["reserved_mib"]))
+    return reserved + CUDA_CONTEXT_MIB, (f"measured on CUDA: reserved {reserved:.0f} MiB (allocated peak {peak:.0f} "
+                                         f"MiB) + {CUDA_CONTEXT_MIB:.0f} MiB CUDA context allowance")
 
 
 def _advice_entry(stage: str, key: str, text: str, sets: dict[str, Any] | None = None,
@@ -244,7 +264,8 @@ def _batch_note(stage: str, key: str, batch: int, measured: int) -> dict[str, An
 def apply_budget(plan: dict[str, Any], settings: Settings, budget_gb: float | None) -> dict[str, Any]:
     """(Re)compute ``plan["verdicts"]`` and ``plan["advice"]`` for a memory budget in GiB, without measuring again.
 
-    A stage fits when its measured peak is at most the budget. Without a measurement nothing is claimed, except
+    A stage fits when what its measured step needs (:func:`memory_need`: the peak on CPU; on CUDA the reserved memory
+    plus the CUDA context) is at most the budget. Without a measurement nothing is claimed, except
     "does not fit" when the weights, gradients and Adam states alone (16 bytes per trainable parameter, 4 per frozen
     one) exceed the budget. Returns ``plan`` (changed in place).
     """
@@ -260,10 +281,10 @@ def apply_budget(plan: dict[str, Any], settings: Settings, budget_gb: float | No
             verdicts[stage] = None
             continue
         if m and m.get("ok"):
-            peak = m["peak_mib"]
-            fits = peak <= budget
-            verdicts[stage] = {"fits": fits, "peak_mib": peak, "budget_mib": budget, "headroom_mib": budget - peak,
-                               "basis": "measured"}
+            need, basis = memory_need(m)
+            fits = need <= budget
+            verdicts[stage] = {"fits": fits, "peak_mib": m["peak_mib"], "need_mib": need, "budget_mib": budget,
+                               "headroom_mib": budget - need, "basis": basis}
             if not fits:
                 advice += knobs_fn(settings, plan)
         else:
@@ -291,10 +312,10 @@ def apply_budget(plan: dict[str, Any], settings: Settings, budget_gb: float | No
         if budget is None:
             verdicts["inference"] = None
         elif m and m.get("ok"):
-            peak = m["peak_mib"]
-            verdicts["inference"] = {"fits": peak <= budget, "peak_mib": peak, "budget_mib": budget,
-                                     "headroom_mib": budget - peak, "basis": "measured"}
-            if peak > budget:
+            need, basis = memory_need(m)
+            verdicts["inference"] = {"fits": need <= budget, "peak_mib": m["peak_mib"], "need_mib": need,
+                                     "budget_mib": budget, "headroom_mib": budget - need, "basis": basis}
+            if need > budget:
                 advice += _inference_knobs(settings, plan)
         else:  # unmeasured: only the autoencoder's weights (4 bytes per parameter) are certain
             error = (m or {}).get("error", "")

@@ -51,13 +51,15 @@ def _format_verdict(v: dict | None) -> list[str]:
     if v is None:
         return []
     budget = mib_text(v["budget_mib"])
+    need = v.get("need_mib", v.get("peak_mib"))  # plans written before need_mib: the peak
+    how = f" ({v['basis']})" if v.get("basis", "measured") != "measured" else ""
     if v["fits"] is True:
         pct = 100 * v["headroom_mib"] / v["budget_mib"] if v["budget_mib"] else 0
-        return [f"  budget           FITS: {mib_text(v['peak_mib'])} of {budget} ({mib_text(v['headroom_mib'])}, "
-                f"{pct:.0f}% headroom)"]
+        return [f"  budget           FITS: {mib_text(need)} of {budget} ({mib_text(v['headroom_mib'])}, "
+                f"{pct:.0f}% headroom){how}"]
     if v["fits"] is False and v.get("peak_mib") is not None:
-        return [f"  budget           DOES NOT FIT: {mib_text(v['peak_mib'])} > {budget} "
-                f"(over by {mib_text(-v['headroom_mib'])})"]
+        return [f"  budget           DOES NOT FIT: {mib_text(need)} > {budget} "
+                f"(over by {mib_text(-v['headroom_mib'])}){how}"]
     if v["fits"] is False:
         return [f"  budget           DOES NOT FIT: at least {mib_text(v['lower_bound_mib'])} > {budget} ({v['basis']})"]
     hint = "; measure (drop --no-measure) to know" if v["basis"] == "not measured" else ""
