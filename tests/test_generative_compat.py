@@ -225,16 +225,17 @@ def test_schedulers_step_and_add_noise(schedule):
 def test_schedulers_are_monai_core_schedulers():
     import monai.networks.schedulers as core
 
-    assert DDPMScheduler is core.DDPMScheduler and DDIMScheduler is core.DDIMScheduler
+    # DDPM/DDIM: core's, with 0.2.3's set_timesteps spacing (issue 25)
+    assert issubclass(DDPMScheduler, core.DDPMScheduler) and issubclass(DDIMScheduler, core.DDIMScheduler)
     assert PNDMScheduler is core.PNDMScheduler and Scheduler is core.Scheduler
     assert NoiseSchedules is core.NoiseSchedules and "cosine" in NoiseSchedules.names
     scheduler = DDIMScheduler(
         1000, "scaled_linear_beta", False, True, 0, "v_prediction", beta_start=0.0015, beta_end=0.0195
     )
     assert scheduler.prediction_type == "v_prediction" and not scheduler.clip_sample
-    # core's timestep spacing starts at the noisiest step (0.2.3 started at (n - 1) * (T // n))
+    # 0.2.3's timestep spacing: (n - 1) * (T // n), ..., 0 (core starts at T - 1)
     scheduler.set_timesteps(10)
-    assert scheduler.timesteps[0] == 999 and scheduler.timesteps[-1] == 0
+    assert scheduler.timesteps[0] == 900 and scheduler.timesteps[-1] == 0
 
 
 # ------------------------------------------------------------------------------------------------- inferers

@@ -460,8 +460,56 @@ def test_ms_ssim_and_fid_are_cores():
 def test_mmd_metric_transforms_y_and_y_pred_separately():
     y, y_pred = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
     metric = MMDMetric(y_transform=lambda t: 2 * t, y_pred_transform=lambda t: t + 1)
-    torch.testing.assert_close(metric(y, y_pred), monai.metrics.MMDMetric()(2 * y, y_pred + 1))
+    torch.testing.assert_close(metric(y, y_pred), MMDMetric()(2 * y, y_pred + 1))
     assert not torch.allclose(metric(y, y_pred), MMDMetric()(y, y_pred))
+
+
+def _mmd_023(y, y_pred):
+    """0.2.3's formula written out: linear kernel over flattened images / features, means over all pairs."""
+    y, y_pred = y.reshape(len(y), -1).double(), y_pred.reshape(len(y_pred), -1).double()
+    f = y.shape[1]
+    total = 0.0
+    for a, b, w in ((y, y, 1.0), (y_pred, y_pred, 1.0), (y_pred, y, -2.0)):
+        total += w * sum(float(a[i] @ b[j]) / f for i in range(len(a)) for j in range(len(b))) / (len(a) * len(b))
+    return total
+
+
+def test_mmd_metric_gives_023_values():
+    torch.manual_seed(0)
+    y, y_pred = torch.rand(3, 1, 6, 5), torch.rand(3, 1, 6, 5) * 2
+    assert float(MMDMetric()(y, y_pred)) == pytest.approx(_mmd_023(y, y_pred), rel=1e-5)
+    assert float(MMDMetric()(y, y)) == pytest.approx(0.0, abs=1e-6)  # core gives a negative value here
+    one = torch.rand(1, 2, 4, 4, 4)
+    assert float(MMDMetric()(one, one + 1)) == pytest.approx(_mmd_023(one, one + 1), rel=1e-5)  # batch of one
+
+
+def test_schedulers_space_timesteps_as_023():
+    from generative.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    ddpm.set_timesteps(3)
+    assert ddpm.timesteps.tolist() == [666, 333, 0]
+    ddim = DDIMScheduler(num_train_timesteps=10, steps_offset=1)
+    ddim.set_timesteps(4)
+    assert ddim.timesteps.tolist() == [7, 5, 3, 1]
+    with pytest.raises(ValueError):
+        DDPMScheduler(clip_sample_min=1.0, clip_sample_max=-1.0)
+
+
+def test_diffusion_model_encoder_at_its_023_path():
+    from generative.networks.nets.diffusion_model_unet import DiffusionModelEncoder
+
+    # 0.2.3 positional order: spatial_dims, in_channels, out_channels, num_res_blocks, num_channels,
+    # attention_levels, norm_num_groups; every level halves the size: 64x64 -> 8x8 x 64 channels = 4096 features,
+    # the fixed input size of 0.2.3's head
+    net = DiffusionModelEncoder(2, 1, 3, 1, (16, 16, 64), (False, False, False), 16).eval()
+    assert net.out[0].in_features == 4096
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 64, 64), torch.tensor([3, 7])).shape == (2, 3)
+    sized = DiffusionModelEncoder(2, 1, 3, 1, (16, 16), (False, False), 16, input_shape=(16, 16))
+    assert sized.out[0].in_features == 4 * 4 * 16  # core's head sized from input_shape
+    with pytest.raises(TypeError):
+        DiffusionModelEncoder(2, 1, 3, num_channels=(16,), channels=(16,), attention_levels=(False,))
 
 
 def test_mmd_metric_shape_mismatch_is_an_error():

@@ -22,7 +22,11 @@ from contextlib import contextmanager
 
 import torch
 from monai.losses import PerceptualLoss as _CorePerceptualLoss
-from monai.losses.perceptual import PerceptualNetworkType
+
+try:
+    from monai.losses.perceptual import PerceptualNetworkType
+except ImportError:  # MONAI < 1.6 spelled the enum's name without the second "p"; same members
+    from monai.losses.perceptual import PercetualNetworkType as PerceptualNetworkType
 
 __all__ = ["PerceptualLoss", "PerceptualNetworkType"]
 

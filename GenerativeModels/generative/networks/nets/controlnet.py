@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn as nn
 from monai.networks.nets import ControlNet as _CoreControlNet
 
 from ._compat import add_generative_023_load_hook, pick_renamed_arg
 
-__all__ = ["ControlNet"]
+__all__ = ["ControlNet", "copy_weights_to_controlnet"]
 
 
 class ControlNet(_CoreControlNet):
@@ -111,3 +112,27 @@ class ControlNet(_CoreControlNet):
             verbose: kept for compatibility with MONAI core's method; unused.
         """
         self.load_state_dict(old_state_dict)
+
+
+def copy_weights_to_controlnet(controlnet: nn.Module, diffusion_model: nn.Module, verbose: bool = True) -> None:
+    """
+    Start a ControlNet from a trained diffusion model: load every weight of ``diffusion_model`` whose key the
+    ControlNet also has (upstream's final main, Project-MONAI/GenerativeModels#478). The ControlNet's own layers
+    (control-image embedding, zero convolutions) keep their values; the UNet's decoder weights are skipped.
+
+    Args:
+        controlnet: the ControlNet to fill (this package's or MONAI core's).
+        diffusion_model: a ``DiffusionModelUNet`` or ``SPADEDiffusionModelUNet`` with the same encoder layout.
+        verbose: print which keys were copied, which ControlNet keys got nothing and which diffusion-model keys
+            had no place.
+    """
+    result = controlnet.load_state_dict(diffusion_model.state_dict(), strict=False)
+    if verbose:
+        skipped = set(result.unexpected_keys)
+        copied = [name for name, _ in diffusion_model.named_parameters() if name not in skipped]
+        print(
+            f"Copied {len(copied)} parameters of the diffusion model into the ControlNet: {'; '.join(copied)}\n"
+            f"ControlNet keys left as they were ({len(result.missing_keys)}): {'; '.join(result.missing_keys)}\n"
+            f"Diffusion model keys with no place in the ControlNet ({len(result.unexpected_keys)}): "
+            f"{'; '.join(result.unexpected_keys)}"
+        )

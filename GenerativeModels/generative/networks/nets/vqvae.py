@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from monai.networks.nets.vqvae import VQVAE as _CoreVQVAE
 from monai.networks.nets.vqvae import Decoder, Encoder, VQVAEResidualUnit
 
@@ -24,6 +26,8 @@ class VQVAE(_CoreVQVAE):
     Differences from MONAI core:
         - ``num_channels`` (0.2.3) is accepted for core's ``channels``; giving both is a ``TypeError``. Positional
           order is unchanged; ``self.num_channels`` is kept as an alias of ``self.channels``.
+        - ``encode_stage_2_inputs(x, quantized=False)`` returns the encoder's output before quantisation
+          (upstream's final main, Project-MONAI/GenerativeModels#474); the default is 0.2.3's quantised latent.
         - All defaults are 0.2.3's and core's; the ``state_dict`` keys are identical, so 0.2.3 checkpoints load
           as they are and give 0.2.3's outputs (checked against a fixture written by 0.2.3).
 
@@ -107,3 +111,15 @@ class VQVAE(_CoreVQVAE):
             use_checkpointing=use_checkpointing,
         )
         self.num_channels = self.channels
+
+    def encode_stage_2_inputs(self, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
+        """
+        Latent representation for a second-stage model.
+
+        Args:
+            x: input images, ``(B, in_channels, *spatial)``.
+            quantized: ``True`` (0.2.3): the codebook vectors; ``False``: the encoder's output before quantisation.
+        """
+        z = self.encode(x)
+        e, _ = self.quantize(z)  # also when not returned: in training mode it updates the codebook, as upstream
+        return e if quantized else z

@@ -4,9 +4,10 @@
 # You may obtain a copy of the License at
 #     http://www.apache.org/licenses/LICENSE-2.0
 """
-Noise schedulers under their monai-generative 0.2.3 names: MONAI core's classes, whose arguments and defaults are
-0.2.3's. See the submodules for the two behaviour changes core made (inference timestep spacing of DDPM/DDIM and
-the corrected cosine schedule).
+Noise schedulers under their monai-generative 0.2.3 names, on MONAI core's, with 0.2.3's arguments and defaults plus
+upstream main's clipping range (#495). ``DDPMScheduler`` and ``DDIMScheduler`` keep 0.2.3's inference timestep
+spacing (core changed it); ``PNDMScheduler``, ``Scheduler`` and ``NoiseSchedules`` are core's. The one numeric
+change kept from core is the corrected cosine schedule (see :mod:`generative.networks.schedulers.scheduler`).
 """
 
 from __future__ import annotations
