@@ -156,3 +156,129 @@ class PeakMeter:
     def rss_mib() -> float:
         """The process's resident memory now (CPU)."""
         return (_status_kib("VmRSS") or _maxrss_kib()) / 1024
+
+
+# ------------------------------------------------------------------------------------------------ estimates
+class _LiveStorages:
+    """While fake-tensor work runs: the bytes of the tensor storages alive, and their peak.
+
+    A storage is counted once, when an operation first returns a tensor on it (views share their base's storage),
+    and uncounted when it is freed (a finaliser on the storage object, which PyTorch keeps alive exactly as long as
+    the storage itself). ``.item()`` and other reads of a value answer 1 (``True`` for booleans): fake tensors hold
+    no values, and the work only uses such reads for logging and finiteness checks.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    dtype = args[0].dtype
+                    return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
+                out = func(*args, **(kwargs or {}))
+                if owner.counting:
+                    for leaf in tree_leaves(out):
+                        if isinstance(leaf, torch.Tensor):
+                            owner.add(leaf)
+                return out
+
+        self.mode = Mode()
+        self._seen = WeakIdKeyDictionary()
+        self.live = 0
+        self.peak = 0
+        self.counting = False
+
+    def add(self, tensor: torch.Tensor) -> None:
+        import weakref
+
+        storage = tensor.untyped_storage()
+        if storage in self._seen:
+            return
+        size = storage.nbytes()
+        self._seen[storage] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def estimate_peak_bytes(step: Any, held: Any) -> int:
+    """Estimate the peak memory of one call of ``step()`` without allocating it: both calls below run on fake tensors
+    (PyTorch's ``FakeTensorMode``: shapes, dtypes and devices, no data), so a step that needs 60 GiB is estimated in
+    seconds on any machine.
+
+    ``step()`` is called twice: a warm-up that creates what persists between steps (gradients, optimizer states),
+    then the counted call. Before the counted call, ``held()`` must return every tensor that exists between steps
+    (parameters, buffers, gradients, optimizer states, the batch); they count from the start, and a freed one (a
+    gradient set to None) stops counting. Tensors created before the fake mode (real weights) are used as inputs.
+
+    Returns the peak bytes of live tensors during the counted call: what ``torch.cuda.max_memory_allocated`` would
+    report for it, before any allocator slack, workspace or library overhead (the caller adds its margin).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    live = _LiveStorages()
+    with FakeTensorMode(allow_non_fake_inputs=True), live.mode:
+        step()
+        for tensor in held():
+            live.add(tensor)
+        live.peak = live.live
+        live.counting = True
+        try:
+            step()
+        finally:
+            live.counting = False
+    return live.peak
+
+
+def _cgroup_free_bytes() -> int | None:
+    """The memory this process's cgroup may still use (limit minus usage), or None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                raw = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 2**60:
+            return None
+        return max(0, int(raw) - usage)
+    return None
+
+
+def available_bytes(device: torch.device | str) -> tuple[int | None, str]:
+    """How much memory new work on ``device`` can still get, and where that figure comes from.
+
+    CUDA: the free device memory (``torch.cuda.mem_get_info``). CPU: Linux's ``MemAvailable`` from ``/proc/meminfo``,
+    lowered to what the cgroup's limit leaves when there is one (containers, CI, job schedulers). ``(None, why)`` where
+    neither can be read.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {torch.cuda.get_device_name(device)}"
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    cgroup = _cgroup_free_bytes()
+    if cgroup is not None:
+        found.append((cgroup, "the cgroup's memory limit minus its usage"))
+    if not found:
+        return None, "no /proc/meminfo or cgroup limit to read"
+    return min(found)
