@@ -27,7 +27,12 @@ from .fileio import atomic_write
 from .runtime import Runtime
 
 CHECKPOINT_FORMAT = "monai-diffusion-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: model_args hold the architecture only (no execution knobs)
+# 2: model_args hold the architecture only (no execution knobs); 3: only tensors and plain values, so that every
+# checkpoint loads with ``torch.load(weights_only=True)`` (versions 1 and 2 may hold pickled objects: NumPy's random
+# state in step checkpoints; :func:`convert_checkpoint` rewrites them)
+CHECKPOINT_VERSION = 3
+CONVERT_COMMAND = "monai-diffusion-convert-checkpoint"
+_PLAIN = (str, int, float, bool, type(None))
 
 # what each stage's checkpoint must hold; anything less is an older or foreign format
 REQUIRED_KEYS = {
@@ -44,8 +49,34 @@ _OWN_TMP = re.compile(rf"^\.tmp-(?P<pid>\d+)-{_CHECKPOINT_NAME}$|^\.{_CHECKPOINT
 
 
 # --------------------------------------------------------------------------------------------- writing
+def unsafe_entries(obj: Any, where: str = "") -> list[str]:
+    """The key paths in ``obj`` whose values are neither tensors nor plain data (dict, list, tuple, str, int, float,
+    bool, None): what ``torch.load(weights_only=True)`` would refuse to read back."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return []
+    if isinstance(obj, dict):
+        found = []
+        for key, value in obj.items():
+            if not isinstance(key, _PLAIN):
+                found.append(f"{where}[{key!r}] (key of type {type(key).__name__})")
+            found += unsafe_entries(value, f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(obj, (list, tuple)):
+        return [entry for i, value in enumerate(obj) for entry in unsafe_entries(value, f"{where}[{i}]")]
+    return [f"{where or '<top>'} ({type(obj).__module__}.{type(obj).__name__})"]
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one."""
+    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one.
+
+    Raises:
+        TypeError: ``obj`` holds something other than tensors and plain data (a bug of the caller: such a file
+            would need unpickling code to be read).
+    """
+    bad = unsafe_entries(obj)
+    if bad:
+        raise TypeError(f"refusing to write {path}: a checkpoint holds only tensors and plain data, but these are "
+                        f"not: {', '.join(bad[:5])}")
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -64,20 +95,42 @@ def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reading
+def read_tensors_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, so that opening a file someone
+    sent you never runs code. Every failure is a one-line :class:`RunError` naming the file; a file that holds
+    pickled objects is refused before any of them is built, with the command that converts an older checkpoint of
+    this project (for files you trust)."""
+    import pickle
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower() and "weights_only" not in str(exc).lower():
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RunError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first}") from None
+        raise RunError(
+            f"{path} holds pickled Python objects, which could run code when opened, so it is not loaded (only tensors "
+            "and plain values are read). If it is a checkpoint of an older monai-diffusion and you trust where it "
+            f"came from, convert it once: {CONVERT_COMMAND} {path} NEW.pt"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other reading failure means the same thing to the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first}") from None
+
+
 def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict[str, Any]:
     """Open a checkpoint written by this project; every problem is a one-line :class:`RunError` naming the path.
 
-    Checks the format marker, the format version (1, whose model arguments still held the execution knobs, and the
-    current one are read), the stage, and that the keys the stage needs are there.
+    The file is read with ``weights_only=True`` (:func:`read_tensors_file`): nothing in it can run code. Checks the
+    format marker, the format version (1, whose model arguments still held the execution knobs, 2 and the current
+    one are read, as long as they hold only tensors and plain values), the stage, and that the keys the stage needs
+    are there.
     """
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RunError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first}") from None
+    ckpt = read_tensors_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(
             f"{path} is not a monai-diffusion checkpoint (no '{CHECKPOINT_FORMAT}' marker); expected a "
@@ -297,3 +350,70 @@ def prepare_output_dir(cfg: RunFolder, runtime: Runtime) -> None:
             f"To continue it, add --set {cfg.section}.checkpoints.resume_from=latest; "
             f"to start a new run, choose another {cfg.section}.checkpoints.output_dir."
         )
+
+
+# --------------------------------------------------------------------------------------------- converting
+def _to_safe(value: Any) -> Any:
+    """``value`` with NumPy's random-state tuples in :func:`~monai_diffusion.runtime.rng_state`'s form, other NumPy
+    arrays as tensors, NumPy scalars as numbers, dataclasses and paths as plain data; anything else unchanged."""
+    import numpy as np
+
+    from .fileio import plain
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        return {k: _to_safe(v) for k, v in value.items()}
+    if (isinstance(value, tuple) and len(value) == 5 and value[0] == "MT19937"
+            and isinstance(value[1], np.ndarray)):
+        kind, key, pos, has_gauss, gauss = value
+        return {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.uint32).astype(np.int64)),
+                "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_safe(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) or isinstance(value, os.PathLike):
+        return plain(value)
+    return value
+
+
+def convert_checkpoint(old: str | Path, new: str | Path) -> Path:
+    """Rewrite a checkpoint of an older monai-diffusion (format 1 or 2) in the current, safe format: tensors and plain
+    values only, so that it loads with ``weights_only=True`` from then on.
+
+    ONLY FOR FILES YOU TRUST: reading the old file unpickles it (``weights_only=False``), which runs whatever code it
+    holds. The new file is written atomically and never over an existing one; the old file is left as it is.
+
+    Raises:
+        RunError: ``old`` missing, unreadable, not a monai-diffusion checkpoint, or holding something that has no
+            plain form.
+        FileExistsError: ``new`` exists.
+    """
+    from .fileio import refuse_existing
+
+    old, new = Path(old).expanduser(), Path(new).expanduser()
+    if not old.is_file():
+        raise RunError(f"checkpoint not found: {old}" + (" (it is a folder)" if old.is_dir() else ""))
+    refuse_existing([new], hint="the converter never replaces a file: choose another NEW")
+    try:
+        ckpt = torch.load(old, map_location="cpu", weights_only=False)  # the user's explicit step of trust
+    except Exception as exc:  # noqa: BLE001 - any reading failure means the same thing to the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunError(f"cannot read checkpoint {old} (truncated or not a PyTorch file?): {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{old} is not a monai-diffusion checkpoint (no '{CHECKPOINT_FORMAT}' marker): only this "
+                       "project's own checkpoints are converted")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise RunError(f"{old} has checkpoint format version {version!r}; this monai-diffusion converts versions 1 "
+                       f"to {CHECKPOINT_VERSION}")
+    safe = _to_safe(ckpt)
+    safe["version"] = CHECKPOINT_VERSION
+    bad = unsafe_entries(safe)
+    if bad:
+        raise RunError(f"{old} holds values with no plain form, so it cannot be converted: {', '.join(bad[:5])}")
+    write_checkpoint(safe, new)
+    return new

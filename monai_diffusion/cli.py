@@ -295,3 +295,26 @@ def voxelize_main(argv: Sequence[str] | None = None) -> int:
         )
 
     return run_command(work)
+
+
+# ------------------------------------------------------------------------------------------- convert-checkpoint
+def convert_checkpoint_main(argv: Sequence[str] | None = None) -> int:
+    """``monai-diffusion-convert-checkpoint OLD NEW``: rewrite an older monai-diffusion checkpoint (format 1 or 2) in
+    the safe format (tensors and plain values only). Reading OLD unpickles it: only for files you trust."""
+    parser = _OneLineParser(
+        prog="monai-diffusion-convert-checkpoint",
+        description="Rewrite a checkpoint of an older monai-diffusion in the current format, which holds only tensors "
+                    "and plain values and so loads without running any code. ONLY FOR FILES YOU TRUST: reading the "
+                    "old file unpickles it, which runs whatever code it holds.",
+    )
+    parser.add_argument("old", help="the older checkpoint (latest_checkpoint.pt, best_model.pt, step_checkpoint_*.pt)")
+    parser.add_argument("new", help="where to write the converted checkpoint (must not exist)")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        from .checkpoints import CHECKPOINT_VERSION, convert_checkpoint
+
+        path = convert_checkpoint(args.old, args.new)
+        print(f"wrote {path} (checkpoint format {CHECKPOINT_VERSION}: tensors and plain values only)")
+
+    return run_command(work)

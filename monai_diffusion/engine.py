@@ -41,9 +41,9 @@ from .checkpoints import (
     step_checkpoint_path,
     write_checkpoint,
 )
-from .errors import NonFiniteLoss, RunError
+from .errors import NonFiniteLoss, OutOfMemory, RunError
 from .fileio import atomic_write_text
-from .memory import PeakMeter, tensor_bytes, use_clean_malloc
+from .memory import PeakMeter, is_out_of_memory, process_peak_mib, tensor_bytes, use_clean_malloc
 from .models import architecture
 from .runtime import (
     Runtime,
@@ -587,10 +587,33 @@ class _Loop:
         except RunError as exc:  # e.g. a checkpoint that could not be written
             _log_error(runtime, exc)
             raise
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            error = self.out_of_memory(exc)
+            _log_error(runtime, error)
+            raise error from None
         finally:
             if self.writer is not None:
                 self.writer.close()
         return state
+
+    def out_of_memory(self, exc: BaseException) -> OutOfMemory:
+        """The one-line error of a failed allocation during training: where, the peak so far, the last good
+        checkpoint (kept as it was)."""
+        cfg, runtime, state = self.cfg, self.runtime, self.state
+        device = runtime.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        kept = (f"the last good checkpoint {self.last_saved} is kept (to continue from it: {self.resume_command})"
+                if self.last_saved else "no checkpoint was written yet")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return OutOfMemory(
+            f"{self.stage.name} training ran out of {device.type.upper()} memory in epoch {state.epoch + 1} after "
+            f"optimizer step {state.global_step} (peak so far {process_peak_mib(device):,.0f} MiB; {first[:160]}); "
+            f"{kept}. Make a step smaller (see monai-diffusion-plan --budget-gb for what to change)",
+            section=cfg.section,
+        )
 
     # -------------------------------------------------------------------------------------------- one epoch
     def start_epoch(self, epoch: int) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "RunError",
     "NonFiniteLoss",
+    "OutOfMemory",
     "EvaluateError",
     "PointCloudError",
     "USER_ERRORS",
@@ -65,6 +66,19 @@ class RunError(RuntimeError):
 
 class NonFiniteLoss(RunError):
     """A loss became NaN or infinite on some process (every process raises it with the same message)."""
+
+
+class OutOfMemory(RunError):
+    """The work does not fit the device's memory: found before it started (the estimate) or when an allocation failed.
+
+    Attributes:
+        section: the settings section whose knobs apply (``autoencoder``, ``diffusion``, ``sampling``), so that the
+            command line can add the ``--set`` changes that ``plan`` suggests.
+    """
+
+    def __init__(self, message: str, section: str | None = None) -> None:
+        super().__init__(message)
+        self.section = section
 
 
 class EvaluateError(ValueError):

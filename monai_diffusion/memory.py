@@ -282,3 +282,23 @@ def available_bytes(device: torch.device | str) -> tuple[int | None, str]:
     if not found:
         return None, "no /proc/meminfo or cgroup limit to read"
     return min(found)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation: CUDA's out-of-memory error, Python's ``MemoryError``, or the CPU
+    allocator's ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t is not None)
+    if isinstance(exc, oom_types):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def process_peak_mib(device: torch.device | str) -> float:
+    """The peak memory of this process so far: CUDA's ``max_memory_allocated`` on a CUDA device, else the peak
+    resident memory (``VmHWM``, or ``ru_maxrss``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MIB
+    return (_status_kib("VmHWM") or _maxrss_kib()) / 1024

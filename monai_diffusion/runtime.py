@@ -217,20 +217,37 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """The global random states of this process: Python, NumPy, torch CPU and, on a CUDA run, its own GPU's."""
+    """The global random states of this process: Python, NumPy, torch CPU and, on a CUDA run, its own GPU's; as
+    tensors and plain values only, so that a checkpoint holding them loads with ``weights_only=True``."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, dtype=np.uint32).astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
+def _python_state(saved: Any) -> Any:
+    """Python's state tuple (``random.setstate`` wants tuples; a checkpoint may give lists back)."""
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)
+
+
+def _numpy_state(saved: Any) -> Any:
+    """NumPy's state tuple from :func:`rng_state`'s dict (or an older checkpoint's tuple, unchanged)."""
+    if not isinstance(saved, dict):
+        return saved
+    key = np.asarray(saved["key"].numpy() if isinstance(saved["key"], torch.Tensor) else saved["key"], dtype=np.uint32)
+    return (saved["kind"], key, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+
+
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore what :func:`rng_state` saved. A CUDA state is restored only on a CUDA run; older checkpoints hold
-    a list with one state per visible GPU, of which the run's own is taken."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    a list with one state per visible GPU, of which the run's own is taken, and NumPy's state as its own tuple."""
+    random.setstate(_python_state(state["python"]))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is None or device.type != "cuda":
