@@ -7,6 +7,7 @@ and one line on stderr, ``error: ...``, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,12 @@ def run_command(work: Callable[[], object]) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(getattr(result, "exit_code", 0) or 0)  # a training run stopped by a signal: 128 + its number
+
+
+def _print_rank0(line: str) -> None:
+    """Print on the first process of a multi-process run (``RANK`` unset or 0) only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -67,8 +74,10 @@ def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> object:
         settings = settings_from_args(args, stage="autoencoder")
+        from .plan.preflight import check_training_memory
         from .stage1 import train_autoencoder
 
+        check_training_memory(settings, "autoencoder", print_fn=_print_rank0)
         return train_autoencoder(settings)
 
     return run_command(work)
@@ -86,8 +95,10 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> object:
         settings = settings_from_args(args, stage="diffusion")
+        from .plan.preflight import check_training_memory
         from .stage2 import train_diffusion
 
+        check_training_memory(settings, "diffusion", print_fn=_print_rank0)
         return train_diffusion(settings)
 
     return run_command(work)

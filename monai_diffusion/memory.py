@@ -164,11 +164,14 @@ class _LiveStorages:
 
     A storage is counted once, when an operation first returns a tensor on it (views share their base's storage),
     and uncounted when it is freed (a finaliser on the storage object, which PyTorch keeps alive exactly as long as
-    the storage itself). ``.item()`` and other reads of a value answer 1 (``True`` for booleans): fake tensors hold
-    no values, and the work only uses such reads for logging and finiteness checks.
+    the storage itself). An operation whose tensor arguments are all real (a batch's class labels, a parameter
+    alone) runs for real, so that checks on small real inputs (labels in range) see their true values; every other
+    operation, and every factory call, runs on fake tensors. ``.item()`` of a fake tensor answers 1 (``True`` for
+    booleans): fake tensors hold no values, and the work only uses such reads for logging and finiteness checks.
     """
 
     def __init__(self) -> None:
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
         from torch.utils.weak import WeakIdKeyDictionary
@@ -177,10 +180,16 @@ class _LiveStorages:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._local_scalar_dense.default:
+                kwargs = kwargs or {}
+                tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+                if tensors and not any(isinstance(x, FakeTensor) for x in tensors):
+                    with unset_fake_temporarily():
+                        out = func(*args, **kwargs)
+                elif func is torch.ops.aten._local_scalar_dense.default:
                     dtype = args[0].dtype
                     return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
-                out = func(*args, **(kwargs or {}))
+                else:
+                    out = func(*args, **kwargs)
                 if owner.counting:
                     for leaf in tree_leaves(out):
                         if isinstance(leaf, torch.Tensor):
@@ -217,7 +226,9 @@ def estimate_peak_bytes(step: Any, held: Any) -> int:
     ``step()`` is called twice: a warm-up that creates what persists between steps (gradients, optimizer states),
     then the counted call. Before the counted call, ``held()`` must return every tensor that exists between steps
     (parameters, buffers, gradients, optimizer states, the batch); they count from the start, and a freed one (a
-    gradient set to None) stops counting. Tensors created before the fake mode (real weights) are used as inputs.
+    gradient set to None) stops counting. Tensors created before the fake mode (real weights) are used as inputs;
+    large inputs (a batch of volumes) must be created inside ``step`` with a factory (``torch.empty(shape)``), which
+    makes them fake, or an operation on them and real weights alone would run for real.
 
     Returns the peak bytes of live tensors during the counted call: what ``torch.cuda.max_memory_allocated`` would
     report for it, before any allocator slack, workspace or library overhead (the caller adds its margin).

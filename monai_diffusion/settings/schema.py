@@ -423,7 +423,10 @@ class AutoencoderSettings:
     attention_levels: Tuple[bool, ...] = _f((False, False, False), "attention at each level (one per level)")
     with_encoder_nonlocal_attn: bool = _f(True, "attention block at the end of the encoder")
     with_decoder_nonlocal_attn: bool = _f(True, "attention block at the start of the decoder")
-    use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
+    use_flash_attention: bool = _f(
+        True, "attention via torch scaled_dot_product_attention: the same result without an N x N matrix in memory "
+              "(an execution knob, not architecture: checkpoints load either way); false = the explicit matrix"
+    )
     use_convtranspose: bool = _f(False, "decoder upsamples with transposed convolutions instead of interpolation")
     tile_size: Optional[IntList] = _f(
         None, "encode and decode outside training in exact tiles of this many voxels per axis (each a multiple of the "
@@ -521,7 +524,10 @@ class DiffusionSettings:
     )
     num_res_blocks: Union[int, IntList] = _f(1, "residual blocks per level: int or one per level", ge=1)
     norm_num_groups: int = _f(32, "GroupNorm groups; every num_channels entry must be divisible by it", ge=1)
-    use_flash_attention: bool = _f(False, "attention via torch scaled_dot_product_attention (less memory)")
+    use_flash_attention: bool = _f(
+        True, "attention via torch scaled_dot_product_attention: the same result without an N x N matrix in memory "
+              "(an execution knob, not architecture: checkpoints load either way); false = the explicit matrix"
+    )
     condition_channels: Optional[int] = _f(
         None, "condition on the volume's 2D sum-projection along projection_axis (3D only): its channels, = the "
               "image channels; null = no projection conditioning. A config that sets it but neither diffusion.space "
@@ -600,7 +606,12 @@ class DeviceSettings:
     use_cuda: bool = _f(True, "use a CUDA GPU when one is available (falls back to CPU)")
     gpu_id: int = _f(0, "CUDA device index", ge=0)
     mixed_precision: Union[bool, Literal["fp16", "bf16"]] = _f(
-        False, "true | false | fp16 | bf16; true = fp16 on CUDA, bf16 on CPU (see engine.resolve_precision)"
+        False, "true | false | fp16 | bf16; true = bf16 on CPU and on GPUs with native bf16 (A100, H100, H200), fp16 "
+               "with loss scaling on older GPUs (see runtime.resolve_precision)"
+    )
+    memory_check: bool = _f(
+        True, "before a stage trains, estimate one step's memory (fake tensors, no allocation) and stop with the "
+              "--set changes that would fit when the device has less available; false = run anyway"
     )
 
 
