@@ -33,9 +33,10 @@ from monai_diffusion.data import build_datasets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autoencoder_bench import machine_info, machine_line  # noqa: E402
-from monai_diffusion.evaluate import projection_consistency  # noqa: E402
+from monai_diffusion.evaluation import projection_consistency  # noqa: E402
 from monai_diffusion.generate import Sampler  # noqa: E402
-from monai_diffusion.sampling import image_panel, projection, tile_panels  # noqa: E402
+from monai_diffusion.conditioning import projection  # noqa: E402
+from monai_diffusion.pictures import image_panel, tile_panels  # noqa: E402
 from monai_diffusion.settings import settings_from_dict  # noqa: E402
 from monai_diffusion.stage2 import train_diffusion  # noqa: E402
 

@@ -24,6 +24,7 @@ from monai.networks.nets import VQVAE, DiffusionModelUNet
 
 from generative.networks.nets import AutoencoderKL
 
+from .conditioning import NULL_PROJECTION
 from .engine import load_checkpoint, load_weights
 from .fileio import plain
 
@@ -394,8 +395,6 @@ class ProjectionConditionedUNet(nn.Module):
         if context is not None:
             raise ValueError("a projection-conditioned UNet makes its own context; pass projection=, not context=")
         if projection is None:
-            from .sampling import NULL_PROJECTION
-
             a = self.encoder.init_args
             projection = torch.full((x.shape[0], a["in_channels"], *a["image_size"]), NULL_PROJECTION,
                                     device=x.device, dtype=x.dtype)
