@@ -50,7 +50,9 @@ def generation_metrics(
     fid_extractor: torch.nn.Module | None = None,
     names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """All generation metrics of ``candidates`` against ``reference`` (see the module docstring for the keys).
+    """All generation metrics of ``candidates`` against ``reference``: ``mmd``, ``ms_ssim_diversity``,
+    ``ms_ssim_diversity_real``, ``histogram_w1``, ``nn_ratio``, ``nn_ratio_min``, ``nn_ratio_details``,
+    ``c2st_accuracy``, ``c2st``, and ``fid`` when a feature extractor is given (defined in ``docs/evaluate.md``).
 
     Args:
         reference: the reference set (real volumes, or their reconstructions).
@@ -116,9 +118,9 @@ def compare_sets(
             and ``recon_vs_real`` (stage 1: generation metrics plus paired ``reconstruction`` metrics).
         seed: seeds C2ST and the choice of diversity pairs.
         c2st: C2ST settings (default :class:`C2STSettings`).
-        fid_weights: a local feature-extractor file for ``fid`` (see :func:`load_feature_extractor`).
+        fid_weights: a local feature-extractor file for ``fid`` (see :func:`~.features.load_feature_extractor`).
         names: human labels of the sets for messages, e.g. folders: keys ``"real"``, ``"samples"``, ``"recon"``.
-        meta: per-set metadata from :func:`load_volume_folder` (keys ``"real"``, ``"samples"``, ``"recon"``).
+        meta: per-set metadata from :func:`~.io.load_volume_folder` (keys ``"real"``, ``"samples"``, ``"recon"``).
 
     Returns:
         The report dictionary (see ``docs/evaluate.md``).
