@@ -27,10 +27,11 @@ import torch
 
 from _common import REPO_ROOT as ROOT
 from _common import machine_info, machine_line, write_results
+from monai_diffusion.conditioning import projection
 from monai_diffusion.data import build_datasets
-from monai_diffusion.evaluate import projection_consistency
+from monai_diffusion.evaluation import projection_consistency
 from monai_diffusion.generate import Sampler
-from monai_diffusion.sampling import image_panel, projection, tile_panels
+from monai_diffusion.pictures import image_panel, tile_panels
 from monai_diffusion.settings import settings_from_dict
 from monai_diffusion.stage2 import train_diffusion
 

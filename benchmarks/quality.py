@@ -247,7 +247,7 @@ def _parameters(path: Path) -> dict[str, int]:
 def run_one(args: argparse.Namespace, dataset: str, factor: str, run_dir: Path, data_from: Path | None) -> dict:
     """Stage 1, stage 2 and evaluation of one (dataset, factor) in ``run_dir``; returns the run's record."""
     from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main
-    from monai_diffusion.evaluate_run import evaluate_pipeline
+    from monai_diffusion.evaluation.pipeline import evaluate_pipeline
     from monai_diffusion.settings import load_settings
 
     run_dir.mkdir(parents=True)

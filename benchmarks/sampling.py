@@ -67,7 +67,7 @@ def train(work: Path, extra: list[str], reuse: bool) -> None:
 
 
 def measure(work: Path, kind: str, sampler: str, steps: int, seed: int, extra: list[str]) -> dict:
-    from monai_diffusion.evaluate_run import evaluate_pipeline
+    from monai_diffusion.evaluation.pipeline import evaluate_pipeline
     from monai_diffusion.settings import load_settings
 
     # the ddpm sampler always runs every training timestep; the others take the step count

@@ -181,7 +181,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def _print_evaluation(report: dict, written: Sequence[Path]) -> None:
-    from .evaluate import summary_table
+    from .evaluation import summary_table
 
     s = report["samples"]
     print(
@@ -208,14 +208,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         parser.error("--real and --recon belong to the folder mode; with --config the real volumes come from the "
                      "config's data")
     from .errors import EvaluateError
-    from .evaluate import C2STSettings, compare_sets, load_volume_folder, write_report
+    from .evaluation import C2STSettings, compare_sets, load_volume_folder, write_report
 
     result: dict = {}
 
     def work() -> None:
         c2st = C2STSettings() if args.c2st_epochs is None else C2STSettings(epochs=args.c2st_epochs)
         if args.config is not None:
-            from .evaluate_run import evaluate_pipeline
+            from .evaluation.pipeline import evaluate_pipeline
 
             settings = settings_from_args(args, stage="sampling")
             result["report"], result["written"] = evaluate_pipeline(

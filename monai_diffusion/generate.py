@@ -11,23 +11,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import load_checkpoint, load_weights
-from .errors import RunError
-from .models import autoencoder_from_args, build_diffusion_network, is_vq
-from .runtime import choose_device, resolve_precision
-from .sampling import (
+from .conditioning import (
     Conditioner,
     build_scheduler,
-    decode_samples,
     normalise_projection,
     objective,
-    next_free_index,
     resolve_sampler,
-    sample_latents,
     set_sampling_steps,
-    slerp,
-    write_picture,
-    write_sample,
 )
+from .errors import RunError
+from .models import autoencoder_from_args, build_diffusion_network, is_vq
+from .pictures import write_picture
+from .runtime import choose_device, resolve_precision
+from .sampling import decode_samples, next_free_index, sample_latents, slerp, write_sample
 from .settings import Settings, sampling_tile
 
 
@@ -61,7 +57,7 @@ def condition_shape(ckpt: dict[str, Any]) -> tuple[int, ...] | None:
 
 def load_condition(path: str | Path, expected: Sequence[int]) -> torch.Tensor:
     """A 2D condition image (PNG, TIFF, or a 2D NIfTI) read with MONAI ``LoadImage``, channels first, scaled to
-    [0, 1] as the training projections are (:func:`~monai_diffusion.sampling.normalise_projection`). It is not
+    [0, 1] as the training projections are (:func:`~monai_diffusion.conditioning.normalise_projection`). It is not
     resized: its shape must be ``expected``, the projection of the training volumes.
 
     PNG and TIFF images are read as MONAI's PIL reader reads them, width first (the orientation

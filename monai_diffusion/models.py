@@ -26,6 +26,7 @@ from generative.networks.nets import AutoencoderKL
 
 from . import geometry
 from .checkpoints import load_checkpoint, load_weights
+from .conditioning import NULL_PROJECTION
 from .fileio import plain
 from .settings import vq_sampling_parameters
 
@@ -393,8 +394,6 @@ class ProjectionConditionedUNet(nn.Module):
         if context is not None:
             raise ValueError("a projection-conditioned UNet makes its own context; pass projection=, not context=")
         if projection is None:
-            from .sampling import NULL_PROJECTION
-
             a = self.encoder.init_args
             projection = torch.full((x.shape[0], a["in_channels"], *a["image_size"]), NULL_PROJECTION,
                                     device=x.device, dtype=x.dtype)

@@ -1,11 +1,17 @@
-"""Reverse diffusion (in latent or pixel space), conditioning tensors, interpolation of the initial noise, and writing
-samples as NIfTI / PNG / npy / point clouds (+ PNG previews, sample grids and interpolation strips)."""
+"""Sampling: the reverse process (in latent or pixel space, with classifier-free guidance), decoding its result to
+images on the data's [0, 1] scale, interpolation of the initial noise, and writing the samples.
+
+The writers live here because samples are what sampling makes: :func:`write_sample` writes one as NIfTI, npy, a 2D
+PNG or a point cloud, numbered by :func:`next_free_index` so that nothing is overwritten. Pictures of samples
+(preview PNGs, grids, strips) are drawn by :mod:`monai_diffusion.pictures`; schedulers and conditions come from
+:mod:`monai_diffusion.conditioning`.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -13,236 +19,19 @@ import torch.nn as nn
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from tqdm.auto import tqdm
 
-from .visualize import orthogonal_slices
+from .conditioning import PIXEL_RANGE, SAMPLERS, Conditioner, from_pixel_space
+from .errors import ConfigError
+from .fileio import refuse_existing
+from .models import decode_latent, is_vq
+from .pictures import as_shown, write_preview
+from .settings import PointCloudSettings
 
+# settings.py's cross-field check still reads the sampler names as ``sampling.SAMPLERS``; they live in
+# conditioning.py (until the settings package owns them as plain data)
+__all__ = ["SAMPLERS", "sample_latents", "decode_latents", "decode_samples", "slerp", "next_free_index",
+           "write_sample"]
 
-# the samplers that are valid for each training objective, the first being the default ("auto")
-SAMPLERS = {"ddpm": ("ddim", "ddpm"), "rflow": ("rflow",)}
-
-# pixel-space diffusion learns the images mapped linearly from [0, 1] (the data's scaled range) to this interval, the
-# range of the DDPM paper, whose spread matches the unit-variance noise better than [0, 1] does
-PIXEL_RANGE = (-1.0, 1.0)
-
-
-def to_pixel_space(images: torch.Tensor, pixel_range: Sequence[float] = PIXEL_RANGE) -> torch.Tensor:
-    """Images in [0, 1] -> the interval ``pixel_range`` that a pixel-space UNet learns."""
-    lo, hi = float(pixel_range[0]), float(pixel_range[1])
-    return images * (hi - lo) + lo
-
-
-def from_pixel_space(x: torch.Tensor, pixel_range: Sequence[float] = PIXEL_RANGE) -> torch.Tensor:
-    """Inverse of :func:`to_pixel_space`: back to the data's [0, 1] scale."""
-    lo, hi = float(pixel_range[0]), float(pixel_range[1])
-    return (x - lo) / (hi - lo)
-
-
-# the "no condition" projection of classifier-free guidance: a constant outside [0, 1], where every normalised
-# projection lies, so the encoder can tell it from any real condition
-NULL_PROJECTION = -1.0
-
-
-def normalise_projection(image: torch.Tensor) -> torch.Tensor:
-    """Min-max scaling of each 2D image of ``(..., C, H, W)`` to [0, 1], over its channels and pixels together; a
-    constant image becomes all zeros."""
-    dims = (-3, -2, -1)
-    lo, hi = image.amin(dim=dims, keepdim=True), image.amax(dim=dims, keepdim=True)
-    span = hi - lo
-    return torch.where(span > 0, (image - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                       torch.zeros_like(image))
-
-
-def projection(volume: torch.Tensor, axis: int) -> torch.Tensor:
-    """The condition of a projection-conditioned model: the sum of a volume along one spatial axis, scaled to [0, 1]
-    per image by :func:`normalise_projection`.
-
-    Args:
-        volume: ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)``, channels first.
-        axis: the spatial axis summed over, 0, 1 or 2 (``diffusion.projection_axis``).
-
-    Returns:
-        ``(C, ...)`` or ``(B, C, ...)`` with the two other spatial axes in their order, float32.
-    """
-    if volume.ndim not in (4, 5):
-        raise ValueError(f"projection needs a (C, X, Y, Z) or (B, C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
-    if axis not in (0, 1, 2):
-        raise ValueError(f"projection axis must be 0, 1 or 2, got {axis}")
-    summed = torch.as_tensor(volume).as_subclass(torch.Tensor).float().sum(dim=axis - 3)
-    return normalise_projection(summed)
-
-
-def objective(args: dict[str, Any]) -> str:
-    """The training objective stored in a checkpoint's scheduler arguments (older checkpoints: ``ddpm``)."""
-    return args.get("type", "ddpm")
-
-
-def resolve_sampler(args: dict[str, Any], sampler: str, where: str = "") -> str:
-    """The sampler to use for a model trained with ``args``: ``auto`` picks the default for its objective; an
-    invalid pairing is a :class:`ValueError` naming both."""
-    kind = objective(args)
-    if sampler == "auto":
-        return SAMPLERS[kind][0]
-    if sampler not in SAMPLERS[kind]:
-        raise ValueError(
-            f"sampling.scheduler={sampler} cannot sample a model trained with diffusion.scheduler.type={kind}"
-            + (f" ({where})" if where else "") + f"; use one of {', '.join(('auto',) + SAMPLERS[kind])}"
-        )
-    return sampler
-
-
-def build_scheduler(args: dict[str, Any], kind: str = "train") -> DDPMScheduler | DDIMScheduler | RFlowScheduler:
-    """MONAI core scheduler from stored scheduler arguments.
-
-    Args:
-        args: ``num_train_timesteps`` and ``type`` (``ddpm``: plus ``schedule``, betas and ``prediction_type``;
-            ``rflow``: plus ``sample_method``, ``use_timestep_transform`` and ``spatial_dims``).
-        kind: ``train`` (the objective's training scheduler), or a sampler: ``ddpm`` / ``ddim`` for DDPM-trained
-            models, ``rflow`` for rectified-flow ones.
-
-    Latents are not bounded, so DDPM/DDIM sample clipping is off unless ``args`` has ``clip_sample`` (pixel-space
-    models: the predicted clean image is clipped to ``clip_range``). Rectified flow uses MONAI's ``RFlowScheduler``
-    with discrete timesteps; its timestep transform, when on, shifts timesteps by the latent's size relative to
-    32 voxels per axis.
-    """
-    if objective(args) == "rflow":
-        if kind not in ("train", "rflow"):
-            resolve_sampler(args, kind)
-        dims = int(args.get("spatial_dims", 3))
-        return RFlowScheduler(
-            num_train_timesteps=args["num_train_timesteps"],
-            use_discrete_timesteps=True,
-            sample_method=args.get("sample_method", "uniform"),
-            use_timestep_transform=bool(args.get("use_timestep_transform", True)),
-            base_img_size_numel=32**dims,
-            spatial_dim=dims,
-        )
-    common = {
-        "num_train_timesteps": args["num_train_timesteps"],
-        "schedule": args["schedule"],
-        "prediction_type": args["prediction_type"],
-        "clip_sample": bool(args.get("clip_sample", False)),
-    }
-    if common["clip_sample"]:
-        low, high = args.get("clip_range", PIXEL_RANGE)
-        common.update(clip_sample_min=float(low), clip_sample_max=float(high))
-    if args["schedule"] != "cosine":
-        common.update(beta_start=args["beta_start"], beta_end=args["beta_end"])
-    if kind == "ddim":
-        return DDIMScheduler(**common)
-    if kind in ("ddpm", "train"):
-        return DDPMScheduler(**common)
-    resolve_sampler(args, kind)
-    raise ValueError(f"unknown sampler {kind!r}")
-
-
-def set_sampling_steps(scheduler: Any, steps: int, latent_spatial: Sequence[int], device: Any = None) -> None:
-    """``scheduler.set_timesteps`` for ``steps`` steps (rectified flow also takes the latent size)."""
-    if isinstance(scheduler, RFlowScheduler):
-        scheduler.set_timesteps(steps, device=device, input_img_size_numel=int(np.prod(latent_spatial)))
-    else:
-        scheduler.set_timesteps(steps, device=device)
-
-
-class Conditioner:
-    """Turns per-volume conditions into the UNet's ``class_labels`` / cross-attention ``context`` / ``projection``.
-
-    Class labels index an embedding table with one extra row, ``num_classes``, meaning "no class". Covariates are
-    standardised with the training-set statistics and followed by a presence flag of 1, so an all-zero context
-    means "no condition". A projection condition is the image's :func:`projection` along ``projection_axis``
-    (computed from the batch's images, or taken from its ``projection`` entry); its "no condition" is an image of
-    :data:`NULL_PROJECTION`. Dropping conditions at random in training teaches the unconditional model that
-    classifier-free guidance needs.
-
-    Args:
-        class_key: batch key of the categorical label, or None.
-        num_classes: number of classes of ``class_key``.
-        covariate_keys: batch keys of continuous covariates.
-        covariate_stats: ``{key: (mean, std)}`` from the training data.
-        projection_axis: spatial axis of the images' projection condition; None = no projection condition.
-    """
-
-    def __init__(
-        self,
-        class_key: str | None = None,
-        num_classes: int | None = None,
-        covariate_keys: Sequence[str] = (),
-        covariate_stats: dict[str, Sequence[float]] | None = None,
-        projection_axis: int | None = None,
-    ) -> None:
-        self.class_key = class_key
-        self.num_classes = num_classes
-        self.covariate_keys = list(covariate_keys)
-        self.covariate_stats = {k: (float(v[0]), float(v[1])) for k, v in (covariate_stats or {}).items()}
-        self.projection_axis = projection_axis
-
-    @property
-    def active(self) -> bool:
-        return self.class_key is not None or bool(self.covariate_keys) or self.projection_axis is not None
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "class_key": self.class_key,
-            "num_classes": self.num_classes,
-            "covariate_keys": self.covariate_keys,
-            "covariate_stats": {k: list(v) for k, v in self.covariate_stats.items()},
-            "projection_axis": self.projection_axis,
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any] | None) -> Conditioner:
-        return cls(**state) if state else cls()
-
-    def from_batch(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-        """UNet keyword arguments for the conditions stored in a batch."""
-        out: dict[str, torch.Tensor] = {}
-        if self.class_key is not None:
-            labels = torch.as_tensor(batch[self.class_key]).long().reshape(-1)
-            if labels.min() < 0 or labels.max() >= self.num_classes:
-                raise ValueError(
-                    f"'{self.class_key}' values must be in [0, {self.num_classes - 1}] "
-                    f"(diffusion.conditioning.num_classes), got {labels.tolist()}"
-                )
-            out["class_labels"] = labels.to(device)
-        if self.covariate_keys:
-            values = torch.stack([torch.as_tensor(batch[k]).double().reshape(-1) for k in self.covariate_keys], dim=1)
-            out["context"] = self.context(values, device)
-        if self.projection_axis is not None:
-            if "projection" in batch:  # cached latents keep the projection of their image
-                out["projection"] = torch.as_tensor(batch["projection"]).as_subclass(torch.Tensor).float().to(device)
-            else:
-                out["projection"] = projection(batch["image"], self.projection_axis).to(device)
-        return out
-
-    def context(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(B, n_covariates) raw values -> (B, 1, n_covariates + 1) standardised context with presence flag."""
-        mean = torch.tensor([self.covariate_stats[k][0] for k in self.covariate_keys], dtype=torch.float64)
-        std = torch.tensor([self.covariate_stats[k][1] for k in self.covariate_keys], dtype=torch.float64)
-        z = (values.double().cpu() - mean) / std
-        flag = torch.ones(z.shape[0], 1, dtype=torch.float64)
-        return torch.cat([z, flag], dim=1).unsqueeze(1).float().to(device)
-
-    def null_like(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The "no condition" counterpart of ``cond``."""
-        out = {}
-        if "class_labels" in cond:
-            out["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
-        if "context" in cond:
-            out["context"] = torch.zeros_like(cond["context"])
-        if "projection" in cond:
-            out["projection"] = torch.full_like(cond["projection"], NULL_PROJECTION)
-        return out
-
-    def drop(self, cond: dict[str, torch.Tensor], probability: float) -> dict[str, torch.Tensor]:
-        """Replace each item's condition by the null condition with the given probability."""
-        if not cond or probability <= 0:
-            return cond
-        first = next(iter(cond.values()))
-        keep = torch.rand(first.shape[0], device=first.device) >= probability
-        null = self.null_like(cond)
-        out = {}
-        for key, value in cond.items():
-            mask = keep.view(-1, *([1] * (value.ndim - 1)))
-            out[key] = torch.where(mask, value, null[key])
-        return out
+_NEVER_OVERWRITTEN = "samples are never overwritten."
 
 
 @torch.no_grad()
@@ -285,11 +74,7 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, scale_factor: float,
     """Undo the latent scaling and decode (:func:`monai_diffusion.models.decode_latent`: in exact tiles when
     ``tile_size`` is given, with a progress bar of the tile passes when ``progress``; a VQ-VAE quantises the latent
     to its codebook first)."""
-    from .models import decode_latent, is_vq
-
     if tile_size is not None and is_vq(autoencoder):
-        from .errors import ConfigError
-
         raise ConfigError(f"{list(tile_size)}: tiled decoding is for the KL autoencoder, this checkpoint's stage 1 "
                           f"is a {type(autoencoder).__name__}; set it to null", key="sampling.tile_size")
     return decode_latent(autoencoder, z / scale_factor, tile_size, progress=progress)
@@ -353,7 +138,7 @@ def next_free_index(folder: Path, prefix: str = "sample_") -> int:
 
 def write_sample(
     volume: torch.Tensor, path_stem: Path, affine: np.ndarray | None, save_format: str = "auto", png: bool = True,
-    pointcloud: Any = None, seed: int = 0,
+    pointcloud: PointCloudSettings | None = None, seed: int = 0,
 ) -> list[Path]:
     """Write one (C, *spatial) sample; returns the files written. Refuses to replace an existing file.
 
@@ -382,13 +167,13 @@ def write_sample(
         if pointcloud is None:
             raise ValueError(f"save_format {save_format} needs the sampling.pointcloud settings, got None")
         for suffix in (".csv",) + ((".ply",) if pointcloud.ply else ()):
-            _refuse_existing(path_stem.with_name(path_stem.name + suffix))
+            refuse_existing([path_stem.with_name(path_stem.name + suffix)], hint=_NEVER_OVERWRITTEN)
     written = []
     if save_format in ("nifti", "both"):
         import nibabel as nib
 
         path = path_stem.with_name(path_stem.name + ".nii.gz")
-        _refuse_existing(path)
+        refuse_existing([path], hint=_NEVER_OVERWRITTEN)
         nib.save(nib.Nifti1Image(array.astype(np.float32), affine if affine is not None else np.eye(4)), str(path))
         written.append(path)
     elif save_format == "png":
@@ -397,16 +182,16 @@ def write_sample(
         if spatial_dims != 2:
             raise ValueError(f"save_format png needs 2D samples, got {spatial_dims} spatial axes")
         path = path_stem.with_name(path_stem.name + ".png")
-        _refuse_existing(path)
+        refuse_existing([path], hint=_NEVER_OVERWRITTEN)
         pixels = np.clip(array, 0.0, 1.0) * 255.0 + 0.5
-        # MONAI's PILReader gives (width, height): transpose back to PIL's (height, width)
-        pixels = np.swapaxes(pixels, 0, 1).astype(np.uint8)
+        # MONAI's PILReader gives (width, height): back to PIL's (height, width), as pictures show 2D images
+        pixels = as_shown(pixels).astype(np.uint8)
         Image.fromarray(pixels).save(path)
         written.append(path)
         png = False
     elif save_format == "npy":
         path = path_stem.with_name(path_stem.name + ".npy")
-        _refuse_existing(path)
+        refuse_existing([path], hint=_NEVER_OVERWRITTEN)
         np.save(path, array.astype(np.float32))
         written.append(path)
     if points:
@@ -414,70 +199,5 @@ def write_sample(
 
         written += export_sample(array, affine, path_stem, pointcloud, seed)
     if png:
-        png_path = path_stem.with_name(path_stem.name + ".png")
-        _refuse_existing(png_path)
-        save_png(orthogonal_slices([volume.unsqueeze(0)]), png_path)
-        written.append(png_path)
+        written.append(write_preview(volume, path_stem.with_name(path_stem.name + ".png")))
     return written
-
-
-def save_png(panels: dict[str, torch.Tensor], path: Path) -> None:
-    """Stack the panels of :func:`orthogonal_slices` vertically into one grey-scale PNG."""
-    from PIL import Image
-
-    width = max(p.shape[-1] for p in panels.values())
-    rows = [torch.nn.functional.pad(p[0], (0, width - p.shape[-1])) for p in panels.values()]
-    image = torch.cat(rows, dim=0).clamp(0, 1).mul(255).round().byte().numpy()
-    Image.fromarray(image, mode="L").save(path)
-
-
-def _refuse_existing(path: Path) -> None:
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; samples are never overwritten.")
-
-
-def image_panel(volume: torch.Tensor) -> torch.Tensor:
-    """One (C, *spatial) sample as a 2D picture on the data's [0, 1] scale (clipped, not rescaled, so panels of a
-    grid compare): a 2D image as its PNG shows it (rows = the second axis), a 3D volume as its axial mid-slice (the
-    middle of the last axis), oriented as in the preview PNGs. The first channel is shown."""
-    v = volume.detach().float().cpu()[0]
-    if v.ndim == 2:
-        panel = v.transpose(0, 1)
-    elif v.ndim == 3:
-        panel = v[:, :, v.shape[2] // 2].transpose(0, 1).flip(0)
-    else:
-        raise ValueError(f"expected a (C, H, W) or (C, H, W, D) sample, got shape {tuple(volume.shape)}")
-    return panel.clamp(0.0, 1.0)
-
-
-def tile_panels(panels: Sequence[torch.Tensor], columns: int, gap: int = 2, fill: float = 1.0) -> torch.Tensor:
-    """Panels of one size tiled row by row, ``columns`` per row, ``gap`` pixels of ``fill`` between them."""
-    if not panels:
-        raise ValueError("tile_panels needs at least one panel")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
-    height, width = panels[0].shape
-    rows = -(-len(panels) // columns)
-    cols = min(columns, len(panels))
-    canvas = torch.full((rows * height + (rows - 1) * gap, cols * width + (cols - 1) * gap), fill)
-    for i, panel in enumerate(panels):
-        if tuple(panel.shape) != (height, width):
-            raise ValueError(f"panel {i} has shape {tuple(panel.shape)}, expected {(height, width)} like panel 0")
-        r, c = divmod(i, columns)
-        canvas[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = panel
-    return canvas
-
-
-def write_picture(images: torch.Tensor, path: Path, columns: int | None = None) -> Path:
-    """A grid (``columns`` per row; default: about square) or, with ``columns = len(images)``, a strip of
-    :func:`image_panel` pictures of ``(N, C, *spatial)`` samples, as an 8-bit grey PNG. Refuses to replace a file."""
-    import math
-
-    from PIL import Image
-
-    n = images.shape[0]
-    columns = columns or math.ceil(math.sqrt(n))
-    canvas = tile_panels([image_panel(images[i]) for i in range(n)], columns)
-    _refuse_existing(path)
-    Image.fromarray(canvas.mul(255).round().byte().numpy(), mode="L").save(path)
-    return path

@@ -48,7 +48,7 @@ from .runtime import (
     unwrap,
 )
 from .settings import total_downsample_factor
-from .visualize import orthogonal_slices
+from .pictures import orthogonal_slices
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

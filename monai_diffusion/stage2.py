@@ -49,19 +49,18 @@ from .settings import sampling_tile, unet_fit_problems
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 
-from .sampling import (
+from .conditioning import (
     PIXEL_RANGE,
     Conditioner,
     build_scheduler,
-    decode_samples,
     objective,
     projection,
     resolve_sampler,
-    sample_latents,
     set_sampling_steps,
     to_pixel_space,
 )
-from .visualize import orthogonal_slices
+from .pictures import orthogonal_slices, picture_grid
+from .sampling import decode_samples, sample_latents
 
 
 class LatentDataset(Dataset):
@@ -380,8 +379,6 @@ def comparison_picture(generated: torch.Tensor, real: torch.Tensor):
         generated: (N, C, *spatial) samples.
         real: (M, C, *spatial) real volumes (their spatial size may differ from the samples').
     """
-    from .evaluate import picture_grid
-
     lo, hi = float(real.min()), float(real.max())
     rows = [("generated", generated.detach().float().cpu()), ("real", real.detach().float().cpu())]
     return picture_grid(rows, (lo, hi) if hi > lo else (0.0, 1.0), max_columns=max(len(generated), len(real)))

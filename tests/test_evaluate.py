@@ -12,7 +12,7 @@ import torch
 from monai.networks.layers import GaussianFilter
 from PIL import Image
 
-from monai_diffusion import evaluate as E
+from monai_diffusion import evaluation as E
 from monai_diffusion.cli import evaluate_main
 
 

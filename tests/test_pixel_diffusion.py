@@ -121,9 +121,9 @@ def test_training_resumes_exactly_and_checkpoint_describes_itself(tmp_path):
                        checkpoints={"resume_from": str(part / "dm" / "latest_checkpoint.pt")})
     train_diffusion(resumed)
     # a pixel-space run does not resume a latent checkpoint (or the other way round), even with the same UNet
+    from monai_diffusion.conditioning import Conditioner
     from monai_diffusion.errors import RunError
     from monai_diffusion.runtime import setup_runtime
-    from monai_diffusion.sampling import Conditioner
     from monai_diffusion.stage2 import build_diffusion_stage
 
     stage = build_diffusion_stage(settings(part), setup_runtime(False, 0, False), None, Conditioner(), 1)

@@ -15,10 +15,11 @@ import yaml
 
 from monai_diffusion.cli import evaluate_main, generate_samples_main, train_diffusion_main
 from monai_diffusion.checkpoints import load_checkpoint
-from monai_diffusion.evaluate import projection_consistency
+from monai_diffusion.evaluation import projection_consistency
 from monai_diffusion.generate import Sampler, generate_samples, load_condition
 from monai_diffusion.models import unet_args
-from monai_diffusion.sampling import NULL_PROJECTION, Conditioner, projection, write_sample
+from monai_diffusion.conditioning import NULL_PROJECTION, Conditioner, projection
+from monai_diffusion.sampling import write_sample
 from monai_diffusion.settings import ConfigError, settings_from_dict
 from monai_diffusion.stage2 import train_diffusion
 

@@ -12,7 +12,8 @@ import torch
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
 from monai_diffusion.checkpoints import load_checkpoint
-from monai_diffusion.sampling import build_scheduler, resolve_sampler, sample_latents, set_sampling_steps
+from monai_diffusion.conditioning import build_scheduler, resolve_sampler, set_sampling_steps
+from monai_diffusion.sampling import sample_latents
 from monai_diffusion.settings import ConfigError, settings_from_dict
 
 from conftest import QUICKSTART, cli_args, tiny_overrides
@@ -91,7 +92,7 @@ def test_invalid_pairs_are_refused_by_the_settings():
 def test_rflow_sampling_follows_the_velocity_and_guidance_changes_it():
     """With a 'network' that predicts the exact velocity towards a fixed target, sampling lands on the target; with
     a class condition, classifier-free guidance moves the result."""
-    from monai_diffusion.sampling import Conditioner
+    from monai_diffusion.conditioning import Conditioner
 
     target = torch.full((1, 1, 8, 8, 8), 0.7)
     args_ = {"type": "rflow", "num_train_timesteps": 1000, "use_timestep_transform": True, "spatial_dims": 3}

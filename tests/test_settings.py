@@ -96,7 +96,7 @@ def test_quickstart_loads_with_path_checks():
     s = load_settings(QUICKSTART)  # synthetic data: nothing on disk needed
     assert s.data.synthetic.enabled and s.data.voxel_size == (32, 32, 32)
     # evaluate's classifier two-sample test needs at least 8 training volumes per set
-    from monai_diffusion.evaluate import c2st_min_count
+    from monai_diffusion.evaluation import c2st_min_count
 
     assert s.data.synthetic.num_train >= c2st_min_count()
     assert s.autoencoder.checkpoints.output_dir == "runs/quickstart/autoencoder"

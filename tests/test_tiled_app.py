@@ -10,7 +10,7 @@ import torch
 from generative.networks.nets import AutoencoderKL
 from monai_diffusion.cli import train_diffusion_main
 from monai_diffusion.checkpoints import load_checkpoint
-from monai_diffusion.evaluate_run import _reconstruct
+from monai_diffusion.evaluation.pipeline import _reconstruct
 from monai_diffusion.generate import Sampler
 from monai_diffusion.models import decode_latent, encode_to_latent, reconstruct
 from monai_diffusion.settings import ConfigError, load_settings

@@ -244,7 +244,7 @@ def _diffusion_stage(s: Settings, runtime: Any, batch: int) -> tuple[Any, dict[s
     import torch
 
     from ..models import autoencoder_args, autoencoder_from_args
-    from ..sampling import Conditioner
+    from ..conditioning import Conditioner
     from ..stage2 import build_diffusion_stage
     from .geometry import latent_spatial
 

@@ -13,8 +13,8 @@ against the real volumes only, without reconstructions or ``stage1_validation``.
 
 A projection-conditioned checkpoint (``diffusion.condition_channels``) draws its samples for the projections of the
 validation volumes (of the training volumes when there are none), in turn, and the report adds
-``projection_consistency`` (:func:`~monai_diffusion.evaluate.projection_consistency`). Samples read from a folder
-have no known conditions, so that entry is left out.
+``projection_consistency`` (:func:`~monai_diffusion.evaluation.metrics.projection_consistency`). Samples read from a
+folder have no known conditions, so that entry is left out.
 """
 
 from __future__ import annotations
@@ -27,22 +27,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_datasets, build_transforms, training_geometry, validates_whole_volumes
-from .errors import RunError
-from .evaluate import (
-    C2STSettings,
-    EvaluateError,
-    compare_sets,
-    load_volume_folder,
-    projection_consistency,
-    reconstruction_metrics,
-    write_report,
-)
-from .generate import Sampler, checkpoint_path
-from .models import is_vq, reconstruct, total_factor
+from ..conditioning import projection
+from ..data import build_datasets, build_transforms, training_geometry, validates_whole_volumes
+from ..errors import EvaluateError, RunError
+from ..generate import Sampler, checkpoint_path
+from ..models import is_vq, reconstruct, total_factor
+from ..settings import Settings
+from .c2st import C2STSettings
+from .io import load_volume_folder
+from .metrics import projection_consistency, reconstruction_metrics
+from .report import compare_sets, write_report
 
 
-def default_report_path(settings: Any) -> Path:
+def default_report_path(settings: Settings) -> Path:
     """``evaluation.json`` beside the stage-2 output folder (e.g. ``runs/quickstart/evaluation.json``)."""
     return Path(settings.diffusion.checkpoints.output_dir).expanduser().parent / "evaluation.json"
 
@@ -93,7 +90,7 @@ def _validation_metrics(val: list[torch.Tensor], recon: list[torch.Tensor], roi:
 
 
 def evaluate_pipeline(
-    settings: Any,
+    settings: Settings,
     checkpoint: str | Path | None = None,
     *,
     num_samples: int | None = None,
@@ -164,8 +161,6 @@ def evaluate_pipeline(
         if n < 2:
             raise EvaluateError(f"--num-samples must be at least 2, got {n}")
         if sampler.projection_axis is not None:  # condition sample i on the projection of validation volume i
-            from .sampling import projection
-
             sources = _load(real_tf, info["val_files"], "validation volumes") if info["val_files"] else list(real)
             conditions = torch.stack([projection(sources[i % len(sources)], sampler.projection_axis)
                                       for i in range(n)])
