@@ -28,10 +28,13 @@ PACKAGES = {"monai_diffusion": REPO, "generative": REPO / "GenerativeModels"}
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("ground", frozenset({"errors", "fileio", "geometry", "memory"})),
     ("settings", frozenset({"settings"})),
-    ("data and networks", frozenset({"data", "synthetic", "losses", "models", "checkpoints", "runtime"})),
-    ("the loop and its parts", frozenset({"engine", "conditioning", "sampling", "pictures"})),
+    # conditioning (schedulers, the Conditioner, projections) is what models and the training stages share, and
+    # pointcloud (volumes <-> points in physical units) what sampling writes with: both need only the ground floor
+    ("data and networks", frozenset({"data", "synthetic", "losses", "models", "checkpoints", "runtime",
+                                     "conditioning", "pointcloud"})),
+    ("the loop and its parts", frozenset({"engine", "sampling", "pictures"})),
     # generate: the sampler that the CLI and evaluation rebuild from a stage-2 checkpoint
-    ("stages and tools", frozenset({"stage1", "stage2", "pipeline", "evaluation", "pointcloud", "generate"})),
+    ("stages and tools", frozenset({"stage1", "stage2", "pipeline", "evaluation", "generate"})),
     ("entry points", frozenset({"plan", "cli", "3d_ldm", "__init__", "__main__"})),
 ]
 
