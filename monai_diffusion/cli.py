@@ -74,10 +74,10 @@ def train_autoencoder_main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> object:
         settings = settings_from_args(args, stage="autoencoder")
-        from .plan.preflight import check_training_memory
+        from .plan.preflight import prepare_training
         from .stage1 import train_autoencoder
 
-        check_training_memory(settings, "autoencoder", print_fn=_print_rank0)
+        settings = prepare_training(settings, "autoencoder", print_fn=_print_rank0)
         return train_autoencoder(settings)
 
     return run_command(work)
@@ -95,10 +95,10 @@ def train_diffusion_main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> object:
         settings = settings_from_args(args, stage="diffusion")
-        from .plan.preflight import check_training_memory
+        from .plan.preflight import prepare_training
         from .stage2 import train_diffusion
 
-        check_training_memory(settings, "diffusion", print_fn=_print_rank0)
+        settings = prepare_training(settings, "diffusion", print_fn=_print_rank0)
         return train_diffusion(settings)
 
     return run_command(work)

@@ -41,7 +41,7 @@ from .checkpoints import (
     step_checkpoint_path,
     write_checkpoint,
 )
-from .errors import NonFiniteLoss, OutOfMemory, RunError
+from .errors import ConfigError, NonFiniteLoss, OutOfMemory, RunError
 from .fileio import atomic_write_text
 from .memory import PeakMeter, is_out_of_memory, process_peak_mib, tensor_bytes, use_clean_malloc
 from .models import architecture
@@ -125,6 +125,10 @@ def loop_config(settings: Settings, section: str, visualize_interval: int | None
     """The loop settings of one stage, from its ``training``/``checkpoints``/``logging`` settings sections."""
     stage = getattr(settings, section)
     t, ckpt, log = stage.training, stage.checkpoints, stage.logging
+    if t.batch_size == "auto":
+        raise ConfigError(f"{section}.training.batch_size: auto is resolved before training (the command line does "
+                          "it; from Python call monai_diffusion.plan.preflight.prepare_training(settings, "
+                          f"{section!r}) and train with the settings it returns)", key=f"{section}.training.batch_size")
     output_dir = Path(ckpt.output_dir)
     return LoopConfig(
         n_epochs=t.n_epochs,

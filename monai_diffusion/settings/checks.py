@@ -734,8 +734,27 @@ def _check_losses(s: Settings, problems: list[tuple[str, str]]) -> None:
                          "false (or --set diffusion.training.input_noise.enabled=false)"))
 
 
+def _check_auto_batch(s: Settings, problems: list[tuple[str, str]]) -> None:
+    """``batch_size: auto`` goes with ``effective_batch_size`` and sets ``gradient_accumulation_steps`` itself."""
+    for section, t in (("autoencoder.training", s.autoencoder.training), ("diffusion.training", s.diffusion.training)):
+        if t.batch_size == "auto":
+            if t.effective_batch_size is None:
+                problems.append((f"{section}.effective_batch_size",
+                                 "batch_size: auto needs the batch each optimizer step should see, e.g. --set "
+                                 f"{section}.effective_batch_size=16"))
+            if t.gradient_accumulation_steps != 1:
+                problems.append((f"{section}.gradient_accumulation_steps",
+                                 f"batch_size: auto sets it from effective_batch_size; got "
+                                 f"{t.gradient_accumulation_steps}: leave it at 1"))
+        elif t.effective_batch_size is not None:
+            problems.append((f"{section}.effective_batch_size",
+                             f"applies with batch_size: auto only (batch_size is {t.batch_size}); set "
+                             f"{section}.batch_size=auto or remove it"))
+
+
 def validate(s: Settings, check_paths: bool, require_data: bool, stage: Optional[str] = None) -> None:
     problems: list[tuple[str, str]] = []
+    _check_auto_batch(s, problems)
     total = _check_autoencoder(s, problems)
     if s.diffusion.space == "pixel":
         total = None  # no autoencoder downsamples the images: the UNet's own fit is checked in _check_diffusion

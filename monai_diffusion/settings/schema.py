@@ -220,7 +220,10 @@ class TrainingLoopSettings:
     them). Declared once here; :func:`_loop` places each in a section, where the section's own key order wants it."""
 
     n_epochs: int = _f(100, "number of epochs", ge=1)
-    batch_size: int = _f(1, "volumes per batch", ge=1)
+    batch_size: Union[int, Literal["auto"]] = _f(
+        1, "volumes per batch (per process); auto = the largest that fits the device, found with the memory "
+           "estimate before training, with gradient_accumulation_steps reaching effective_batch_size", ge=1
+    )
     val_interval: int = _f(1, "validate every N epochs", ge=1)
     save_interval: int = _f(1, "save a checkpoint every N epochs", ge=1)
     fast_dev_run: bool = _f(False, "run a few batches of every step, then stop; writes no checkpoints or logs")
@@ -232,6 +235,10 @@ class TrainingLoopSettings:
     max_consecutive_skips: int = _f(10, "with on_nonfinite: skip, stop after this many non-finite batches in a row",
                                     ge=1)
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
+    effective_batch_size: Optional[int] = _f(
+        None, "with batch_size: auto, the volumes each optimizer step should see (per process): "
+              "gradient_accumulation_steps becomes ceil(N / the batch that fits); null = no auto batch", ge=1
+    )
     grad_clip_norm: Optional[float] = _f(None, "clip gradient norm to this value; null = no clipping", gt=0)
 
 
@@ -250,7 +257,7 @@ class AutoencoderTrainingSettings:
     """Stage 1 (autoencoder) training."""
 
     n_epochs: int = _loop("n_epochs")
-    batch_size: int = _loop("batch_size")
+    batch_size: Union[int, Literal["auto"]] = _loop("batch_size")
     learning_rate: float = _f(1.0e-4, "generator learning rate", gt=0)
     adv_weight: float = _f(0.01, "weight of the adversarial loss", ge=0)
     perceptual_weight: float = _f(0.001, "weight of the perceptual loss", ge=0)
@@ -264,6 +271,7 @@ class AutoencoderTrainingSettings:
     perceptual_fake_3d_ratio: float = _f(0.2, "fraction of slices per axis used by fake-3D perceptual loss", ge=0, le=1)
     use_gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory (slower)")
     gradient_accumulation_steps: int = _loop("gradient_accumulation_steps")
+    effective_batch_size: Optional[int] = _loop("effective_batch_size")
     grad_clip_norm: Optional[float] = _loop("grad_clip_norm")
     autoencoder_warm_up_n_epochs: int = _f(5, "epochs before the adversarial loss is switched on", ge=0)
     discriminator: DiscriminatorSettings = _section(DiscriminatorSettings, "patch discriminator")
@@ -469,7 +477,7 @@ class DiffusionTrainingSettings:
     """Stage 2 (latent diffusion) training."""
 
     n_epochs: int = _loop("n_epochs")
-    batch_size: int = _loop("batch_size")
+    batch_size: Union[int, Literal["auto"]] = _loop("batch_size")
     learning_rate: float = _f(1.0e-4, "UNet learning rate", gt=0)
     val_interval: int = _loop("val_interval")
     save_interval: int = _loop("save_interval")
@@ -480,6 +488,7 @@ class DiffusionTrainingSettings:
     on_nonfinite: Literal["stop", "skip"] = _loop("on_nonfinite")
     max_consecutive_skips: int = _loop("max_consecutive_skips")
     gradient_accumulation_steps: int = _loop("gradient_accumulation_steps")
+    effective_batch_size: Optional[int] = _loop("effective_batch_size")
     grad_clip_norm: Optional[float] = _loop("grad_clip_norm")
     lr_warmup_steps: int = _f(0, "optimizer steps of linear learning-rate warm-up from 0", ge=0)
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning rate after warm-up: constant | cosine decay")
