@@ -13,11 +13,11 @@ Public API: :func:`build_reconstruction_loss`, :class:`ReconstructionLoss`, :fun
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+
+from .settings import CorruptionSettings, ReconstructionLossSettings
 
 __all__ = [
     "LOSS_TYPES",
@@ -178,7 +178,7 @@ class ReconstructionLoss:
         return f"ReconstructionLoss({self.loss_type!r})"
 
 
-def build_reconstruction_loss(loss_settings: Any) -> ReconstructionLoss:
+def build_reconstruction_loss(loss_settings: ReconstructionLossSettings) -> ReconstructionLoss:
     """Stage 1's reconstruction loss from the ``autoencoder.training.loss`` settings
     (:class:`~monai_diffusion.settings.ReconstructionLossSettings`).
 
@@ -202,7 +202,7 @@ def build_reconstruction_loss(loss_settings: Any) -> ReconstructionLoss:
 
 
 # ------------------------------------------------------------------------------------------------ corruption
-def corrupt(images: torch.Tensor, settings: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+def corrupt(images: torch.Tensor, settings: CorruptionSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """A corrupted copy of ``images`` (``images`` itself when corruption is off).
 
     ``gaussian`` adds N(0, noise_std) to every voxel; ``dropout`` sets each voxel to 0 with probability

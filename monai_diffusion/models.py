@@ -28,7 +28,7 @@ from . import geometry
 from .checkpoints import load_checkpoint, load_weights
 from .conditioning import NULL_PROJECTION
 from .fileio import plain
-from .settings import vq_sampling_parameters
+from .settings import AutoencoderSettings, DiffusionSettings, vq_sampling_parameters
 
 
 # constructor arguments that change how a network runs, not what it computes
@@ -40,7 +40,7 @@ def architecture(args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in EXECUTION_ARGS}
 
 
-def autoencoder_args(ae: Any) -> dict[str, Any]:
+def autoencoder_args(ae: AutoencoderSettings) -> dict[str, Any]:
     """Architecture arguments of the fork's AutoencoderKL from the ``autoencoder`` settings section."""
     return {
         "spatial_dims": ae.spatial_dims,
@@ -62,13 +62,13 @@ def autoencoder_args(ae: Any) -> dict[str, Any]:
     }
 
 
-def autoencoder_execution(ae: Any) -> dict[str, Any]:
+def autoencoder_execution(ae: AutoencoderSettings) -> dict[str, Any]:
     """The execution knobs of the autoencoder from the ``autoencoder`` settings section."""
     return {"use_flash_attention": ae.use_flash_attention,
             "use_checkpointing": ae.training.use_gradient_checkpointing}
 
 
-def vqvae_args(ae: Any) -> dict[str, Any]:
+def vqvae_args(ae: AutoencoderSettings) -> dict[str, Any]:
     """Architecture arguments of MONAI core's VQVAE from the ``autoencoder`` settings section (``type: vq``; the
     network keys are in ``autoencoder.vqvae``, the defaults of the parameter lists filled in)."""
     vq = ae.vqvae
@@ -99,7 +99,7 @@ def is_vq_args(args: dict[str, Any]) -> bool:
     return "num_embeddings" in args
 
 
-def build_autoencoder(ae: Any) -> nn.Module:
+def build_autoencoder(ae: AutoencoderSettings) -> nn.Module:
     """The stage-1 network described by the ``autoencoder`` settings section (AutoencoderKL or VQVAE)."""
     if ae.type == "vq":
         return autoencoder_from_args(vqvae_args(ae), **autoencoder_execution(ae))
@@ -139,7 +139,7 @@ def load_autoencoder(path: str | Path, **execution: Any) -> tuple[nn.Module, dic
     return model.eval(), ckpt
 
 
-def unet_args(df: Any, num_classes: int | None = None, num_covariates: int = 0) -> dict[str, Any]:
+def unet_args(df: DiffusionSettings, num_classes: int | None = None, num_covariates: int = 0) -> dict[str, Any]:
     """Constructor arguments of MONAI core's DiffusionModelUNet from the ``diffusion`` settings section.
 
     Args:
@@ -403,7 +403,7 @@ class ProjectionConditionedUNet(nn.Module):
         return self.unet(x, timesteps, context=self.encoder(projection), class_labels=class_labels)
 
 
-def projection_encoder_args(df: Any, voxel_size: Sequence[int]) -> dict[str, Any] | None:
+def projection_encoder_args(df: DiffusionSettings, voxel_size: Sequence[int]) -> dict[str, Any] | None:
     """Arguments of the :class:`ProjectionEncoder` of a ``diffusion`` settings section (None without
     ``condition_channels``): the projection of a ``voxel_size`` image along ``df.projection_axis``."""
     if getattr(df, "condition_channels", None) is None:

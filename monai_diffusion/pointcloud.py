@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PointCloudError
+from .settings import PointCloudSettings
 
 __all__ = [
     "METHODS",
@@ -216,7 +217,7 @@ def export_sample(
     volume: np.ndarray,
     affine: np.ndarray | None,
     path_stem: str | Path,
-    settings: Any,
+    settings: PointCloudSettings,
     seed: int,
     name: str | None = None,
 ) -> list[Path]:

@@ -47,7 +47,7 @@ from .runtime import (
     teardown_runtime,
     unwrap,
 )
-from .settings import total_downsample_factor
+from .settings import Settings, total_downsample_factor
 from .pictures import orthogonal_slices
 
 
@@ -393,7 +393,7 @@ def build_perceptual_loss(training: Any, spatial_dims: int) -> nn.Module | None:
 
 
 def build_autoencoder_stage(
-    settings: Any,
+    settings: Settings,
     runtime: Runtime,
     perceptual: nn.Module | None = None,
     data_info: dict[str, Any] | None = None,
@@ -433,7 +433,7 @@ def build_autoencoder_stage(
     )
 
 
-def train_autoencoder(settings: Any) -> LoopState:
+def train_autoencoder(settings: Settings) -> LoopState:
     """Stage 1 end to end: checks, data, networks, then the shared loop. Returns the final loop state."""
     ae_cfg, t = settings.autoencoder, settings.autoencoder.training
     loop_cfg = loop_config(settings, "autoencoder")
@@ -513,7 +513,7 @@ def attention_warning(init_args: dict[str, Any], spatial: tuple[int, ...]) -> li
             f"attention off at that level)"]
 
 
-def validation_window(settings: Any) -> tuple[int, ...] | None:
+def validation_window(settings: Settings) -> tuple[int, ...] | None:
     """The tile (KL) or sliding window (VQ-VAE) of stage 1's validation: ``autoencoder.logging.sliding_window_roi_size``
     (default ``autoencoder.tile_size``, then ``data.voxel_size``) when validation volumes are whole
     (``autoencoder.logging.use_sliding_window``, or training

@@ -45,7 +45,7 @@ from .runtime import (
     teardown_runtime,
     unwrap,
 )
-from .settings import sampling_tile, unet_fit_problems
+from .settings import Settings, sampling_tile, unet_fit_problems
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import RFlowScheduler
 
@@ -108,7 +108,7 @@ class DiffusionStage:
         scheduler_args: dict[str, Any],
         scale_factor: float,
         conditioner: Conditioner,
-        settings: Any,
+        settings: Settings,
         runtime: Runtime,
         extra: dict[str, Any],
         picture_dir: Path | None = None,
@@ -414,7 +414,7 @@ def estimate_scale_factor(stage_encode, latent, loader, batches: int, runtime: R
     return 1.0 / std
 
 
-def check_unet_fits(settings: Any, autoencoder: nn.Module, ae_path: Path) -> tuple[int, ...]:
+def check_unet_fits(settings: Settings, autoencoder: nn.Module, ae_path: Path) -> tuple[int, ...]:
     """Refuse volumes or a UNet that do not fit the autoencoder stored in ``ae_path`` (the same check settings
     validation runs against the YAML's autoencoder section), with the ``--set`` lines that fix it.
 
@@ -479,7 +479,7 @@ def _cache_latents(stage: DiffusionStage, dataset: Any, runtime: Runtime, keep: 
 
 # ----------------------------------------------------------------------------------------------------- driver
 def build_diffusion_stage(
-    settings: Any,
+    settings: Settings,
     runtime: Runtime,
     autoencoder: nn.Module | None,
     conditioner: Conditioner,
@@ -537,7 +537,7 @@ def build_diffusion_stage(
     )
 
 
-def _load_frozen_autoencoder(settings: Any, runtime: Runtime) -> tuple[nn.Module | None, dict[str, Any], Path | None]:
+def _load_frozen_autoencoder(settings: Settings, runtime: Runtime) -> tuple[nn.Module | None, dict[str, Any], Path | None]:
     """The frozen stage-1 autoencoder from its checkpoint (never from the YAML's autoencoder section), checked against
     the UNet; in pixel space ``(None, image geometry from the settings, None)``."""
     df = settings.diffusion
@@ -553,7 +553,7 @@ def _load_frozen_autoencoder(settings: Any, runtime: Runtime) -> tuple[nn.Module
     return autoencoder, {**ae_ckpt["model_args"], "data_info": ae_ckpt.get("data_info")}, ae_path
 
 
-def train_diffusion(settings: Any) -> LoopState:
+def train_diffusion(settings: Settings) -> LoopState:
     """Stage 2 end to end: checks, autoencoder from its checkpoint (none in pixel space), data, UNet, then the
     shared loop."""
     df, t = settings.diffusion, settings.diffusion.training

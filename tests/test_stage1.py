@@ -125,17 +125,19 @@ def test_new_run_refuses_to_overwrite_a_previous_run(tmp_path, capsys):
     assert "resume_from" in capsys.readouterr().err
 
 
-def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
+def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "latest_checkpoint.pt"
     atomic_save({"value": 1}, target)
 
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("disk full (simulated)")
+    def half_then_full_disk(obj, f):
+        f.write(b"PK\x03\x04 a partial checkpoint")
+        raise RuntimeError("disk full (simulated)")
 
+    monkeypatch.setattr(torch, "save", half_then_full_disk)
     with pytest.raises(RuntimeError, match="simulated"):
-        atomic_save({"value": Unpicklable()}, target)
-    assert torch.load(target, weights_only=False) == {"value": 1}
+        atomic_save({"value": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"value": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["latest_checkpoint.pt"]  # no temporary file left behind
 
 

@@ -76,7 +76,6 @@ def estimate_step(settings: Settings, stage_name: str, device: torch.device, bat
                    where="memory check")
 
     peak = estimate_peak_bytes(step, lambda: step_tensors(stage, fake_batch)) / MIB
-    del stage, batch, fake_batch, scalers
     factor, extra = MARGIN["cuda" if device.type == "cuda" else "cpu"]
     name = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]
     return {"peak_mib": peak, "need_mib": peak * factor + extra, "precision": name, "batch_size": batch_size,
