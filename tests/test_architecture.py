@@ -34,7 +34,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                                      "conditioning", "pointcloud"})),
     ("the loop and its parts", frozenset({"engine", "sampling", "pictures"})),
     # generate: the sampler that the CLI and evaluation rebuild from a stage-2 checkpoint
-    ("stages and tools", frozenset({"stage1", "stage2", "pipeline", "evaluation", "generate"})),
+    # bundle: a run exported as a MONAI bundle (its inference.json runs pipeline.DiffusionPipeline)
+    ("stages and tools", frozenset({"stage1", "stage2", "pipeline", "evaluation", "generate", "bundle"})),
     ("entry points", frozenset({"plan", "cli", "3d_ldm", "__init__", "__main__"})),
 ]
 
