@@ -417,3 +417,90 @@ def convert_checkpoint(old: str | Path, new: str | Path) -> Path:
         raise RunError(f"{old} holds values with no plain form, so it cannot be converted: {', '.join(bad[:5])}")
     write_checkpoint(safe, new)
     return new
+
+
+# --------------------------------------------------------------------------------------------- a model folder
+MODEL_FOLDER_FORMAT = "monai-diffusion-model-folder"
+_MODEL_JSON = "diffusion.json"
+# what a model folder leaves out of a stage-2 checkpoint: training state, and the weights (in their own files)
+_TRAINING_ONLY = ("state_dict", "optimizers", "scalers", "lr_scheduler", "history", "skipped_batches")
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        return None
+    return st
+
+
+def write_model_folder(ckpt: dict[str, Any], settings: dict[str, Any], folder: str | Path,
+                       use_ema: bool = True) -> list[Path]:
+    """Write the inference part of a stage-2 checkpoint into ``folder`` with no pickled code: the UNet's weights
+    (the EMA weights when present and ``use_ema``) and the autoencoder's as ``unet.safetensors`` /
+    ``autoencoder.safetensors`` when the ``safetensors`` package is installed, else as weights-only ``.pt`` state
+    dicts (tensors only; read with ``weights_only=True``), and ``diffusion.json``: the architectures, scheduler,
+    scale factor, latent shape, data geometry, conditioning and ``settings`` as JSON. Returns the files written
+    (atomically; an existing file is replaced only by the complete new one)."""
+    from .fileio import atomic_write_json, plain
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    st = _safetensors()
+    suffix = ".safetensors" if st is not None else ".pt"
+    ema = ckpt["state_dict"].get("ema") if use_ema else None
+    weights = {"unet": ema if ema is not None else ckpt["state_dict"]["unet"]}
+    if ckpt.get("autoencoder") is not None:
+        weights["autoencoder"] = ckpt["autoencoder"]["state_dict"]
+    written, files = [], {}
+    for name, state in weights.items():
+        path = folder / f"{name}{suffix}"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        if st is not None:
+            atomic_write(path, lambda f, t=tensors: f.write(st.save(t)))
+        else:
+            atomic_save(tensors, path)
+        files[name] = path.name
+        written.append(path)
+    meta = {k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY and k != "autoencoder"}
+    if ckpt.get("autoencoder") is not None:
+        meta["autoencoder"] = {k: v for k, v in ckpt["autoencoder"].items() if k != "state_dict"}
+    doc = {"format": MODEL_FOLDER_FORMAT, "version": 1, "weights": files, "checkpoint": plain(meta, json=True),
+           "settings": plain(settings, json=True)}
+    atomic_write_json(folder / _MODEL_JSON, doc)
+    return [*written, folder / _MODEL_JSON]
+
+
+def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(checkpoint dictionary, settings dictionary)`` of a folder written by :func:`write_model_folder`: the
+    dictionary has a stage-2 checkpoint's keys and weights (``state_dict.unet`` and ``autoencoder.state_dict``), so
+    that the networks are rebuilt as from the checkpoint. Weights are read without unpickling code (safetensors, or
+    ``weights_only=True``). A missing or foreign folder is a one-line :class:`RunError` naming it."""
+    import json
+
+    folder = Path(folder)
+    doc_path = folder / _MODEL_JSON
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {doc_path} (a model folder written by monai-diffusion-export-bundle): "
+                       f"{exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != MODEL_FOLDER_FORMAT:
+        raise RunError(f"{doc_path} is not a monai-diffusion model description (format {MODEL_FOLDER_FORMAT!r})")
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, file in doc["weights"].items():
+        path = folder / file
+        if not path.is_file():
+            raise RunError(f"{path} is missing: {doc_path} names it as the {name} weights")
+        if path.suffix == ".safetensors":
+            st = _safetensors()
+            if st is None:
+                raise RunError(f"{path} is a safetensors file: install safetensors (pip install safetensors)")
+            state[name] = st.load_file(str(path))
+        else:
+            state[name] = read_tensors_file(path)
+    ckpt = dict(doc["checkpoint"])
+    ckpt["state_dict"] = {"unet": state["unet"]}
+    if "autoencoder" in state:
+        ckpt["autoencoder"] = {**ckpt["autoencoder"], "state_dict": state["autoencoder"]}
+    return ckpt, doc["settings"]

@@ -329,3 +329,28 @@ def convert_checkpoint_main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path} (checkpoint format {CHECKPOINT_VERSION}: tensors and plain values only)")
 
     return run_command(work)
+
+
+# ------------------------------------------------------------------------------------------------ export-bundle
+def export_bundle_main(argv: Sequence[str] | None = None) -> int:
+    """``monai-diffusion-export-bundle --run DIR --out BUNDLE``: a trained run as a MONAI bundle (see
+    :mod:`monai_diffusion.bundle`)."""
+    parser = _OneLineParser(
+        prog="monai-diffusion-export-bundle",
+        description="Write a trained run as a MONAI bundle (configs/, models/ without pickled code, docs/) that "
+                    "`python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE` "
+                    "runs to write NIfTI samples.",
+    )
+    parser.add_argument("--run", required=True, help="the run folder the CLI wrote (e.g. runs/quickstart: its "
+                                                     "diffusion/ holds best_model.pt and config.yaml)")
+    parser.add_argument("--out", required=True, help="the bundle folder to write (must not exist, or be empty)")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        from .bundle import export_bundle
+
+        written = export_bundle(args.run, args.out)
+        print(f"wrote the MONAI bundle {args.out} ({len(written)} files); run it with: python -m monai.bundle run "
+              f"--config_file {Path(args.out) / 'configs' / 'inference.json'} --bundle_root {args.out}")
+
+    return run_command(work)

@@ -56,6 +56,7 @@ from .runtime import (
     unwrap,
 )
 from .settings import Settings
+from .tracking import MlflowTracker, TensorBoardTracker, default_mlflow_uri
 
 
 class BatchSkipped(Exception):
@@ -119,6 +120,8 @@ class LoopConfig:
     max_consecutive_skips: int = 10
     settings: dict[str, Any] = field(default_factory=dict)
     section: str = "autoencoder"  # settings section, for messages that name config keys
+    tracker: str = "tensorboard"  # "tensorboard" | "mlflow" | "none" (logging.tracker)
+    mlflow_uri: str | None = None  # None: tracking.default_mlflow_uri(output_dir)
 
 
 def loop_config(settings: Settings, section: str, visualize_interval: int | None = None) -> LoopConfig:
@@ -153,6 +156,8 @@ def loop_config(settings: Settings, section: str, visualize_interval: int | None
         max_consecutive_skips=t.max_consecutive_skips,
         settings=settings.to_dict(),
         section=section,
+        tracker=log.tracker,
+        mlflow_uri=log.mlflow_uri,
     )
 
 
@@ -164,6 +169,7 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_batches: int = 0  # batches dropped for a non-finite loss (on_nonfinite: skip), whole run
     stopped_by: str | None = None  # "SIGTERM"/"SIGINT" when a signal stopped the run early
+    mlflow_run_id: str | None = None  # the MLflow run this training run logs to (logging.tracker mlflow)
 
     @property
     def exit_code(self) -> int:
@@ -537,7 +543,7 @@ class _Loop:
         for name, scaler in self.scalers.items():
             restore_scaler(scaler, ckpt.get("scalers", {}).get(name), name, runtime)
         self.state = LoopState(ckpt["epoch"] + 1, ckpt["global_step"], ckpt["best_metric"], ckpt.get("history", []),
-                               ckpt.get("skipped_batches", 0))
+                               ckpt.get("skipped_batches", 0), mlflow_run_id=ckpt.get("mlflow_run_id"))
         self.position = ckpt.get("position")
         del ckpt
         self.last_saved = Path(cfg.resume_from)
@@ -555,11 +561,7 @@ class _Loop:
         error."""
         cfg, runtime, state = self.cfg, self.runtime, self.state
         if runtime.is_main and not cfg.fast_dev_run:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # a resumed run hides what the interrupted one logged after its checkpoint, so that curves do not double
-            purge = state.global_step + 1 if cfg.resume_from is not None else None
-            self.writer = SummaryWriter(log_dir=str(cfg.log_dir), purge_step=purge)
+            self.writer = self.open_tracker()
         precision = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[runtime.amp_dtype]
         runtime.print(f"device: {runtime.device}, precision: {precision}, processes: {runtime.world_size}")
         for line in self.stage.describe(next(iter(self.train_loader))):  # RNG is re-seeded per epoch: a harmless peek
@@ -568,6 +570,7 @@ class _Loop:
         self.meter = PeakMeter(runtime.device)
         if cfg.fast_dev_run and not self.meter.cuda:
             use_clean_malloc()  # measure as plan's fresh processes do (memory.py)
+        completed = False
         try:
             with StopOnSignal(enabled=not cfg.fast_dev_run) as stop:
                 for epoch in range(state.epoch, n_epochs):
@@ -581,6 +584,7 @@ class _Loop:
                         self.finish_dev_run(epoch)
                         break
                     self.save_epoch(epoch, epoch_logs, validated)
+            completed = True
         except NonFiniteLoss as exc:
             kept = (f"the last good checkpoint is {self.last_saved} (to continue from it: {self.resume_command})"
                     if self.last_saved else "no checkpoint was written yet")
@@ -598,9 +602,25 @@ class _Loop:
             _log_error(runtime, error)
             raise error from None
         finally:
-            if self.writer is not None:
-                self.writer.close()
+            if self.writer is not None:  # an MLflow run records how the training run ended
+                self.writer.close("FAILED" if not completed else "KILLED" if state.stopped_by else "FINISHED")
         return state
+
+    def open_tracker(self) -> Any:
+        """The run's tracker (``logging.tracker``; :mod:`monai_diffusion.tracking`), or None for ``none``."""
+        cfg, state = self.cfg, self.state
+        if cfg.tracker == "none":
+            return None
+        if cfg.tracker == "mlflow":
+            uri = cfg.mlflow_uri or default_mlflow_uri(cfg.output_dir)
+            tracker = MlflowTracker(uri, experiment=Path(cfg.output_dir).resolve().parent.name or "monai-diffusion",
+                                    run_name=cfg.section, params=cfg.settings, run_id=state.mlflow_run_id,
+                                    artifacts=(cfg.output_dir / "config.yaml",))
+            state.mlflow_run_id = tracker.run_id
+            return tracker
+        # a resumed run hides what the interrupted one logged after its checkpoint, so that curves do not double
+        purge = state.global_step + 1 if cfg.resume_from is not None else None
+        return TensorBoardTracker(cfg.log_dir, purge)
 
     def out_of_memory(self, exc: BaseException) -> OutOfMemory:
         """The one-line error of a failed allocation during training: where, the peak so far, the last good
@@ -839,6 +859,7 @@ def _checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, cfg: 
         "optimizers": {name: opt.state_dict() for name, opt in stage.optimizers.items()},
         "scalers": {name: s.state_dict() for name, s in scalers.items()},
         "settings": cfg.settings,
+        **({"mlflow_run_id": state.mlflow_run_id} if state.mlflow_run_id is not None else {}),
         **stage.checkpoint_extra(),
     }
 

@@ -32,9 +32,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # pointcloud (volumes <-> points in physical units) what sampling writes with: both need only the ground floor
     ("data and networks", frozenset({"data", "synthetic", "losses", "models", "checkpoints", "runtime",
                                      "conditioning", "pointcloud"})),
-    ("the loop and its parts", frozenset({"engine", "sampling", "pictures"})),
+    ("the loop and its parts", frozenset({"engine", "sampling", "pictures", "tracking"})),
     # generate: the sampler that the CLI and evaluation rebuild from a stage-2 checkpoint
-    ("stages and tools", frozenset({"stage1", "stage2", "pipeline", "evaluation", "generate"})),
+    # bundle: a run exported as a MONAI bundle (its inference.json runs pipeline.DiffusionPipeline)
+    ("stages and tools", frozenset({"stage1", "stage2", "pipeline", "evaluation", "generate", "bundle"})),
     ("entry points", frozenset({"plan", "cli", "3d_ldm", "__init__", "__main__"})),
 ]
 

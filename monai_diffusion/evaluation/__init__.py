@@ -14,6 +14,8 @@ the bottom up:
   (samples vs real, and with reconstructions also samples vs reconstructions and reconstructions vs real, plus
   counts, shapes, value ranges and settings), :func:`write_report` (JSON + Markdown + PNG grid, atomically, never
   replacing a report unasked) and :func:`summary_table`.
+- :mod:`.sets`: :func:`evaluate_sets`, two sets (folders or tensors) -> the report dict, as ``evaluate --real
+  --samples`` computes it (exported from the package root too).
 - :mod:`.pipeline`: :func:`~.pipeline.evaluate_pipeline`, ``evaluate --config``: a trained run measured on its own
   data. It opens checkpoints through the sampler, so it is not imported here: comparing two folders needs neither.
 """
@@ -36,8 +38,10 @@ from .metrics import (
     unbiased_mmd,
 )
 from .report import compare_sets, generation_metrics, summary_table, write_report
+from .sets import evaluate_sets
 
 __all__ = [
+    "evaluate_sets",
     "EvaluateError",
     "C2STSettings",
     "load_volume_folder",

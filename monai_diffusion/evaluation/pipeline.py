@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from ..conditioning import projection
 from ..data import build_datasets, build_transforms, training_geometry, validates_whole_volumes
 from ..errors import EvaluateError, RunError
-from ..generate import Sampler, checkpoint_path
+from ..generate import checkpoint_path
+from ..pipeline import DiffusionPipeline
 from ..models import is_vq, reconstruct, total_factor
 from ..settings import Settings
 from .c2st import C2STSettings
@@ -128,7 +129,7 @@ def evaluate_pipeline(
     path = checkpoint_path(settings, checkpoint)
     if not path.is_file():
         raise RunError(f"stage-2 checkpoint not found: {path} (train stage 2 first, or pass --checkpoint)")
-    sampler = Sampler(settings, path, require_condition=False)
+    sampler = DiffusionPipeline(path, settings).sampler(require_condition=False)
     autoencoder = sampler.autoencoder
     pixel = autoencoder is None
     # a pixel-space UNet takes the images themselves: its own arguments give their axes and channels

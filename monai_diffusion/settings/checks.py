@@ -679,6 +679,12 @@ def _check_checkpoints(s: Settings, check_paths: bool, problems: list[tuple[str,
 def _check_stage(s: Settings, stage: Optional[str], check_paths: bool, problems: list[tuple[str, str]]) -> None:
     """Checks that only one command needs: stage 2 learns whole volumes from a stage-1 checkpoint (or, in pixel space,
     without one); a pixel-space config has no stage 1."""
+    if stage in ("autoencoder", "diffusion") and getattr(s, stage).logging.tracker == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            problems.append((f"{stage}.logging.tracker", 'is mlflow, but the mlflow package is not installed: '
+                                                         'pip install -e ".[mlflow]" (or pip install mlflow)'))
     if stage == "autoencoder" and s.diffusion.space == "pixel":
         problems.append(("diffusion.space", "is pixel: the UNet learns the images directly and no autoencoder is "
                                             "trained; run train_diffusion.py with this config (or --set "

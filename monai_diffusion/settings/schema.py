@@ -325,10 +325,20 @@ class DiffusionCheckpointSettings(CheckpointSettings):
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    """TensorBoard logging of stage 1."""
+    """Logging of stage 1 (TensorBoard, MLflow or none)."""
 
     log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
     log_interval: int = _f(10, "log training losses every N steps", ge=1)
+    tracker: Literal["tensorboard", "mlflow", "none"] = _f(
+        "tensorboard", "experiment tracker: tensorboard (log_dir) | mlflow (the resolved settings as parameters, every "
+                       "logged scalar, the pictures and config.yaml as artifacts; a resumed run continues the same "
+                       "MLflow run; needs pip install -e \".[mlflow]\") | none"
+    )
+    mlflow_uri: Optional[str] = _f(
+        None, "MLflow tracking URI (logging.tracker mlflow); null = a local store in mlruns/ of the folder above "
+              "checkpoints.output_dir (a SQLite file mlflow.db and artifacts/: runs/quickstart/mlruns for the "
+              "quickstart)"
+    )
     visualize_interval: int = _f(1, "log input / reconstruction / error slices every N epochs", ge=1)
     num_visualize_samples: int = _f(1, "validation volumes shown per visualization", ge=0)
     use_sliding_window: bool = _f(
@@ -348,11 +358,21 @@ class LoggingSettings:
 
 @dataclass(frozen=True)
 class DiffusionLoggingSettings:
-    """TensorBoard logging of stage 2: samples (diffusion.training.generate_samples_interval and
+    """Logging of stage 2 (TensorBoard, MLflow or none): samples (diffusion.training.generate_samples_interval and
     num_samples_to_generate) and samples next to real validation volumes (visualize_interval)."""
 
     log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
     log_interval: int = _f(10, "log training losses every N steps", ge=1)
+    tracker: Literal["tensorboard", "mlflow", "none"] = _f(
+        "tensorboard", "experiment tracker: tensorboard (log_dir) | mlflow (the resolved settings as parameters, every "
+                       "logged scalar, the pictures and config.yaml as artifacts; a resumed run continues the same "
+                       "MLflow run; needs pip install -e \".[mlflow]\") | none"
+    )
+    mlflow_uri: Optional[str] = _f(
+        None, "MLflow tracking URI (logging.tracker mlflow); null = a local store in mlruns/ of the folder above "
+              "checkpoints.output_dir (a SQLite file mlflow.db and artifacts/: runs/quickstart/mlruns for the "
+              "quickstart)"
+    )
     visualize_interval: int = _f(
         10, "every N epochs, log generated mid-slices next to real validation mid-slices (TensorBoard image "
             "compare/generated_vs_real and <log_dir>/compare_epoch_<N>.png)", ge=1
