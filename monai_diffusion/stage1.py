@@ -198,7 +198,7 @@ class AutoencoderStage:
             # generator's adversarial term: the discriminator is frozen and called unwrapped (no DDP bookkeeping)
             disc = unwrap(discriminator)
             disc.requires_grad_(False)
-            logits_fake = disc(recon_f.contiguous())[-1]
+            logits_fake = forward_with_own_buffers(disc, recon_f.contiguous())[-1]
             disc.requires_grad_(True)
             adv_g = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
             losses["generator"] = loss_g + cfg.adv_weight * adv_g
@@ -363,6 +363,24 @@ class VQVAEStage(AutoencoderStage):
         metrics = super().validation_step(batch)
         metrics.update(self._code_logs())
         return metrics
+
+
+def forward_with_own_buffers(module: nn.Module, *inputs: torch.Tensor) -> Any:
+    """``module(*inputs)``, with the same outputs and the same buffer updates, but the autograd graph keeps copies
+    of the buffers rather than the buffers themselves.
+
+    The generator's adversarial term runs the discriminator in training mode; BatchNorm's backward node (torch
+    before 2.13) keeps ``running_mean``/``running_var``. Before that backward, the DDP-wrapped discriminator's own
+    forward broadcasts rank 0's buffers into them in place, and backward then fails with "modified by an inplace
+    operation". Here the forward updates copies of the buffers, which are then written back: the buffers end
+    with exactly the values a plain call gives, and nothing the graph holds is changed later.
+    """
+    copies = {name: buf.clone() for name, buf in module.named_buffers()}
+    out = torch.func.functional_call(module, copies, inputs)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            buf.copy_(copies[name])
+    return out
 
 
 def build_discriminator(spatial_dims: int, in_channels: int, num_layers_d: int, num_channels: int) -> PatchDiscriminator:

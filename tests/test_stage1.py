@@ -212,6 +212,35 @@ def test_two_process_ddp_on_gloo(tmp_path):
     assert ckpt["global_step"] == 4
 
 
+def test_frozen_discriminator_forward_survives_an_inplace_buffer_broadcast():
+    """The generator's adversarial forward gives a plain call's outputs, gradients and BatchNorm statistics, and its
+    graph does not hold the buffers that DDP's buffer broadcast (the wrapped discriminator's next forward) writes in
+    place before backward (torch 2.11 failed there: "modified by an inplace operation")."""
+    from monai_diffusion.stage1 import build_discriminator, forward_with_own_buffers
+
+    torch.manual_seed(0)
+    plain_d, own_d = build_discriminator(3, 1, 2, 8), build_discriminator(3, 1, 2, 8)
+    own_d.load_state_dict(plain_d.state_dict())
+    x = torch.rand(2, 1, 16, 16, 16)
+    results = []
+    for disc, call in ((plain_d, lambda d, v: d(v)), (own_d, forward_with_own_buffers)):
+        v = x.clone().requires_grad_(True)
+        disc.requires_grad_(False)
+        out = call(disc, v)[-1]
+        disc.requires_grad_(True)
+        results.append((out, v, {k: b.clone() for k, b in disc.state_dict().items()}))
+    (out_a, v_a, state_a), (out_b, v_b, state_b) = results
+    assert torch.equal(out_a, out_b)
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert any(k.endswith("running_mean") and not torch.equal(state_a[k], torch.zeros_like(state_a[k])) for k in state_a)
+    with torch.no_grad():  # what DDP's broadcast_buffers does to every buffer before the discriminator's forward
+        for buf in own_d.buffers():
+            buf.copy_(buf)
+    out_b.square().mean().backward()
+    out_a.square().mean().backward()
+    assert torch.equal(v_a.grad, v_b.grad)
+
+
 def test_random_patch_training_validates_whole_volumes_with_sliding_windows(tmp_path, capsys):
     """Patches of 16^3 from the 33x41x25 nibabel volume; validation reconstructs the whole (padded) volume."""
     data = tmp_path / "data"

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -70,7 +70,12 @@ _NORM3 = re.compile(r"\.norm3\.(weight|bias)$")
 _PROJ_ATTN = re.compile(r"\.proj_attn\.(weight|bias)$")
 
 
-def upgrade_generative_023_keys(state_dict: MutableMapping[str, Any], expected: set[str], prefix: str = "") -> None:
+def upgrade_generative_023_keys(
+    state_dict: MutableMapping[str, Any],
+    expected: set[str],
+    prefix: str = "",
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """
     Rewrite, in place, the keys of a monai-generative 0.2.3 state dict (``DiffusionModelUNet``, ``ControlNet``, the
     SPADE networks, ``DecoderOnlyTransformer``, ``TransformerBlock``) to the MONAI core layout.
@@ -84,8 +89,11 @@ def upgrade_generative_023_keys(state_dict: MutableMapping[str, Any], expected: 
         state_dict: the state dict to update; keys already known to the target are left alone.
         expected: the full key names (``prefix`` included) that the target model expects.
         prefix: the target model's prefix inside ``state_dict`` (non-empty when it is a sub-module).
+        current: the target model's own tensors under the same full key names. MONAI before 1.6 gives every
+            transformer block a cross-attention layer, used only with cross-attention; for a 0.2.3 block without
+            cross-attention (which has no such weights) the target keeps its own, unused ones.
     """
-    _upgrade_transformer_norms(state_dict, expected, prefix)
+    _upgrade_transformer_norms(state_dict, expected, prefix, current)
     for key in [k for k in state_dict if k.startswith(prefix) and k not in expected]:
         dotted = "." + key  # so that the patterns also match keys of a module loaded on its own (no parent prefix)
         proj = _PROJ_ATTN.search(dotted)
@@ -114,7 +122,12 @@ def _join(block: str, rest: str) -> str:
     return f"{block}.{rest}" if block else rest
 
 
-def _upgrade_transformer_norms(state_dict: MutableMapping[str, Any], expected: set[str], prefix: str) -> None:
+def _upgrade_transformer_norms(
+    state_dict: MutableMapping[str, Any],
+    expected: set[str],
+    prefix: str,
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Rename 0.2.3 transformer-block norms (``norm2`` -> ``norm_cross_attn``, ``norm3`` -> ``norm2``) in place."""
     for key in [k for k in state_dict if k.startswith(prefix) and k not in expected]:
         dotted = "." + key
@@ -133,6 +146,11 @@ def _upgrade_transformer_norms(state_dict: MutableMapping[str, Any], expected: s
             # core always creates ``norm_cross_attn``; without cross-attention it is unused: LayerNorm's initial values
             norm3 = state_dict[key]
             state_dict[cross_norm] = torch.ones_like(norm3) if param == "weight" else torch.zeros_like(norm3)
+            if current is not None:  # MONAI < 1.6: the block's unused cross-attention layer keeps its own weights
+                unused = _join(block, "cross_attn.")
+                for name in expected:
+                    if name.startswith(unused) and name not in state_dict and name in current:
+                        state_dict[name] = current[name]
         state_dict[mlp_norm] = state_dict.pop(key)
 
 
@@ -146,8 +164,8 @@ def _load_hook(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    expected = {prefix + k for k in module.state_dict(keep_vars=True)}
-    upgrade_generative_023_keys(state_dict, expected, prefix)
+    own = {prefix + k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
+    upgrade_generative_023_keys(state_dict, set(own), prefix, own)
 
 
 def add_generative_023_load_hook(module: nn.Module) -> None:

@@ -8,6 +8,8 @@ implementations."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Sequence
 
 import torch.nn as nn
@@ -119,6 +121,8 @@ class DiffusionModelUNet(_CoreDiffusionModelUNet):
 
 _ENCODER_023_FLAT_FEATURES = 4096
 """In-features of the first linear layer of 0.2.3's ``DiffusionModelEncoder`` head, fixed whatever the input."""
+_CORE_ENCODER_TAKES_INPUT_SHAPE = "input_shape" in inspect.signature(_CoreDiffusionModelEncoder.__init__).parameters
+"""MONAI core added ``input_shape`` in 1.5.1 or 1.5.2 (1.5.0 and 1.4 build the fixed 4096-feature head)."""
 
 
 class DiffusionModelEncoder(_CoreDiffusionModelEncoder):
@@ -187,11 +191,12 @@ class DiffusionModelEncoder(_CoreDiffusionModelEncoder):
         channels = pick_renamed_arg(
             type(self).__name__, "num_channels", num_channels, "channels", channels, (32, 64, 64, 64)
         )
+        shape_arg = {"input_shape": (64,) * spatial_dims if input_shape is None else input_shape}
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=out_channels,
-            input_shape=(64,) * spatial_dims if input_shape is None else input_shape,
+            **(shape_arg if _CORE_ENCODER_TAKES_INPUT_SHAPE else {}),
             num_res_blocks=num_res_blocks,
             channels=channels,
             attention_levels=attention_levels,
@@ -209,7 +214,12 @@ class DiffusionModelEncoder(_CoreDiffusionModelEncoder):
             use_flash_attention=use_flash_attention,
         )
         if input_shape is None:
-            self.out = nn.Sequential(
-                nn.Linear(_ENCODER_023_FLAT_FEATURES, 512), nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, out_channels)
-            )
+            flat = _ENCODER_023_FLAT_FEATURES
+        elif not _CORE_ENCODER_TAKES_INPUT_SHAPE:  # older core: size the head as core's newer versions do
+            size = list(input_shape)
+            for _ in channels:
+                size = [math.ceil(n / 2) for n in size]
+            flat = math.prod(size) * channels[-1]
+        if input_shape is None or not _CORE_ENCODER_TAKES_INPUT_SHAPE:
+            self.out = nn.Sequential(nn.Linear(flat, 512), nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, out_channels))
         add_generative_023_load_hook(self)
