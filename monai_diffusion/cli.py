@@ -28,6 +28,17 @@ def run_command(work: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from .memory import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        # training turns its own into errors.OutOfMemory (with the kept checkpoint); this is sampling, evaluate, plan
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: ran out of memory ({first[:160]}); nothing that was written is lost. Less at once: "
+              "--set sampling.batch_size=1, exact tiles (--set autoencoder.tile_size=[...], sampling.tile_size) for "
+              "decoding and encoding; monai-diffusion-plan --budget-gb N says what fits", file=sys.stderr)
+        return 2
     return int(getattr(result, "exit_code", 0) or 0)  # a training run stopped by a signal: 128 + its number
 
 

@@ -124,3 +124,19 @@ def test_available_bytes_cpu():
     free, source = available_bytes("cpu")
     assert free is None or free > 0
     assert isinstance(source, str) and source
+
+
+def test_sampling_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
+    """Outside training (sampling, evaluate) a failed allocation is one line too, with what bounds the memory."""
+    import monai_diffusion.generate as generate
+    from monai_diffusion.cli import generate_samples_main
+
+    from conftest import QUICKSTART, cli_args, error_line, tiny_overrides
+
+    def greedy(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.15 GiB total capacity)")
+
+    monkeypatch.setattr(generate, "generate_samples", greedy)
+    line = error_line(capsys, generate_samples_main(cli_args(QUICKSTART, tiny_overrides(tmp_path))))
+    assert "ran out of memory (CUDA out of memory. Tried to allocate 20.00 GiB" in line
+    assert "sampling.batch_size=1" in line and "autoencoder.tile_size" in line
