@@ -29,6 +29,9 @@ def _args(root: Path, *extra: str) -> list[str]:
         f"diffusion.checkpoints.output_dir={root / 'diffusion'}",
         "diffusion.scheduler.num_train_timesteps=40",  # the doc samples with 30 steps
         "sampling.num_samples=3",
+        # the default execution (SDPA attention), which from_checkpoints uses too, not the quickstart's explicit one
+        "autoencoder.use_flash_attention=true",
+        "diffusion.use_flash_attention=true",
         *extra,
     )
 
