@@ -248,7 +248,11 @@ _LOOP_FIELDS = {f.name: f for f in dataclasses.fields(TrainingLoopSettings)}
 def _loop(name: str) -> Any:
     """The field of the shared training-loop key ``name``: default, doc and bounds of :class:`TrainingLoopSettings`.
     (Inheriting would put the shared keys first; each training section keeps its own order instead.)"""
-    f = _LOOP_FIELDS[name]
+    return _shared(_LOOP_FIELDS[name])
+
+
+def _shared(f: dataclasses.Field) -> Any:
+    """A section's copy of a field declared once elsewhere: the same default, doc and bounds."""
     return dataclasses.field(default=f.default, metadata=f.metadata)
 
 
@@ -324,8 +328,9 @@ class DiffusionCheckpointSettings(CheckpointSettings):
 
 
 @dataclass(frozen=True)
-class LoggingSettings:
-    """Logging of stage 1 (TensorBoard, MLflow or none)."""
+class TrackingSettings:
+    """The logging keys both stages' ``logging`` sections hold (where the run's scalars and pictures go). Declared
+    once here; :func:`_logging` places each in a section, as :func:`_loop` does for the training-loop keys."""
 
     log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
     log_interval: int = _f(10, "log training losses every N steps", ge=1)
@@ -339,6 +344,24 @@ class LoggingSettings:
               "checkpoints.output_dir (a SQLite file mlflow.db and artifacts/: runs/quickstart/mlruns for the "
               "quickstart)"
     )
+
+
+_LOGGING_FIELDS = {f.name: f for f in dataclasses.fields(TrackingSettings)}
+
+
+def _logging(name: str) -> Any:
+    """The field of the shared logging key ``name``: default, doc and bounds of :class:`TrackingSettings`."""
+    return _shared(_LOGGING_FIELDS[name])
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Logging of stage 1 (TensorBoard, MLflow or none)."""
+
+    log_dir: Optional[str] = _logging("log_dir")
+    log_interval: int = _logging("log_interval")
+    tracker: Literal["tensorboard", "mlflow", "none"] = _logging("tracker")
+    mlflow_uri: Optional[str] = _logging("mlflow_uri")
     visualize_interval: int = _f(1, "log input / reconstruction / error slices every N epochs", ge=1)
     num_visualize_samples: int = _f(1, "validation volumes shown per visualization", ge=0)
     use_sliding_window: bool = _f(
@@ -361,18 +384,10 @@ class DiffusionLoggingSettings:
     """Logging of stage 2 (TensorBoard, MLflow or none): samples (diffusion.training.generate_samples_interval and
     num_samples_to_generate) and samples next to real validation volumes (visualize_interval)."""
 
-    log_dir: Optional[str] = _f(None, "TensorBoard folder; null = <checkpoints.output_dir>/logs")
-    log_interval: int = _f(10, "log training losses every N steps", ge=1)
-    tracker: Literal["tensorboard", "mlflow", "none"] = _f(
-        "tensorboard", "experiment tracker: tensorboard (log_dir) | mlflow (the resolved settings as parameters, every "
-                       "logged scalar, the pictures and config.yaml as artifacts; a resumed run continues the same "
-                       "MLflow run; needs pip install -e \".[mlflow]\") | none"
-    )
-    mlflow_uri: Optional[str] = _f(
-        None, "MLflow tracking URI (logging.tracker mlflow); null = a local store in mlruns/ of the folder above "
-              "checkpoints.output_dir (a SQLite file mlflow.db and artifacts/: runs/quickstart/mlruns for the "
-              "quickstart)"
-    )
+    log_dir: Optional[str] = _logging("log_dir")
+    log_interval: int = _logging("log_interval")
+    tracker: Literal["tensorboard", "mlflow", "none"] = _logging("tracker")
+    mlflow_uri: Optional[str] = _logging("mlflow_uri")
     visualize_interval: int = _f(
         10, "every N epochs, log generated mid-slices next to real validation mid-slices (TensorBoard image "
             "compare/generated_vs_real and <log_dir>/compare_epoch_<N>.png)", ge=1
