@@ -249,6 +249,18 @@ def estimate_peak_bytes(step: Any, held: Any) -> int:
     return live.peak
 
 
+# what an estimate of live tensors leaves out, by device type: (factor, MiB added): on the CPU allocator slack and
+# oneDNN workspaces, on CUDA the caching allocator's fragmentation and cuDNN workspaces
+MARGIN = {"cpu": (1.10, 256.0), "cuda": (1.15, 512.0)}
+
+
+def with_margin(peak_mib: float, device: torch.device | str) -> float:
+    """``peak_mib`` of live tensors plus :data:`MARGIN` for ``device``'s type: what to compare with the memory
+    available."""
+    factor, extra = MARGIN["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    return peak_mib * factor + extra
+
+
 def _cgroup_free_bytes() -> int | None:
     """The memory this process's cgroup may still use (limit minus usage), or None without a limit."""
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),

@@ -27,8 +27,16 @@ from .conditioning import (
     resolve_sampler,
     set_sampling_steps,
 )
-from .errors import RunError
-from .models import autoencoder_from_args, build_diffusion_network, encode_to_latent, is_vq, load_autoencoder
+from .errors import OutOfMemory, RunError
+from .memory import MIB, available_bytes, estimate_peak_bytes, with_margin
+from .models import (
+    autoencoder_from_args,
+    build_diffusion_network,
+    encode_to_latent,
+    is_vq,
+    load_autoencoder,
+    total_factor,
+)
 from .pictures import write_picture
 from .runtime import choose_device, resolve_precision
 from .sampling import decode_samples, next_free_index, sample_latents, write_sample
@@ -184,6 +192,8 @@ class Sampler:
         set_sampling_steps(self.scheduler, self.steps, self.latent_shape[1:], self.device)
         info = ckpt.get("data_info") or {}
         self.affine = np.asarray(info["affine"], dtype=np.float64) if info.get("affine") is not None else None
+        self.memory_check = settings.device.memory_check
+        self.tile_key = key
 
     def _condition(self, condition: str | Path | torch.Tensor | None) -> torch.Tensor | None:
         """The projections to condition on, ``(N, C, H, W)``, checked against the checkpoint; None when the model
@@ -258,11 +268,117 @@ class Sampler:
                                     self.ckpt.get("pixel_range"), progress=progress).float()
         return images.clamp(0.0, 1.0) if self.cfg.clip else images
 
+    # ------------------------------------------------------------------------------------------- the memory check
+    def image_shape(self) -> tuple[int, ...]:
+        """The spatial shape of one decoded sample."""
+        if self.autoencoder is None:
+            return tuple(self.latent_shape[1:])
+        factor = total_factor(self.autoencoder)
+        return tuple(int(n) * int(f) for n, f in zip(self.latent_shape[1:], factor))
+
+    def estimate_batch(self, count: int, tile_size: Sequence[int] | None = ...) -> dict[str, Any]:
+        """Estimate the memory of drawing one batch of ``count`` samples without allocating it: one denoising step
+        (the UNet on ``count`` latents, twice with classifier-free guidance; every step needs the same) and the
+        decoding (in exact tiles of ``tile_size``; default: this sampler's), run on PyTorch's fake tensors
+        (:func:`monai_diffusion.memory.estimate_peak_bytes`).
+
+        Returns ``peak_mib`` (live tensors at the worst moment, the networks' weights included), ``weights_mib`` (the
+        weights, already in memory when this runs) and ``need_mib``: what the batch still needs beyond the weights,
+        with :data:`monai_diffusion.memory.MARGIN`.
+        """
+        import copy
+
+        tile = self.tile_size if tile_size is ... else tile_size
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.timesteps = scheduler.timesteps[:1]
+        cond = self.conditions(count, 0)
+        modules = [m for m in (self.unet, self.autoencoder) if m is not None]
+
+        def step() -> None:
+            noise = torch.empty((count, *self.latent_shape), device=self.device)
+            with torch.no_grad(), _autocast(self.device, self.amp):
+                z = sample_latents(self.unet, scheduler, noise, cond, self.conditioner, self.cfg.guidance_scale,
+                                   None, progress=False)
+                decode_samples(z.float(), self.autoencoder, float(self.ckpt["scale_factor"]), tile,
+                               self.ckpt.get("pixel_range")).float()
+
+        def held() -> list[torch.Tensor]:
+            return [t for m in modules for t in [*m.parameters(), *m.buffers()]] + list(cond.values())
+
+        peak = estimate_peak_bytes(step, held) / MIB
+        weights = sum(t.untyped_storage().nbytes() for t in held()) / MIB
+        return {"peak_mib": peak, "weights_mib": weights, "need_mib": with_margin(peak - weights, self.device),
+                "batch_size": count, "tile_size": None if tile is None else list(tile)}
+
+    def _tile_candidates(self) -> list[tuple[int, ...]]:
+        """Exact decoding tiles to suggest when a whole volume does not fit: the image halved along its longest axes,
+        again and again, down to a few latent voxels (each a multiple of the total downsample factor)."""
+        if self.autoencoder is None or is_vq(self.autoencoder):
+            return []
+        factor = [int(f) for f in total_factor(self.autoencoder)]
+        tile = list(self.image_shape())
+        out = []
+        while True:
+            axis = max(range(len(tile)), key=lambda a: tile[a] // factor[a])
+            if tile[axis] // factor[axis] < 8:
+                return out
+            tile[axis] = max(factor[axis] * 4, (tile[axis] // 2) // factor[axis] * factor[axis])
+            if self.tile_size is None or any(t < c for t, c in zip(tile, self.tile_size)):
+                out.append(tuple(tile))
+
+    def check_memory(self, count: int, print_fn: Any = None) -> dict[str, Any] | None:
+        """Before sampling: estimate one batch of ``count`` (:meth:`estimate_batch`) and compare it with the memory
+        the device has available; print one line about it (``print_fn``) and raise
+        :class:`~monai_diffusion.errors.OutOfMemory` with the ``--set`` changes that fit (a smaller
+        ``sampling.batch_size``, exact tiles) when it will not fit. ``device.memory_check: false`` skips it (returns
+        None), as does an estimate that cannot be made (a line says why)."""
+        if not self.memory_check:
+            return None
+        try:
+            est = self.estimate_batch(count)
+        except Exception as exc:  # noqa: BLE001 - an estimate that cannot be made must not stop sampling that may fit
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if print_fn:
+                print_fn(f"memory: the estimate of one sampling batch failed ({type(exc).__name__}: {first[:200]}); "
+                         "sampling without the check")
+            return None
+        available, source = available_bytes(self.device)
+        tiles = "" if est["tile_size"] is None else f", exact tiles {est['tile_size']}"
+        what = f"sampling batch ({count} volume(s) of {'x'.join(map(str, self.image_shape()))}{tiles})"
+        if available is None or est["need_mib"] <= available / MIB:
+            if print_fn:
+                room = f"available memory unknown ({source})" if available is None else \
+                    f"{available / 2**30:.1f} GiB available on {self.device.type}"
+                print_fn(f"memory: ~{est['need_mib'] / 1024:.1f} GiB estimated for one {what} beyond the "
+                         f"{est['weights_mib'] / 1024:.1f} GiB of weights, {room}")
+            return est
+        avail_mib = available / MIB
+        sets = self._fitting_sets(count, avail_mib)
+        fix = ("; to fit, try: " + " | ".join(sets)) if sets else "; no smaller batch or tile fits either"
+        raise OutOfMemory(f"{what} needs about {est['need_mib'] / 1024:.1f} GiB beyond the weights (estimated: "
+                          f"{est['peak_mib'] / 1024:.1f} GiB of tensors at the peak, weights included, plus margin) but "
+                          f"{self.device.type} has {avail_mib / 1024:.1f} GiB available ({source}){fix}; "
+                          "--set device.memory_check=false samples anyway", section="sampling")
+
+    def _fitting_sets(self, count: int, avail_mib: float) -> list[str]:
+        """The ``--set`` changes whose estimated batch fits ``avail_mib``: the largest smaller batch; else (a single
+        volume does not fit) the largest exact tile, at batch 1."""
+        for batch in sorted({b for b in (2 ** i for i in range(12)) if b < count}, reverse=True):
+            if self.estimate_batch(batch)["need_mib"] <= avail_mib:
+                return [f"--set sampling.batch_size={batch}"]
+        prefix = ["--set sampling.batch_size=1"] if count > 1 else []
+        for tile in self._tile_candidates():
+            if self.estimate_batch(1, tile)["need_mib"] <= avail_mib:
+                return [" ".join(prefix + [f"--set sampling.tile_size=[{','.join(map(str, tile))}]"])]
+        return []
+
     @torch.no_grad()
     def batches(self, n: int, seed: int, progress: bool = True):
         """Yield ``(first index, decoded batch)`` for ``n`` samples, ``sampling.batch_size`` at a time; sample
-        ``i`` depends only on ``seed`` and its batch, so the same seed gives the same volumes."""
+        ``i`` depends only on ``seed`` and its batch, so the same seed gives the same volumes. The memory check
+        (:meth:`check_memory`) runs before the first batch."""
         cfg, device = self.cfg, self.device
+        self.check_memory(min(cfg.batch_size, n), print_fn=print if progress else None)
         for first in tqdm(range(0, n, cfg.batch_size), desc="sampling", disable=not progress):
             count = min(cfg.batch_size, n - first)
             generator = torch.Generator(device=device).manual_seed(seed + first)
@@ -569,8 +685,6 @@ class DiffusionPipeline:
         latent = tuple(self.checkpoint["latent_shape"])
         if self.pixel_space:
             return latent
-        from .models import total_factor
-
         channels = self.checkpoint["autoencoder"]["model_args"].get("in_channels", 1)
         return (channels, *(s * f for s, f in zip(latent[1:], total_factor(self.autoencoder))))
 

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_run_args
+from conftest import REPO, error_line, tiny_run_args
 
 from monai_diffusion.cli import generate_samples_main, train_autoencoder_main, train_diffusion_main
 
@@ -169,3 +169,61 @@ def test_import_stays_light():
 
     with pytest.raises(AttributeError):
         monai_diffusion.NoSuchThing  # noqa: B018
+
+
+# ---------------------------------------------------------------------------------------- memory before sampling
+def _limit(monkeypatch, mib: float) -> None:
+    from monai_diffusion import pipeline
+    from monai_diffusion.memory import MIB
+
+    monkeypatch.setattr(pipeline, "available_bytes", lambda device: (int(mib * MIB), "a test limit"))
+
+
+def test_sampling_memory_estimate_grows_with_the_batch_and_shrinks_with_tiles(run):
+    from monai_diffusion import DiffusionPipeline
+
+    sampler = DiffusionPipeline.from_run(run).sampler()
+    one, four = sampler.estimate_batch(1), sampler.estimate_batch(4)
+    tiled = sampler.estimate_batch(4, (8, 8, 8))
+    assert 0 < one["peak_mib"] < four["peak_mib"] and tiled["peak_mib"] < four["peak_mib"]
+    assert one["weights_mib"] == four["weights_mib"] > 0 and four["peak_mib"] > four["weights_mib"]
+    assert four["need_mib"] == pytest.approx((four["peak_mib"] - four["weights_mib"]) * 1.10 + 256)
+    # the estimate allocates nothing and leaves the sampler as it was: it still samples its full schedule
+    assert len(sampler.scheduler.timesteps) == sampler.steps
+
+
+def test_sampling_that_will_not_fit_stops_before_any_sample_with_what_would_fit(run, tmp_path, monkeypatch, capsys):
+    from monai_diffusion import DiffusionPipeline
+
+    sampler = DiffusionPipeline.from_run(run).sampler()
+    one, two = sampler.estimate_batch(1)["need_mib"], sampler.estimate_batch(2)["need_mib"]
+    _limit(monkeypatch, (one + two) / 2)  # batch 1 fits, the run's batch of 2 does not
+    out = tmp_path / "samples"
+    line = error_line(capsys, generate_samples_main(_args(run, f"sampling.output_dir={out}")))
+    assert "sampling batch (2 volume(s) of 16x16x16) needs about" in line and "(a test limit)" in line
+    assert "--set sampling.batch_size=1" in line and "device.memory_check=false" in line
+    assert not list(out.glob("sample_*"))
+    # the same limit, the suggested batch: it fits and says so
+    assert generate_samples_main(_args(run, f"sampling.output_dir={out}", "sampling.batch_size=1")) == 0
+    assert "GiB estimated for one sampling batch (1 volume(s) of 16x16x16)" in capsys.readouterr().out
+    assert len(list(out.glob("sample_*.nii.gz"))) == 3
+    # not even one volume fits whole: exact tiles are suggested, the largest that fits
+    tile = sampler.estimate_batch(1, (8, 16, 16))["need_mib"]
+    _limit(monkeypatch, (tile + one) / 2)
+    line = error_line(capsys, generate_samples_main(_args(run, f"sampling.output_dir={out}")))
+    assert "--set sampling.batch_size=1 --set sampling.tile_size=[" in line
+    # the check turned off: samples (and the Python API raises the same error, a RunError)
+    assert generate_samples_main(_args(run, f"sampling.output_dir={out}", "device.memory_check=false")) == 0
+    from monai_diffusion.errors import OutOfMemory
+
+    with pytest.raises(OutOfMemory, match="sampling batch"):
+        DiffusionPipeline.from_run(run).generate(2, progress=False)
+
+
+def test_evaluate_checks_sampling_memory_before_it_loads_anything(run, tmp_path, monkeypatch, capsys):
+    from monai_diffusion.cli import evaluate_main
+
+    _limit(monkeypatch, 1)
+    report = tmp_path / "report.json"
+    line = error_line(capsys, evaluate_main([*_args(run), "--out", str(report)]))
+    assert "sampling batch" in line and not report.exists()

@@ -130,6 +130,8 @@ def evaluate_pipeline(
     if not path.is_file():
         raise RunError(f"stage-2 checkpoint not found: {path} (train stage 2 first, or pass --checkpoint)")
     sampler = DiffusionPipeline(path, settings).sampler(require_condition=False)
+    if samples_dir is None:  # the memory of a sampling batch, before any volume is loaded or reconstructed
+        sampler.check_memory(min(settings.sampling.batch_size, num_samples or settings.sampling.batch_size), print)
     autoencoder = sampler.autoencoder
     pixel = autoencoder is None
     # a pixel-space UNet takes the images themselves: its own arguments give their axes and channels

@@ -23,12 +23,10 @@ import torch
 
 from ..engine import make_scalers, train_step
 from ..errors import ConfigError, OutOfMemory
-from ..memory import MIB, available_bytes, estimate_peak_bytes
+from ..memory import MIB, available_bytes, estimate_peak_bytes, with_margin
 from ..runtime import Runtime, resolve_precision
 from ..settings import Settings
 
-# what the estimate of live tensors leaves out, by device type: (factor, MiB added)
-MARGIN = {"cpu": (1.10, 256.0), "cuda": (1.15, 512.0)}
 # batch tensors up to this many elements (labels, covariates) stay real in the estimate
 _REAL_INPUT_NUMEL = 4096
 _SECTIONS = {"autoencoder": "autoencoder.training", "diffusion": "diffusion.training"}
@@ -76,9 +74,8 @@ def estimate_step(settings: Settings, stage_name: str, device: torch.device, bat
                    where="memory check")
 
     peak = estimate_peak_bytes(step, lambda: step_tensors(stage, fake_batch)) / MIB
-    factor, extra = MARGIN["cuda" if device.type == "cuda" else "cpu"]
     name = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]
-    return {"peak_mib": peak, "need_mib": peak * factor + extra, "precision": name, "batch_size": batch_size,
+    return {"peak_mib": peak, "need_mib": with_margin(peak, device), "precision": name, "batch_size": batch_size,
             "seconds": time.perf_counter() - t0}
 
 
