@@ -62,7 +62,7 @@ NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 READ_ERROR_POLICIES = ("fail", "skip")
 # Bump when the transform chain changes in a way that invalidates PersistentDataset caches.
-_TRANSFORM_VERSION = 1
+_TRANSFORM_VERSION = 2
 _MAX_LISTED_PROBLEMS = 20
 # nibabel affines map to RAS+ world coordinates.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -658,8 +658,10 @@ def _make_dataset(data: list[dict], transform, cfg: DataSettings, cache_subdir: 
             transform=transform,
             cache_dir=cache,
             hash_func=_item_hash,
-            track_meta=True,
-            weights_only=False,  # the cache holds MetaTensors written by this module
+            # plain tensors only, read back with weights_only=True: a cache file can hold no code (a file that is
+            # not such a cache is deleted and recomputed, with MONAI's warning)
+            track_meta=False,
+            weights_only=True,
         )
     if cfg.cache_rate > 0:
         workers = cfg.num_workers if cfg.num_workers > 0 else min(8, os.cpu_count() or 1)

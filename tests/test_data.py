@@ -133,6 +133,36 @@ def test_persistent_cache_and_split(tmp_path):
     assert any((tmp_path / "cache").rglob("*.pt"))
 
 
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a cache file handed over by someone else could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_cache_file_with_code_is_not_run(tmp_path):
+    import pickle
+    import warnings
+
+    make_synthetic_dataset(tmp_path / "imgs", 3, 0, [8, 8, 8], seed=0)
+    cfg = _cfg(train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache"), voxel_size=[8, 8, 8])
+    train_ds, _, _ = build_datasets(cfg, spatial_dims=3, in_channels=1)
+    first = train_ds[0]["image"]
+    files = sorted((tmp_path / "cache").rglob("*.pt"))
+    assert files
+    marker = tmp_path / "payload_ran"
+    for f in files:  # every cache file replaced by a pickled payload
+        torch.save({"image": _Payload(marker)}, f, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns that it recomputes the file it cannot read
+        again = train_ds[0]["image"]
+    assert not marker.exists()
+    assert torch.equal(first, again)  # recomputed from the volume
+
+
 # ------------------------------------------------------------------------------------- real header
 
 
