@@ -2,7 +2,8 @@
 
 For every config (the shipped ones by default; any other YAML with ``--configs``, such as the seed system's configs
 with their data paths changed), as a user runs them: the stage-1 command with ``--fast-dev-run``; where that ran, one
-real stage-1 step that writes a checkpoint; then the stage-2 command with ``--fast-dev-run`` on it. Each command runs
+real stage-1 step that writes a checkpoint; then the stage-2 command with ``--fast-dev-run`` on it, one real stage-2
+step, and sampling one volume from it (2 DDIM steps: the memory of a sampling step does not depend on their number). Each command runs
 in its own process on synthetic phantoms at the config's voxel size (two training volumes, one validation volume,
 written once per size), with the config's own networks, batch size and precision. Recorded per command: exit code,
 wall time, the process's peak resident memory (``wait4``'s ``ru_maxrss``), the ``memory:`` line of the check, the
@@ -77,7 +78,7 @@ def summary(output: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for line in output.splitlines():
         line = line.strip()
-        if line.startswith("memory:") and "memory" not in out:
+        if line.startswith("memory:") and "memory" not in out and "GiB" in line:
             out["memory"] = line
         elif line.startswith("error:"):
             out["error"] = line
@@ -137,6 +138,14 @@ def main() -> None:
               "data.max_data_size_for_train=1", "autoencoder.training.gradient_accumulation_steps=1",
               "autoencoder.logging.visualize_interval=1000"]),
             ("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], []),
+        ]
+        steps += [
+            ("stage 2, one step (checkpoint)", "train_diffusion.py", [],
+             ["diffusion.training.n_epochs=1", "diffusion.training.val_interval=1", "data.max_data_size_for_train=1",
+              "diffusion.training.gradient_accumulation_steps=1", "diffusion.training.num_samples_to_generate=0"]),
+            ("sampling (1 volume, 2 DDIM steps)", "generate_samples.py", [],
+             ["sampling.num_samples=1", "sampling.batch_size=1", "sampling.scheduler=ddim",
+              "sampling.num_inference_steps=2", f"sampling.output_dir={run_dir / 'samples'}"]),
         ]
         for name, script, flags, extra in steps:
             cmd = [sys.executable, str(SCRIPTS / script), "--config", str(config), *flags]
