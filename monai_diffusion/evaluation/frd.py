@@ -30,7 +30,8 @@ from ..errors import EvaluateError
 FRD_VERSION = "v1"
 # pyradiomics 3.0.1 is the release that builds from PyPI on Python >= 3.10 (with numpy present and no build
 # isolation); the README's install section gives the order
-FRD_INSTALL = 'pip install numpy versioneer wheel && pip install --no-build-isolation pyradiomics==3.0.1 && pip install -e ".[frd]"'
+FRD_INSTALL = ('pip install numpy versioneer wheel && pip install --no-build-isolation pyradiomics==3.0.1 && '
+               'pip install -e ".[frd]"')
 
 
 def frd_missing() -> str | None:
