@@ -145,3 +145,21 @@ def test_evaluate_report_has_frd(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| frd |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["frd", f"{report['samples_vs_real']['frd']:.4g}", "n/a", f"{report['recon_vs_real']['frd']:.4g}"]
+
+
+def test_cli_no_frd_and_the_printed_line(tmp_path, capsys):
+    import numpy as np
+
+    from monai_diffusion.cli import evaluate_main
+
+    for name, x in (("real", blobs(4, (16, 16), 1)), ("samples", blobs(4, (16, 16), 2))):
+        (tmp_path / name).mkdir()
+        for i, v in enumerate(x):
+            np.save(tmp_path / name / f"{i}.npy", v[0].numpy())
+    argv = ["--real", str(tmp_path / "real"), "--samples", str(tmp_path / "samples"), "--c2st-epochs", "0"]
+    assert evaluate_main([*argv, "--out", str(tmp_path / "a.json"), "--no-frd"]) == 0
+    assert "FRD: skipped" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())["settings"]["frd"] == "skipped"
+    if frd_missing() is not None:  # without the package the command still works and says how to get it
+        assert evaluate_main([*argv, "--out", str(tmp_path / "b.json")]) == 0
+        assert f"FRD: {frd_missing()}" in capsys.readouterr().out
