@@ -188,11 +188,14 @@ def evaluate_parser() -> argparse.ArgumentParser:
         "--c2st-epochs", type=int, default=None, help="epochs of the C2ST classifier (default 30; 0 skips the test)"
     )
     parser.add_argument("--fid-weights", help="local feature-extractor file for FID (TorchScript or ResNet state dict)")
+    parser.add_argument("--no-frd", action="store_true", help="skip the Fréchet Radiomics Distance (computed by "
+                                                             "default when the optional frd-score is installed)")
     return parser
 
 
 def _print_evaluation(report: dict, written: Sequence[Path]) -> None:
     from .evaluation import summary_table
+    from .evaluation.report import frd_line
 
     s = report["samples"]
     print(
@@ -205,6 +208,7 @@ def _print_evaluation(report: dict, written: Sequence[Path]) -> None:
         print(f"stage 1 on {v['count']} validation volume(s): PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.3f}, "
               f"MS-SSIM {v['ms_ssim']:.3f}, L1 {v['l1']:.4f}")
     print(summary_table(report))
+    print(f"FRD: {frd_line(report)}")
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -232,6 +236,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             result["report"], result["written"] = evaluate_pipeline(
                 settings, args.checkpoint, num_samples=args.num_samples, samples_dir=args.samples, out=args.out,
                 seed=args.seed, c2st=c2st, fid_weights=args.fid_weights, overwrite=args.overwrite,
+                frd=False if args.no_frd else None,
             )
             return
         out = Path(args.out).expanduser() if args.out else _default_report(args.samples)
@@ -251,7 +256,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             recon, meta["recon"] = load_volume_folder(args.recon, what="reconstructions")
             names["recon"] = f"reconstructions folder {args.recon!r}"
         report = compare_sets(
-            real, samples, recon=recon, seed=args.seed, c2st=c2st, fid_weights=args.fid_weights, names=names, meta=meta
+            real, samples, recon=recon, seed=args.seed, c2st=c2st, fid_weights=args.fid_weights, names=names, meta=meta,
+            frd=False if args.no_frd else None,
         )
         result["report"] = report
         result["written"] = write_report(report, out, real=real, recon=recon, samples=samples, overwrite=args.overwrite)

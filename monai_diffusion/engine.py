@@ -123,6 +123,14 @@ class LoopConfig:
     tracker: str = "tensorboard"  # "tensorboard" | "mlflow" | "none" (logging.tracker)
     mlflow_uri: str | None = None  # None: tracking.default_mlflow_uri(output_dir)
 
+    def logs_description(self) -> str:
+        """Where this stage's logs went, for the closing line: TensorBoard's folder, the MLflow store, or none."""
+        if self.tracker == "none":
+            return "no logs (logging.tracker: none)"
+        if self.tracker == "mlflow":
+            return f"MLflow run in {self.mlflow_uri or default_mlflow_uri(self.output_dir)}"
+        return f"TensorBoard logs in {self.log_dir}"
+
 
 def loop_config(settings: Settings, section: str, visualize_interval: int | None = None) -> LoopConfig:
     """The loop settings of one stage, from its ``training``/``checkpoints``/``logging`` settings sections."""

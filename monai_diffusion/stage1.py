@@ -494,7 +494,7 @@ def train_autoencoder(settings: Settings) -> LoopState:
         )
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run and not state.stopped_by:
-            runtime.print(f"stage 1 done: checkpoints in {output_dir}, TensorBoard logs in {loop_cfg.log_dir}")
+            runtime.print(f"stage 1 done: checkpoints in {output_dir}, {loop_cfg.logs_description()}")
         return state
     finally:
         teardown_runtime(runtime)

@@ -619,7 +619,7 @@ def train_diffusion(settings: Settings) -> LoopState:
             runtime.print(f"latent scale factor 1/std = {stage.scale_factor:.5g} (from {t.scale_factor_batches} batches)")
         state = run_loop(stage, train_loader, val_loader, loop_cfg, runtime)
         if runtime.is_main and not t.fast_dev_run and not state.stopped_by:
-            runtime.print(f"stage 2 done: checkpoints in {output_dir}, TensorBoard logs in {loop_cfg.log_dir}")
+            runtime.print(f"stage 2 done: checkpoints in {output_dir}, {loop_cfg.logs_description()}")
         return state
     finally:
         teardown_runtime(runtime)

@@ -6,6 +6,11 @@ is one error line naming the install command, before any work."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +99,77 @@ def test_missing_mlflow_is_one_line_before_any_work(tmp_path, capsys, monkeypatc
         from monai_diffusion.settings import load_settings
 
         load_settings(QUICKSTART, ["autoencoder.logging.tracker=wandb"], check_paths=False)
+
+
+def test_mlflow_run_survives_a_kill_and_resume_from_latest(tmp_path, capsys):
+    """Stage 1 in a child process, SIGKILLed after a checkpoint and after it logged steps past that checkpoint, then
+    resumed with ``resume_from: latest``: the same MLflow run goes on; its history has every step, and twice only the
+    steps between the checkpoint and the kill (the work the kill lost, done again: MLflow cannot erase values)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    steps_per_epoch, n_epochs = 2, 4  # 4 phantoms, batch 2
+    argv = _args(tmp_path, "autoencoder.logging.tracker=mlflow", f"autoencoder.training.n_epochs={n_epochs}",
+                 "autoencoder.training.val_interval=1")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(repo), str(repo / "GenerativeModels"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    folder = tmp_path / "run" / "autoencoder"
+    latest = folder / "latest_checkpoint.pt"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlruns' / 'mlflow.db'}")
+    tag = "train/l1"
+    with open(tmp_path / "child.log", "wb") as log:
+        child = subprocess.Popen([sys.executable, str(repo / "monai_diffusion" / "3d_ldm" / "train_autoencoder.py"),
+                                  *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 600
+            while True:  # a checkpoint, and a step logged after it
+                assert child.poll() is None, (tmp_path / "child.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "no checkpoint and later step within 10 minutes"
+                if latest.is_file():
+                    ckpt = load_checkpoint(latest)
+                    logged = [m.step for m in client.get_metric_history(ckpt["mlflow_run_id"], tag)]
+                    if logged and max(logged) > ckpt["global_step"] and ckpt["epoch"] < n_epochs - 1:
+                        break
+                time.sleep(0.2)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+    killed_at = int(time.time() * 1000)
+    ckpt = load_checkpoint(latest)  # the checkpoint that survived the kill
+    run_id, resumed_from = ckpt["mlflow_run_id"], ckpt["global_step"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody closed it
+    before = [m.step for m in client.get_metric_history(run_id, tag)]
+    last_before_kill = max(before)
+    assert sorted(before) == list(range(1, last_before_kill + 1)) and last_before_kill > resumed_from
+
+    capsys.readouterr()
+    assert train_autoencoder_main(argv + ["--set", "autoencoder.checkpoints.resume_from=latest"]) == 0
+    # the closing line names where the logs went
+    assert f"stage 1 done: checkpoints in {folder}, MLflow run in {client.tracking_uri}" in capsys.readouterr().out
+    assert load_checkpoint(latest)["mlflow_run_id"] == run_id
+    runs = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run, continued
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, tag)
+    after = sorted(m.step for m in history if m.timestamp >= killed_at)
+    final = steps_per_epoch * n_epochs
+    assert after == list(range(resumed_from + 1, final + 1))  # the resume starts right after its checkpoint
+    steps = sorted(m.step for m in history)
+    assert set(steps) == set(range(1, final + 1))  # no step lost
+    twice = sorted({s for s in steps if steps.count(s) > 1})
+    assert twice == list(range(resumed_from + 1, last_before_kill + 1))  # only those the kill lost, logged again
+    epochs = [m.step for m in client.get_metric_history(run_id, "epoch/val_loss")]
+    assert set(epochs) == set(range(1, n_epochs + 1)) and max(epochs) == n_epochs
+    # parameters: the first values stay (MLflow refuses to change one) and the resume did not try to
+    assert run.data.params["autoencoder.training.n_epochs"] == str(n_epochs)
+    assert run.data.params["autoencoder.checkpoints.resume_from"] == "None"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+    pictures = {a.path for a in client.list_artifacts(run_id, "pictures")}
+    for epoch in range(1, n_epochs + 1):  # a picture of every epoch, before the kill and after the resume
+        assert any(p.endswith(f"_{epoch:06d}.png") for p in pictures), (epoch, sorted(pictures))
+    with capsys.disabled():
+        print(f"mlflow run {run_id}: killed after step {last_before_kill}, checkpoint at step {resumed_from}, resumed "
+              f"to step {final}; steps logged twice: {twice}")

@@ -10,6 +10,8 @@ the bottom up:
   :func:`projection_consistency` (the Pearson correlation of each sample's projection with its condition).
 - :mod:`.c2st`: :func:`c2st_accuracy`, the classifier two-sample test, with its :class:`C2STSettings`.
 - :mod:`.features`: :func:`load_feature_extractor` (a local file; nothing is downloaded) and :func:`fid`.
+- :mod:`.frd`: :func:`frd`, the Fréchet Radiomics Distance through the optional ``frd-score`` package, and
+  :func:`frd_missing` (why it cannot be computed here, with how to install it).
 - :mod:`.report`: :func:`generation_metrics` (every generation metric of one comparison), :func:`compare_sets`
   (samples vs real, and with reconstructions also samples vs reconstructions and reconstructions vs real, plus
   counts, shapes, value ranges and settings), :func:`write_report` (JSON + Markdown + PNG grid, atomically, never
@@ -25,6 +27,7 @@ from __future__ import annotations
 from ..errors import EvaluateError
 from .c2st import C2STSettings, c2st_accuracy, c2st_min_count
 from .features import fid, load_feature_extractor
+from .frd import frd, frd_missing
 from .io import load_volume_folder
 from .metrics import (
     histogram_w1,
@@ -56,6 +59,8 @@ __all__ = [
     "c2st_min_count",
     "load_feature_extractor",
     "fid",
+    "frd",
+    "frd_missing",
     "generation_metrics",
     "pearson",
     "projection_consistency",

@@ -101,6 +101,7 @@ def evaluate_pipeline(
     c2st: C2STSettings | None = None,
     fid_weights: str | Path | None = None,
     overwrite: bool = False,
+    frd: bool | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Evaluate a trained pipeline and write the report (JSON, Markdown, PNG grid).
 
@@ -114,6 +115,7 @@ def evaluate_pipeline(
         c2st: settings of the classifier two-sample test.
         fid_weights: local feature-extractor file for the optional FID.
         overwrite: replace an existing report.
+        frd: the Fréchet Radiomics Distance (None: when ``frd-score`` is installed; True: required; False: skipped).
 
     Returns:
         ``(report, files written)``.
@@ -177,7 +179,7 @@ def evaluate_pipeline(
     if not pixel:
         names["recon"] = "reconstructions of the training volumes"
     report = compare_sets(real, samples, recon=recon, seed=seed, c2st=c2st, fid_weights=fid_weights, names=names,
-                          meta={"samples": samples_meta} if samples_meta else None)
+                          meta={"samples": samples_meta} if samples_meta else None, frd=frd)
     if conditions is not None:
         report["projection_consistency"] = projection_consistency(samples, conditions, sampler.projection_axis)
         report["projection_consistency"]["conditions"] = ("validation" if info["val_files"] else "training") + \

@@ -19,6 +19,8 @@ from ..fileio import atomic_write_bytes, plain
 from ..pictures import picture_grid, png_bytes
 from .c2st import C2ST_SIZE, C2STSettings, _check_c2st_counts, c2st_accuracy
 from .features import fid, load_feature_extractor
+from .frd import FRD_VERSION, default_workers, frd_missing, frd_versions
+from .frd import frd as frd_metric
 from .metrics import (
     MAX_PAIRS,
     MMD_SIZE,
@@ -48,11 +50,13 @@ def generation_metrics(
     data_range: float | None = None,
     c2st: C2STSettings | None = None,
     fid_extractor: torch.nn.Module | None = None,
+    frd: bool = False,
     names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """All generation metrics of ``candidates`` against ``reference``: ``mmd``, ``ms_ssim_diversity``,
     ``ms_ssim_diversity_real``, ``histogram_w1``, ``nn_ratio``, ``nn_ratio_min``, ``nn_ratio_details``,
-    ``c2st_accuracy``, ``c2st``, and ``fid`` when a feature extractor is given (defined in ``docs/evaluate.md``).
+    ``c2st_accuracy``, ``c2st``, ``fid`` when a feature extractor is given, and ``frd`` with ``frd_details`` when
+    ``frd`` is true (defined in ``docs/evaluate.md``).
 
     Args:
         reference: the reference set (real volumes, or their reconstructions).
@@ -61,6 +65,7 @@ def generation_metrics(
         data_range: intensity range for MS-SSIM (default: the reference's max - min).
         c2st: C2ST settings; ``epochs == 0`` skips the test (``c2st_accuracy`` is then ``None``).
         fid_extractor: feature network for ``fid``; without it ``fid`` is left out.
+        frd: compute the Fréchet Radiomics Distance (:func:`~.frd.frd`; needs the optional ``frd-score``).
         names: labels of the two sets for error messages (keys ``"real"`` and ``"samples"``).
     """
     cfg = c2st or C2STSettings()
@@ -84,6 +89,10 @@ def generation_metrics(
         out["c2st"] = {"skipped": "epochs = 0"}
     if fid_extractor is not None:
         out["fid"] = fid(reference, candidates, fid_extractor)
+    if frd:
+        details = frd_metric(reference, candidates)
+        out["frd"] = details.pop("value")
+        out["frd_details"] = details
     return out
 
 
@@ -104,6 +113,7 @@ def compare_sets(
     fid_weights: str | os.PathLike | None = None,
     names: Mapping[str, str] | None = None,
     meta: Mapping[str, Mapping[str, Any]] | None = None,
+    frd: bool | None = None,
 ) -> dict[str, Any]:
     """Compare generated volumes with real ones (and with the real ones' reconstructions, when given).
 
@@ -121,6 +131,9 @@ def compare_sets(
         fid_weights: a local feature-extractor file for ``fid`` (see :func:`~.features.load_feature_extractor`).
         names: human labels of the sets for messages, e.g. folders: keys ``"real"``, ``"samples"``, ``"recon"``.
         meta: per-set metadata from :func:`~.io.load_volume_folder` (keys ``"real"``, ``"samples"``, ``"recon"``).
+        frd: the Fréchet Radiomics Distance of samples vs real and reconstructions vs real: ``None`` computes it
+            when ``frd-score`` is installed (else ``settings.frd`` says how to install it), ``True`` requires it,
+            ``False`` skips it.
 
     Returns:
         The report dictionary (see ``docs/evaluate.md``).
@@ -144,6 +157,14 @@ def compare_sets(
             _check_c2st_counts(recon.shape[0], samples.shape[0], cfg, {"real": label["recon"], "samples": label["samples"]})
     ms_ssim_settings(real.shape[2:])
     extractor = load_feature_extractor(fid_weights) if fid_weights is not None else None
+    missing = frd_missing() if frd is not False else None
+    if frd is True and missing is not None:
+        raise EvaluateError(f"FRD was asked for but is {missing}")
+    use_frd = frd is not False and missing is None
+    if use_frd:
+        frd_setting: Any = {"version": FRD_VERSION, **frd_versions(), "workers": default_workers()}
+    else:
+        frd_setting = "skipped" if frd is False else missing
 
     lo, hi = float(real.min()), float(real.max())
     data_range = hi - lo
@@ -161,6 +182,7 @@ def compare_sets(
             "ms_ssim": ms_ssim_settings(real.shape[2:]),
             "diversity_max_pairs": MAX_PAIRS,
             "fid_weights": str(fid_weights) if fid_weights is not None else None,
+            "frd": frd_setting,
         },
         "real": _set_info(real, meta.get("real")),
         "samples": {**_set_info(samples, meta.get("samples")), **_value_range(samples, lo, hi)},
@@ -170,7 +192,7 @@ def compare_sets(
     common = dict(seed=seed, data_range=data_range, c2st=cfg, fid_extractor=extractor)
     progress.set_postfix_str(steps[0])
     report["samples_vs_real"] = generation_metrics(
-        real, samples, names={"real": label["real"], "samples": label["samples"]}, **common
+        real, samples, names={"real": label["real"], "samples": label["samples"]}, frd=use_frd, **common
     )
     progress.update()
     if recon is not None:
@@ -181,11 +203,16 @@ def compare_sets(
         )
         progress.update()
         progress.set_postfix_str(steps[2])
-        block = generation_metrics(real, recon, names={"real": label["real"], "samples": label["recon"]}, **common)
+        block = generation_metrics(real, recon, names={"real": label["real"], "samples": label["recon"]},
+                                   frd=use_frd, **common)
         block["reconstruction"] = reconstruction_metrics(real, recon, data_range=data_range)
         report["recon_vs_real"] = block
         progress.update()
     progress.close()
+    if not use_frd:  # the table's frd row says n/a; settings.frd says why
+        for key in ("samples_vs_real", "recon_vs_real"):
+            if key in report:
+                report[key]["frd"] = None
     return report
 
 
@@ -206,6 +233,7 @@ SUMMARY_KEYS = (
     "ms_ssim_diversity",
     "ms_ssim_diversity_real",
     "fid",
+    "frd",
 )
 BLOCKS = (
     ("samples_vs_real", "samples vs real"),
@@ -228,6 +256,16 @@ def summary_table(report: Mapping[str, Any]) -> str:
             cells = [_fmt(rec[name]) if key == "recon_vs_real" else "" for key, _ in blocks]
             lines.append(f"| {name} (paired) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def frd_line(report: Mapping[str, Any]) -> str:
+    """What the report's FRD is: its version and packages, or why it was not computed."""
+    setting = report.get("settings", {}).get("frd")
+    if isinstance(setting, Mapping):
+        return (f"frd-score {setting.get('frd_score')} ({setting.get('version')}, pyradiomics "
+                f"{setting.get('pyradiomics')}): ln of the squared Fréchet distance of radiomics features, lower is "
+                "closer; compare only within one dataset and volume size")
+    return str(setting) if setting else "n/a"
 
 
 def _markdown(report: Mapping[str, Any], png_name: str | None) -> str:
@@ -258,6 +296,7 @@ def _markdown(report: Mapping[str, Any], png_name: str | None) -> str:
         lines.append(f"- projection consistency (Pearson r of each sample's projection along axis {pc['axis']} with "
                      f"its condition, {pc['count']} samples): mean {_fmt(pc['mean'])}; against another sample's "
                      f"condition: {_fmt(pc['mismatched_mean'])}")
+    lines.append(f"- FRD: {frd_line(report)}")
     lines += ["", summary_table(report), "", "Definitions of every key: `monai_diffusion/docs/evaluate.md`."]
     if png_name:
         lines += ["", f"![real, reconstructed and generated mid-slices]({png_name})"]

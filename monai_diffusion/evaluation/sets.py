@@ -30,6 +30,7 @@ def evaluate_sets(
     seed: int = 0,
     c2st_epochs: int | None = None,
     fid_weights: str | os.PathLike | None = None,
+    frd: bool | None = None,
 ) -> dict[str, Any]:
     """Measure generated volumes against real ones as the ``evaluate`` command does with ``--real``/``--samples``
     (and ``--recon``): the same metrics, the same report dictionary (``docs/evaluate.md``); nothing is written
@@ -43,6 +44,8 @@ def evaluate_sets(
         seed: seeds C2ST and the choice of diversity pairs (``--seed``).
         c2st_epochs: C2ST training epochs (``--c2st-epochs``; 0 skips C2ST; None: the default).
         fid_weights: a local feature-extractor file for FID (``--fid-weights``).
+        frd: the Fréchet Radiomics Distance: None computes it when ``frd-score`` is installed, True requires it,
+            False skips it (``--no-frd``).
     """
     r, real_meta, real_name = _volumes(real, "real", "real")
     s, samples_meta, samples_name = _volumes(samples, "samples", "samples")
@@ -54,4 +57,5 @@ def evaluate_sets(
         if recon_meta is not None:
             meta["recon"] = recon_meta
     c2st = C2STSettings() if c2st_epochs is None else C2STSettings(epochs=c2st_epochs)
-    return compare_sets(r, s, recon=c, seed=seed, c2st=c2st, fid_weights=fid_weights, names=names, meta=meta or None)
+    return compare_sets(r, s, recon=c, seed=seed, c2st=c2st, fid_weights=fid_weights, names=names, meta=meta or None,
+                        frd=frd)
