@@ -109,7 +109,8 @@ def load_condition(path: str | Path, expected: Sequence[int]) -> torch.Tensor:
 def sampling_device(settings: Settings) -> tuple[torch.device, torch.dtype | None]:
     """The device and autocast dtype that sampling and evaluation run with (training's rule, one process)."""
     device = choose_device(settings.device.use_cuda, settings.device.gpu_id)
-    return device, resolve_precision(settings.device.mixed_precision, device)
+    return device, resolve_precision(resolve_knob("mixed_precision", settings.device.mixed_precision, device,
+                                                  "diffusion")[0], device)
 
 
 class Sampler:
@@ -144,8 +145,10 @@ class Sampler:
             path, use_ema=cfg.use_ema, use_flash_attention=settings.diffusion.use_flash_attention)
         self.unet, self.ckpt = unet.to(self.device), ckpt
         self.autoencoder = None if autoencoder is None else autoencoder.to(self.device)
-        # device.channels_last: the networks and the noise in channels_last(_3d) memory format (same numbers)
-        self.channels_last = bool(resolve_knob("channels_last", settings.device.channels_last, self.device)[0])
+        # device.channels_last: the networks and the noise in channels_last(_3d) memory format (same numbers); auto
+        # as for stage 2's training (the UNet does sampling's work)
+        self.channels_last = bool(resolve_knob("channels_last", settings.device.channels_last, self.device,
+                                               "diffusion")[0])
         if self.channels_last:
             dims = len(ckpt["latent_shape"]) - 1
             to_channels_last(self.unet, dims)

@@ -152,19 +152,25 @@ def cpu_has_bf16(flags: frozenset[str] | None = None) -> bool:
 KNOB_KEYS = ("channels_last", "compile", "mixed_precision")
 
 
-def auto_knob(name: str, device: torch.device, flags: frozenset[str] | None = None) -> tuple[Any, str]:
-    """What ``device.<name>: auto`` means on ``device`` (a CPU with ``flags``, default this machine's): the value
-    and the reason, one short phrase. ``name`` is ``channels_last``, ``compile`` or ``mixed_precision``."""
+def auto_knob(name: str, device: torch.device, flags: frozenset[str] | None = None,
+              stage: str = "autoencoder") -> tuple[Any, str]:
+    """What ``device.<name>: auto`` means on ``device`` (a CPU with ``flags``, default this machine's) for ``stage``
+    (``autoencoder``: stage 1's training; ``diffusion``: stage 2's, and sampling, where the UNet does the work):
+    the value and the reason, one short phrase. ``name`` is ``channels_last``, ``compile`` or ``mixed_precision``."""
     if name not in KNOB_KEYS:
         raise ValueError(f"no auto rule for device.{name}; expected one of {KNOB_KEYS}")
+    if stage not in ("autoencoder", "diffusion"):
+        raise ValueError(f"stage must be 'autoencoder' or 'diffusion', got {stage!r}")
     if device.type != "cpu":
         return False, f"not measured on {device.type.upper()}, so off as before"
     flags = cpu_flags() if flags is None else flags
     bf16 = cpu_has_bf16(flags)
     if name == "channels_last":
-        if bf16:
-            return True, "measured faster on CPUs with avx512_bf16/AMX"
-        return False, "not measured on CPUs without avx512_bf16/AMX"
+        if not bf16:
+            return False, "not measured on CPUs without avx512_bf16/AMX"
+        if stage == "diffusion":
+            return False, "the UNet's step measured no faster in it on this kind of CPU"
+        return True, "the autoencoder's step measured faster in it on CPUs with avx512_bf16/AMX"
     if name == "compile":
         return False, "on the CPU its compile time outweighed the step-time gain"
     if bf16:
@@ -172,12 +178,12 @@ def auto_knob(name: str, device: torch.device, flags: frozenset[str] | None = No
     return False, "this CPU has no avx512_bf16/AMX: bf16 autocast is emulated and slower"
 
 
-def resolve_knob(name: str, value: Any, device: torch.device) -> tuple[Any, str | None]:
-    """The setting ``device.<name>`` with ``auto`` replaced by :func:`auto_knob`'s value; the reason, or None when
-    the value was not ``auto``."""
+def resolve_knob(name: str, value: Any, device: torch.device, stage: str = "autoencoder") -> tuple[Any, str | None]:
+    """The setting ``device.<name>`` with ``auto`` replaced by :func:`auto_knob`'s value for ``stage``; the reason,
+    or None when the value was not ``auto``."""
     if value != "auto":
         return value, None
-    return auto_knob(name, device)
+    return auto_knob(name, device, stage=stage)
 
 
 def memory_format(spatial_dims: int) -> torch.memory_format:
@@ -255,10 +261,10 @@ def ddp_timeout(minutes: float | None = None) -> timedelta:
 
 def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str | None, *,
                   timeout_minutes: float | None = None, channels_last: bool | str = False,
-                  compile: bool | str = False) -> Runtime:
+                  compile: bool | str = False, stage: str = "autoencoder") -> Runtime:
     """Pick the device and, under ``torchrun``, join the process group (NCCL on CUDA, gloo on CPU) with the
-    collective timeout of :func:`ddp_timeout`. ``channels_last`` and ``compile`` (``device.channels_last`` /
-    ``device.compile``; ``'auto'``: :func:`auto_knob`) become the runtime's switches."""
+    collective timeout of :func:`ddp_timeout`. ``mixed_precision``, ``channels_last`` and ``compile``
+    (``device.*``; ``'auto'``: :func:`auto_knob` for ``stage``) become the runtime's precision and switches."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -268,19 +274,21 @@ def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str | Non
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    mixed_precision = resolve_knob("mixed_precision", mixed_precision, device, stage)[0]
     return Runtime(device, resolve_precision(mixed_precision, device), rank, world_size, local_rank,
-                   channels_last=bool(resolve_knob("channels_last", channels_last, device)[0]),
-                   compile=bool(resolve_knob("compile", compile, device)[0]))
+                   channels_last=bool(resolve_knob("channels_last", channels_last, device, stage)[0]),
+                   compile=bool(resolve_knob("compile", compile, device, stage)[0]))
 
 
-def resolve_device_settings(settings: Any, runtime: Runtime) -> tuple[Any, list[str]]:
+def resolve_device_settings(settings: Any, runtime: Runtime, stage: str) -> tuple[Any, list[str]]:
     """``settings`` with every ``auto`` among ``device.channels_last``, ``device.compile`` and
-    ``device.mixed_precision`` replaced by what it resolved to on ``runtime``'s device, so that the run's
-    ``config.yaml`` records it (as ``batch_size: auto`` is recorded); and one line per resolved key, to print."""
+    ``device.mixed_precision`` replaced by what it resolved to for ``stage`` on ``runtime``'s device, so that the
+    stage's ``config.yaml`` records it (as ``batch_size: auto`` is recorded); and one line per resolved key, to
+    print."""
     device = settings.device
     changes, lines = {}, []
     for name in KNOB_KEYS:
-        value, reason = resolve_knob(name, getattr(device, name), runtime.device)
+        value, reason = resolve_knob(name, getattr(device, name), runtime.device, stage)
         if reason is None:
             continue
         changes[name] = value

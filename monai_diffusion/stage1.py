@@ -473,9 +473,10 @@ def train_autoencoder(settings: Settings) -> LoopState:
     loop_cfg = loop_config(settings, "autoencoder")
     seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision,
-                            channels_last=settings.device.channels_last, compile=settings.device.compile)
+                            channels_last=settings.device.channels_last, compile=settings.device.compile,
+                            stage="autoencoder")
     try:
-        settings, resolved = resolve_device_settings(settings, runtime)  # auto -> what it is here, as config.yaml records
+        settings, resolved = resolve_device_settings(settings, runtime, "autoencoder")  # auto -> what it is here, as config.yaml records
         loop_cfg.settings = settings.to_dict()
         for line in resolved:
             runtime.print(line)

@@ -579,9 +579,10 @@ def train_diffusion(settings: Settings) -> LoopState:
         raise ConfigError("is true, but diffusion.space is pixel: there are no latents to cache; set it to false",
                           key="diffusion.training.cache_latents")
     runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision,
-                            channels_last=settings.device.channels_last, compile=settings.device.compile)
+                            channels_last=settings.device.channels_last, compile=settings.device.compile,
+                            stage="diffusion")
     try:
-        settings, resolved = resolve_device_settings(settings, runtime)  # auto -> what it is here, as config.yaml records
+        settings, resolved = resolve_device_settings(settings, runtime, "diffusion")  # auto -> what it is here, as config.yaml records
         loop_cfg.settings = settings.to_dict()
         for line in resolved:
             runtime.print(line)

@@ -58,10 +58,13 @@ def test_bad_values_are_one_error_line_naming_the_key(tmp_path, capsys, key):
 
 
 def test_auto_rule_by_machine():
-    # a CPU with native bf16 (this project's measurements): channels_last and bf16 on, compile off
-    assert auto_knob("channels_last", CPU, BF16_CPU)[0] is True
-    assert auto_knob("mixed_precision", CPU, BF16_CPU)[0] == "bf16"
-    assert auto_knob("compile", CPU, BF16_CPU)[0] is False
+    # a CPU with native bf16 (this project's measurements): bf16 on, channels_last for the autoencoder's stage
+    # only, compile off
+    for stage in ("autoencoder", "diffusion"):
+        assert auto_knob("mixed_precision", CPU, BF16_CPU, stage)[0] == "bf16"
+        assert auto_knob("compile", CPU, BF16_CPU, stage)[0] is False
+    assert auto_knob("channels_last", CPU, BF16_CPU, "autoencoder")[0] is True
+    assert auto_knob("channels_last", CPU, BF16_CPU, "diffusion")[0] is False
     # a CPU without it, and CUDA (not measured): everything as before the knobs existed
     for flags in (PLAIN_CPU, frozenset()):
         assert [auto_knob(k, CPU, flags)[0] for k in ("channels_last", "compile", "mixed_precision")] == [False] * 3
@@ -76,7 +79,7 @@ def test_auto_is_resolved_printed_and_explicit_values_are_kept(tmp_path, monkeyp
     monkeypatch.setattr(runtime_module, "cpu_flags", lambda: BF16_CPU)
     s = load_settings(QUICKSTART, tiny(tmp_path, "device.mixed_precision=auto", "device.compile=false"))
     assert (s.device.channels_last, s.device.compile, s.device.mixed_precision) == ("auto", False, "auto")
-    resolved, lines = resolve_device_settings(s, Runtime(CPU, None))
+    resolved, lines = resolve_device_settings(s, Runtime(CPU, None), "autoencoder")
     assert (resolved.device.channels_last, resolved.device.compile, resolved.device.mixed_precision) == (
         True, False, "bf16")
     assert [line.split(" auto:")[0] for line in lines] == ["device.channels_last", "device.mixed_precision"]
@@ -85,7 +88,8 @@ def test_auto_is_resolved_printed_and_explicit_values_are_kept(tmp_path, monkeyp
     monkeypatch.setattr(runtime_module, "cpu_flags", lambda: PLAIN_CPU)
     assert resolve_precision("auto", CPU) is None
     unchanged, none = resolve_device_settings(dataclasses.replace(
-        s, device=dataclasses.replace(s.device, channels_last=False, mixed_precision=False)), Runtime(CPU, None))
+        s, device=dataclasses.replace(s.device, channels_last=False, mixed_precision=False)), Runtime(CPU, None),
+        "diffusion")
     assert none == [] and unchanged.device.channels_last is False
 
 
@@ -123,10 +127,10 @@ def test_channels_last_runs_record_and_sample_the_same(tmp_path):
     assert train_diffusion_main(cli_args(QUICKSTART, tiny(tmp_path))) == 0
     ae_config = yaml.safe_load((tmp_path / "ae" / "config.yaml").read_text())
     assert ae_config["device"]["channels_last"] is True and "channels_last" in (tmp_path / "ae" / "train.log").read_text()
-    expected = auto_knob("channels_last", CPU)[0]
+    expected = auto_knob("channels_last", CPU, stage="diffusion")[0]
     dm_config = yaml.safe_load((tmp_path / "dm" / "config.yaml").read_text())
     assert dm_config["device"]["channels_last"] is expected
-    assert dm_config["device"]["compile"] is auto_knob("compile", CPU)[0]
+    assert dm_config["device"]["compile"] is auto_knob("compile", CPU, stage="diffusion")[0]
     log = (tmp_path / "dm" / "train.log").read_text()
     assert f"device.channels_last auto: {str(expected).lower()} on this cpu" in log
     # the checkpoint's tensors are in the standard layout, whatever the run trained in
