@@ -16,7 +16,7 @@ measurement uses one torch thread and times a step by the process's CPU time, wh
 less than wall time (``--threads``, ``--timing``).
 
     python benchmarks/knobs.py [--device cuda] [--steps 5] [--repeats 1] [--large-size 64 64 32] [--threads N]
-                               [--timing cpu|wall] [--out STEM]
+                               [--timing cpu|wall] [--models NAME ...] [--variants NAME ...] [--out STEM]
 
 Results: ``benchmarks/results/knobs_<device>.{json,md}``.
 """
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--large-size", type=int, nargs=3, default=[64, 64, 32],
                         help="volume size of the 8x autoencoder (each axis divisible by 8)")
     parser.add_argument("--models", nargs="*", default=[m[0] for m in MODELS])
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="measure only these variants (fp32 is always measured: the ratios need it)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per measurement (default: 1 on the CPU, torch's own on CUDA)")
@@ -188,6 +190,12 @@ def main() -> None:
     variants = dict(SINGLE)
     if args.device == "cpu":
         variants.update(EMULATED)
+    if args.variants is not None:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            parser.error(f"--variants {unknown}: expected some of {list(variants)}")
+        keep = {"fp32", *args.variants} | ({"fp32 (AVX2 only)"} if "bf16 (AVX2 only)" in args.variants else set())
+        variants = {k: v for k, v in variants.items() if k in keep}
     report: dict[str, Any] = {"machine": machine_info(args.device), "steps": args.steps, "repeats": args.repeats,
                               "threads": args.threads or None, "timing": args.timing,
                               "large_size": args.large_size, "win_threshold": WIN, "runs": []}
