@@ -49,6 +49,7 @@ from .runtime import (
     Runtime,
     all_reduce_mean,
     any_rank,
+    is_compile_failure,
     max_over_ranks,
     rng_state,
     seed_everything,
@@ -277,6 +278,36 @@ def train_step(
     """
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    try:
+        return _train_step(stage, batch, epoch, scalers, runtime, group_size, boundary, grad_clip_norm, global_step,
+                           where, on_nonfinite)
+    except Exception as exc:
+        if not _compile_fell_back(stage, exc, runtime):
+            raise
+    # torch.compile failed in this step's forward or backward (compiling is lazy): the networks now run eager, and
+    # the batch runs again from the start with the gradients of its group dropped
+    for opt in stage.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    return _train_step(stage, batch, epoch, scalers, runtime, group_size, boundary, grad_clip_norm, global_step,
+                       where, on_nonfinite)
+
+
+def _compile_fell_back(stage: Stage, exc: BaseException, runtime: Runtime) -> bool:
+    """When ``exc`` is a failure of torch.compile and the stage trains through compiled networks
+    (``stage.compiled``, :class:`~monai_diffusion.runtime.CompiledNetwork`), switch them to eager with one warning
+    and return True; else False."""
+    compiled = [c for c in getattr(stage, "compiled", {}).values() if not c.eager]
+    if not compiled or not is_compile_failure(exc):
+        return False
+    for network in compiled:
+        network.fall_back(exc, runtime)
+    return True
+
+
+def _train_step(stage: Stage, batch: Any, epoch: int, scalers: dict[str, torch.amp.GradScaler], runtime: Runtime,
+                group_size: int, boundary: bool, grad_clip_norm: float | None, global_step: int, where: str,
+                on_nonfinite: str) -> StepResult:
+    """:func:`train_step`'s work (its arguments, checked)."""
     sync = contextlib.ExitStack()
     if runtime.distributed and not boundary:
         for module in stage.modules.values():
@@ -532,6 +563,7 @@ class _Loop:
         self.last_saved: Path | None = None
         self.writer: Any = None  # TensorBoard's SummaryWriter on rank 0 of a real run
         self.step_times: list[float] = []
+        self.compile_reported = False  # the first step's time with compiling was printed (device.compile)
         self.step_peak_mib: float | None = None
         self.meter: PeakMeter | None = None  # fast_dev_run measures its last step with it
         self.resume_command = f"--set {cfg.section}.checkpoints.resume_from=latest"
@@ -571,7 +603,9 @@ class _Loop:
         if runtime.is_main and not cfg.fast_dev_run:
             self.writer = self.open_tracker()
         precision = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[runtime.amp_dtype]
-        runtime.print(f"device: {runtime.device}, precision: {precision}, processes: {runtime.world_size}")
+        runtime.print(f"device: {runtime.device}, precision: {precision}, processes: {runtime.world_size}"
+                      + "".join(f", {name}" for name, on in (("channels_last", runtime.channels_last),
+                                                              ("compile", runtime.compile)) if on))
         for line in self.stage.describe(next(iter(self.train_loader))):  # RNG is re-seeded per epoch: a harmless peek
             runtime.print(line)
         n_epochs = state.epoch + 1 if cfg.fast_dev_run else cfg.n_epochs
@@ -722,6 +756,11 @@ class _Loop:
         if runtime.device.type == "cuda":
             torch.cuda.synchronize(runtime.device)
         self.step_times.append(time.perf_counter() - t0)
+        compiled = [c.name for c in getattr(stage, "compiled", {}).values() if not c.eager]
+        if compiled and not self.compile_reported:
+            self.compile_reported = True
+            runtime.print(f"device.compile: the first training step took {self.step_times[-1]:.1f} s, compiling the "
+                          f"{' and '.join(compiled)} included (once per run and input shape)")
         progress.update(1)
         if logs is not None:
             done.counted += 1
@@ -863,13 +902,28 @@ def _checkpoint(stage: Stage, scalers: dict, state: LoopState, epoch: int, cfg: 
         "best_metric": state.best_metric,
         "history": state.history,
         "skipped_batches": state.skipped_batches,
-        "state_dict": {name: unwrap(m).state_dict() for name, m in stage.modules.items()},
-        "optimizers": {name: opt.state_dict() for name, opt in stage.optimizers.items()},
+        "state_dict": {name: _contiguous(unwrap(m).state_dict()) for name, m in stage.modules.items()},
+        "optimizers": {name: _contiguous(opt.state_dict()) for name, opt in stage.optimizers.items()},
         "scalers": {name: s.state_dict() for name, s in scalers.items()},
         "settings": cfg.settings,
         **({"mlflow_run_id": state.mlflow_run_id} if state.mlflow_run_id is not None else {}),
         **stage.checkpoint_extra(),
     }
+
+
+def _contiguous(obj: Any) -> Any:
+    """``obj`` (a state dict, nested dicts and lists) with every tensor in the standard contiguous layout: a run with
+    ``device.channels_last`` writes the same checkpoint layout as one without (a no-op for contiguous tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous()
+    if isinstance(obj, dict):
+        out = type(obj)((k, _contiguous(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module's state_dict carries its version metadata
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, list):
+        return [_contiguous(v) for v in obj]
+    return obj
 
 
 def _print_dev_run_summary(runtime: Runtime, step_times: list[float], peak_mib: float | None,

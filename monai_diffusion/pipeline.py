@@ -38,7 +38,7 @@ from .models import (
     total_factor,
 )
 from .pictures import write_picture
-from .runtime import choose_device, resolve_precision
+from .runtime import choose_device, memory_format, resolve_knob, resolve_precision, to_channels_last
 from .sampling import decode_samples, next_free_index, sample_latents, write_sample
 from .settings import Settings, load_settings, sampling_tile, settings_from_dict
 
@@ -117,7 +117,8 @@ def load_condition(path: str | Path, expected: Sequence[int]) -> torch.Tensor:
 def sampling_device(settings: Settings) -> tuple[torch.device, torch.dtype | None]:
     """The device and autocast dtype that sampling and evaluation run with (training's rule, one process)."""
     device = choose_device(settings.device.use_cuda, settings.device.gpu_id)
-    return device, resolve_precision(settings.device.mixed_precision, device)
+    return device, resolve_precision(resolve_knob("mixed_precision", settings.device.mixed_precision, device,
+                                                  "diffusion")[0], device)
 
 
 class Sampler:
@@ -152,6 +153,15 @@ class Sampler:
             path, use_ema=cfg.use_ema, use_flash_attention=settings.diffusion.use_flash_attention)
         self.unet, self.ckpt = unet.to(self.device), ckpt
         self.autoencoder = None if autoencoder is None else autoencoder.to(self.device)
+        # device.channels_last: the networks and the noise in channels_last(_3d) memory format (same numbers); auto
+        # as for stage 2's training (the UNet does sampling's work)
+        self.channels_last = bool(resolve_knob("channels_last", settings.device.channels_last, self.device,
+                                               "diffusion")[0])
+        if self.channels_last:
+            dims = len(ckpt["latent_shape"]) - 1
+            to_channels_last(self.unet, dims)
+            if self.autoencoder is not None:
+                to_channels_last(self.autoencoder, dims)
         self.pixel_space = autoencoder is None
         self.conditioner = Conditioner.from_state(ckpt.get("conditioning"))
         self.condition = self._condition(condition) if condition is not None or require_condition else None
@@ -261,6 +271,8 @@ class Sampler:
                 progress: bool = False) -> torch.Tensor:
         """The reverse process from ``noise`` to images on the data's [0, 1] scale (clipped when ``sampling.clip``);
         ``progress``: progress bars of the denoising steps and, when decoding in exact tiles, of the tile passes."""
+        if self.channels_last:
+            noise = noise.contiguous(memory_format=memory_format(noise.ndim - 2))
         with _autocast(self.device, self.amp):
             z = sample_latents(self.unet, self.scheduler, noise, cond, self.conditioner, self.cfg.guidance_scale,
                                generator, progress=progress)

@@ -8,6 +8,7 @@ random states include CUDA's only when the run's device is a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -46,6 +47,8 @@ class Runtime:
     local_rank: int = 0
     log: IO[str] | None = None  # an open text file that receives what print() shows (the run's train.log), or None
     printed: list[str] = field(default_factory=list)  # lines printed before the log was opened
+    channels_last: bool = False  # networks and their inputs in channels_last(_3d) memory format (device.channels_last)
+    compile: bool = False  # the trained network's training-step forward through torch.compile (device.compile)
 
     @property
     def distributed(self) -> bool:
@@ -59,6 +62,13 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in channels_last(_3d) memory format when ``channels_last`` is on and ``x`` is a batch of 2D or 3D
+        images (4 or 5 axes); otherwise ``x`` itself. The values are the same; only the order in memory changes."""
+        if not self.channels_last or x.ndim not in (4, 5):
+            return x
+        return x.contiguous(memory_format=memory_format(x.ndim - 2))
 
     def print(self, *args: Any) -> None:
         if self.is_main:
@@ -91,12 +101,16 @@ def _cuda_has_native_bf16() -> bool:
 def resolve_precision(mixed_precision: bool | str | None, device: torch.device) -> torch.dtype | None:
     """Map the ``device.mixed_precision`` setting to an autocast dtype (None = fp32).
 
+    ``'auto'`` is :func:`auto_knob`'s choice for the device (bf16 on a CPU with avx512_bf16/AMX, else fp32).
+
     ``true`` lets the project choose: bf16 on a CPU and on a GPU that computes in bf16 natively (it needs no loss
     scaling and has fp32's range), fp16 with loss scaling on an older GPU. ``'bf16'`` and ``'fp16'`` are explicit and
     kept, except that fp16 needs CUDA: on another device it falls back to bf16 with a warning (CPU autocast in fp16
     is slow and gains nothing). On CUDA the answer is about the current device (``setup_runtime`` selects the run's
     device before asking).
     """
+    if mixed_precision == "auto":
+        mixed_precision = auto_knob("mixed_precision", device)[0]
     if mixed_precision in (False, None, "false", "no", "fp32"):
         return None
     if mixed_precision is True:
@@ -110,7 +124,116 @@ def resolve_precision(mixed_precision: bool | str | None, device: torch.device) 
             warnings.warn("device.mixed_precision=fp16 needs CUDA; using bf16 autocast on this device instead.")
             return torch.bfloat16
         return torch.float16
-    raise ValueError(f"device.mixed_precision must be true, false, 'fp16' or 'bf16', got {mixed_precision!r}.")
+    raise ValueError(f"device.mixed_precision must be true, false, 'fp16', 'bf16' or 'auto', got {mixed_precision!r}.")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that file is missing, e.g. macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively: ``avx512_bf16`` or AMX (``amx_bf16``)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+# ------------------------------------------------------------------------------------ execution knobs, auto
+# What ``auto`` turns on, by machine, from benchmarks/knobs.py (results in benchmarks/results/knobs_cpu.md and
+# docs/performance.md). Only what was measured to win is on; a machine that was not measured keeps the plain
+# configuration (fp32, contiguous, eager), which is also what every knob did before it existed.
+KNOB_KEYS = ("channels_last", "compile", "mixed_precision")
+
+
+def auto_knob(name: str, device: torch.device, flags: frozenset[str] | None = None,
+              stage: str = "autoencoder") -> tuple[Any, str]:
+    """What ``device.<name>: auto`` means on ``device`` (a CPU with ``flags``, default this machine's) for ``stage``
+    (``autoencoder``: stage 1's training; ``diffusion``: stage 2's, and sampling, where the UNet does the work):
+    the value and the reason, one short phrase. ``name`` is ``channels_last``, ``compile`` or ``mixed_precision``."""
+    if name not in KNOB_KEYS:
+        raise ValueError(f"no auto rule for device.{name}; expected one of {KNOB_KEYS}")
+    if stage not in ("autoencoder", "diffusion"):
+        raise ValueError(f"stage must be 'autoencoder' or 'diffusion', got {stage!r}")
+    if device.type != "cpu":
+        return False, f"not measured on {device.type.upper()}, so off as before"
+    flags = cpu_flags() if flags is None else flags
+    bf16 = cpu_has_bf16(flags)
+    if name == "channels_last":
+        if not bf16:
+            return False, "not measured on CPUs without avx512_bf16/AMX"
+        if stage == "diffusion":
+            return False, "the UNet's step measured no faster in it on this kind of CPU"
+        return True, "the autoencoder's step measured faster in it on CPUs with avx512_bf16/AMX"
+    if name == "compile":
+        return False, "on the CPU its compile time outweighed the step-time gain"
+    if bf16:
+        return "bf16", "this CPU has avx512_bf16/AMX"
+    return False, "this CPU has no avx512_bf16/AMX: bf16 autocast is emulated and slower"
+
+
+def resolve_knob(name: str, value: Any, device: torch.device, stage: str = "autoencoder") -> tuple[Any, str | None]:
+    """The setting ``device.<name>`` with ``auto`` replaced by :func:`auto_knob`'s value for ``stage``; the reason,
+    or None when the value was not ``auto``."""
+    if value != "auto":
+        return value, None
+    return auto_knob(name, device, stage=stage)
+
+
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    """channels_last_3d for volumes, channels_last for 2D images."""
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def to_channels_last(module: nn.Module, spatial_dims: int) -> nn.Module:
+    """Put the convolution weights of ``module`` (its parameters and buffers with ``spatial_dims + 2`` axes) in
+    channels_last(_3d) memory format, in place; returns ``module``. The values are unchanged."""
+    fmt, ndim = memory_format(spatial_dims), spatial_dims + 2
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.ndim == ndim:
+                tensor.data = tensor.data.contiguous(memory_format=fmt)
+    return module
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from torch.compile itself (no working C++ compiler, an operation it cannot lower), not
+    from the network: every such error is a ``TorchDynamoException``."""
+    import torch._dynamo.exc as dynamo_exc
+
+    return isinstance(exc, dynamo_exc.TorchDynamoException)
+
+
+class CompiledNetwork:
+    """A network's forward through ``torch.compile`` for the training step, falling back to the network itself
+    (eager) for the rest of the run when compiling fails.
+
+    The network is not changed: its state_dict keys, checkpoints, validation, tiled encoding and sampling use the
+    plain module; only calls through this object are compiled (on the first call, lazily; the backward on the first
+    backward). ``module`` may be DDP-wrapped (PyTorch compiles DDP models as a whole).
+    """
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = module
+        self.name = name
+        self.compiled = torch.compile(module)
+        self.eager = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.module if self.eager else self.compiled)(*args, **kwargs)
+
+    def fall_back(self, exc: BaseException, runtime: "Runtime") -> None:
+        """Use the eager network from now on, with one warning line naming why."""
+        self.eager = True
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        runtime.print(f"warning: device.compile: compiling the {self.name} failed ({type(exc).__name__}: "
+                      f"{first[:200]}); it trains without torch.compile")
 
 
 # ------------------------------------------------------------------------------------------------------- DDP
@@ -137,9 +260,11 @@ def ddp_timeout(minutes: float | None = None) -> timedelta:
 
 
 def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str | None, *,
-                  timeout_minutes: float | None = None) -> Runtime:
+                  timeout_minutes: float | None = None, channels_last: bool | str = False,
+                  compile: bool | str = False, stage: str = "autoencoder") -> Runtime:
     """Pick the device and, under ``torchrun``, join the process group (NCCL on CUDA, gloo on CPU) with the
-    collective timeout of :func:`ddp_timeout`."""
+    collective timeout of :func:`ddp_timeout`. ``mixed_precision``, ``channels_last`` and ``compile``
+    (``device.*``; ``'auto'``: :func:`auto_knob` for ``stage``) become the runtime's precision and switches."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -149,7 +274,29 @@ def setup_runtime(use_cuda: bool, gpu_id: int, mixed_precision: bool | str | Non
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return Runtime(device, resolve_precision(mixed_precision, device), rank, world_size, local_rank)
+    mixed_precision = resolve_knob("mixed_precision", mixed_precision, device, stage)[0]
+    return Runtime(device, resolve_precision(mixed_precision, device), rank, world_size, local_rank,
+                   channels_last=bool(resolve_knob("channels_last", channels_last, device, stage)[0]),
+                   compile=bool(resolve_knob("compile", compile, device, stage)[0]))
+
+
+def resolve_device_settings(settings: Any, runtime: Runtime, stage: str) -> tuple[Any, list[str]]:
+    """``settings`` with every ``auto`` among ``device.channels_last``, ``device.compile`` and
+    ``device.mixed_precision`` replaced by what it resolved to for ``stage`` on ``runtime``'s device, so that the
+    stage's ``config.yaml`` records it (as ``batch_size: auto`` is recorded); and one line per resolved key, to
+    print."""
+    device = settings.device
+    changes, lines = {}, []
+    for name in KNOB_KEYS:
+        value, reason = resolve_knob(name, getattr(device, name), runtime.device, stage)
+        if reason is None:
+            continue
+        changes[name] = value
+        shown = {True: "true", False: "false"}.get(value, value)
+        lines.append(f"device.{name} auto: {shown} on this {runtime.device.type} ({reason})")
+    if not changes:
+        return settings, []
+    return dataclasses.replace(settings, device=dataclasses.replace(device, **changes)), lines
 
 
 def teardown_runtime(runtime: Runtime) -> None:

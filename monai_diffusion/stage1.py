@@ -39,8 +39,11 @@ from .models import (
     total_factor,
 )
 from .runtime import (
+    CompiledNetwork,
     Runtime,
     count_parameters,
+    resolve_device_settings,
+    to_channels_last,
     rank0_first,
     seed_everything,
     setup_runtime,
@@ -120,6 +123,8 @@ class AutoencoderStage:
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
         self.psnr = PSNRMetric(max_val=1.0)
         self.ssim = None
+        # the trained networks' training-step forwards through torch.compile (device.compile), by modules key
+        self.compiled: dict[str, CompiledNetwork] = {}
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -128,7 +133,8 @@ class AutoencoderStage:
 
     def _images(self, batch: Any) -> torch.Tensor:
         images = batch["image"] if isinstance(batch, dict) else batch
-        return images.to(self.runtime.device, non_blocking=True).as_subclass(torch.Tensor).float()
+        images = images.to(self.runtime.device, non_blocking=True).as_subclass(torch.Tensor).float()
+        return self.runtime.to_memory_format(images)
 
     network_name = "autoencoder"  # how describe() names the stage-1 network
 
@@ -170,7 +176,7 @@ class AutoencoderStage:
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         cfg = self.training
         images = self._images(batch)
-        autoencoder = self.modules["autoencoder"]
+        autoencoder = self.compiled.get("autoencoder", self.modules["autoencoder"])
         # denoising: corrupted volumes in, clean volumes as the target of every loss (and the discriminator's "real")
         inputs = corrupt(images, cfg.denoising)
         recon, z_mu, z_sigma = autoencoder(inputs)
@@ -428,6 +434,9 @@ def build_autoencoder_stage(
     ).to(runtime.device)
     if perceptual is not None:
         perceptual = perceptual.to(runtime.device)
+    if runtime.channels_last:
+        to_channels_last(autoencoder, ae_cfg.spatial_dims)
+        to_channels_last(discriminator, ae_cfg.spatial_dims)
     optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=t.learning_rate)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=t.discriminator.learning_rate or t.learning_rate)
     if runtime.distributed:
@@ -435,7 +444,7 @@ def build_autoencoder_stage(
         autoencoder = DistributedDataParallel(autoencoder, device_ids=ids)
         discriminator = DistributedDataParallel(discriminator, device_ids=ids)
     stage_class = VQVAEStage if ae_cfg.type == "vq" else AutoencoderStage
-    return stage_class(
+    stage = stage_class(
         autoencoder,
         discriminator,
         optimizer_g,
@@ -449,6 +458,13 @@ def build_autoencoder_stage(
         num_visualize=ae_cfg.logging.num_visualize_samples,
         **({"init_codebook": ae_cfg.vqvae.init_codebook_from_data} if ae_cfg.type == "vq" else {}),
     )
+    if runtime.compile:
+        if ae_cfg.type == "vq":  # its codebook's moving average and code hooks run in the forward: kept eager
+            runtime.print("note: device.compile: the VQ-VAE trains without torch.compile (its codebook update runs "
+                          "inside its forward)")
+        else:
+            stage.compiled["autoencoder"] = CompiledNetwork(autoencoder, "autoencoder")
+    return stage
 
 
 def train_autoencoder(settings: Settings) -> LoopState:
@@ -456,8 +472,14 @@ def train_autoencoder(settings: Settings) -> LoopState:
     ae_cfg, t = settings.autoencoder, settings.autoencoder.training
     loop_cfg = loop_config(settings, "autoencoder")
     seed, output_dir = loop_cfg.seed, loop_cfg.output_dir
-    runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
+    runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision,
+                            channels_last=settings.device.channels_last, compile=settings.device.compile,
+                            stage="autoencoder")
     try:
+        settings, resolved = resolve_device_settings(settings, runtime, "autoencoder")  # auto -> what it is here, as config.yaml records
+        loop_cfg.settings = settings.to_dict()
+        for line in resolved:
+            runtime.print(line)
         # everything that can fail cheaply fails before data is read or networks are built
         loop_cfg = resolve_resume(loop_cfg, runtime, "autoencoder")  # resume_from: latest -> a file, or None
         if loop_cfg.resume_from is not None:

@@ -37,8 +37,11 @@ from .models import (
     unet_args,
 )
 from .runtime import (
+    CompiledNetwork,
     Runtime,
     count_parameters,
+    resolve_device_settings,
+    to_channels_last,
     rank0_first,
     seed_everything,
     setup_runtime,
@@ -134,6 +137,8 @@ class DiffusionStage:
         self.runtime = runtime
         self.extra = extra
         self._val_generator: torch.Generator | None = None
+        # the UNet's training-step forward through torch.compile (device.compile), by modules key
+        self.compiled: dict[str, CompiledNetwork] = {}
 
     # ------------------------------------------------------------------------------------------------ latents
     @torch.no_grad()
@@ -159,6 +164,7 @@ class DiffusionStage:
     def _images(self, batch: Any, corruption: Any = None) -> torch.Tensor:
         """The batch's images on the device, corrupted by ``corruption`` (input noise) when given."""
         images = batch["image"].to(self.runtime.device).as_subclass(torch.Tensor).float()
+        images = self.runtime.to_memory_format(images)
         return images if corruption is None else corrupt(images, corruption)
 
     def latent(self, z_mu: torch.Tensor, z_sigma: torch.Tensor, mode: str | None = None) -> torch.Tensor:
@@ -179,7 +185,7 @@ class DiffusionStage:
         only) is applied to the images first, as in :meth:`encode`."""
         if self.pixel_space:
             return to_pixel_space(self._images(batch, corruption), self.extra["pixel_range"])
-        return self.latent(*self.encode(batch, corruption), mode)
+        return self.runtime.to_memory_format(self.latent(*self.encode(batch, corruption), mode))
 
     def describe(self, batch: Any) -> list[str]:
         return self._describe_input(batch) + self._describe_condition()
@@ -248,7 +254,7 @@ class DiffusionStage:
     def training_step(self, batch: Any, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         z = self.model_input(batch, corruption=self.training.input_noise)
         cond = self.conditioner.drop(self.conditioner.from_batch(batch, self.runtime.device), self.dropout)
-        loss = self._loss(self.modules["unet"], z, cond)
+        loss = self._loss(self.compiled.get("unet", self.modules["unet"]), z, cond)
         return {"unet": loss}, {"mse": loss.item(), "lr": self.optimizers["unet"].param_groups[0]["lr"]}
 
     @property
@@ -288,7 +294,8 @@ class DiffusionStage:
         net = self.ema if self.ema is not None else unwrap(self.modules["unet"])
         latent_shape = self.extra["latent_shape"]
         generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
-        noise = torch.randn((n, *latent_shape), generator=generator, device=self.runtime.device)
+        noise = self.runtime.to_memory_format(
+            torch.randn((n, *latent_shape), generator=generator, device=self.runtime.device))
         cond = {}
         if self.conditioner.active and batch is not None:
             cond = {k: v[:n] for k, v in self.conditioner.from_batch(batch, self.runtime.device).items()}
@@ -501,6 +508,8 @@ def build_diffusion_stage(
     encoder_args = projection_encoder_args(df, settings.data.voxel_size)
     seed_everything(settings.seed if settings.seed is not None else 0)
     unet = build_diffusion_network(args, encoder_args, df.use_flash_attention).to(runtime.device)
+    if runtime.channels_last:
+        to_channels_last(unet, df.spatial_dims)
     ema = copy.deepcopy(unet).requires_grad_(False) if t.ema_decay else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.learning_rate)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -531,10 +540,13 @@ def build_diffusion_stage(
         "condition_encoder": encoder_args,
         "num_samples_to_generate": t.num_samples_to_generate,
     }
-    return DiffusionStage(
+    stage = DiffusionStage(
         unet, ema, optimizer, lr_scheduler, autoencoder, scheduler_args, 1.0, conditioner, settings, runtime, extra,
         picture_dir=picture_dir,
     )
+    if runtime.compile:
+        stage.compiled["unet"] = CompiledNetwork(unet, "UNet")
+    return stage
 
 
 def _load_frozen_autoencoder(settings: Settings, runtime: Runtime) -> tuple[nn.Module | None, dict[str, Any], Path | None]:
@@ -546,6 +558,8 @@ def _load_frozen_autoencoder(settings: Settings, runtime: Runtime) -> tuple[nn.M
     ae_path = Path(df.checkpoints.autoencoder_path)
     autoencoder, ae_ckpt = load_autoencoder(ae_path, use_flash_attention=settings.autoencoder.use_flash_attention)
     autoencoder = autoencoder.to(runtime.device).requires_grad_(False)
+    if runtime.channels_last:
+        to_channels_last(autoencoder, autoencoder.spatial_dims)
     check_unet_fits(settings, autoencoder, ae_path)
     if settings.autoencoder.tile_size is not None and is_vq(autoencoder):
         raise ConfigError(f"{list(settings.autoencoder.tile_size)}: exact tiled encoding is for the KL autoencoder, but "
@@ -564,8 +578,14 @@ def train_diffusion(settings: Settings) -> LoopState:
     if df.space == "pixel" and t.cache_latents:  # settings refuse this too; the API may be called with edited settings
         raise ConfigError("is true, but diffusion.space is pixel: there are no latents to cache; set it to false",
                           key="diffusion.training.cache_latents")
-    runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision)
+    runtime = setup_runtime(settings.device.use_cuda, settings.device.gpu_id, settings.device.mixed_precision,
+                            channels_last=settings.device.channels_last, compile=settings.device.compile,
+                            stage="diffusion")
     try:
+        settings, resolved = resolve_device_settings(settings, runtime, "diffusion")  # auto -> what it is here, as config.yaml records
+        loop_cfg.settings = settings.to_dict()
+        for line in resolved:
+            runtime.print(line)
         loop_cfg = resolve_resume(loop_cfg, runtime, "diffusion")  # resume_from: latest -> a file, or None
         if loop_cfg.resume_from is not None:
             load_checkpoint(loop_cfg.resume_from, expected_stage="diffusion")

@@ -301,7 +301,9 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
     Returns:
         ``peak_mib`` (largest over the steps), ``static_mib`` (tensors held before the step), ``step_mib``,
         ``phases`` (``{"train step": peak}``, plus ``"encode"`` when a stage-2 step encodes images),
-        ``step_seconds`` (fastest), ``first_step_seconds`` (warm-up), ``method``, and on CUDA ``reserved_mib``.
+        ``step_seconds`` (fastest), ``step_seconds_each`` (every measured step, in order), ``step_cpu_seconds_each``
+        (the process's CPU time of each, all threads), ``first_step_seconds`` (warm-up), ``method``, and on CUDA
+        ``reserved_mib``.
     """
     from ..engine import make_scalers, stage_tensor_bytes, train_step
     from ..memory import MIB, PeakMeter
@@ -323,15 +325,17 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
     meter = PeakMeter(device)
     peaks: list[float] = []
     times: list[float] = []
+    cpu_times: list[float] = []
     static = 0.0
     for i in range(steps):
         static_bytes = stage_tensor_bytes(stage, batch)
         static = static_bytes / MIB
         meter.start(static_bytes)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i + 1)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         peaks.append(meter.peak_mib())
     phases = {"train step": max(peaks)}
     # stage 2 encoding in every step: how much is encoding alone (a pixel-space stage 2 has no autoencoder)
@@ -348,6 +352,8 @@ def measure_stage(stage: Any, batch: dict[str, Any], epoch: int, runtime: Any, s
         "step_mib": max(0.0, peak - static),
         "phases": phases,
         "step_seconds": min(times),
+        "step_seconds_each": times,
+        "step_cpu_seconds_each": cpu_times,
         "first_step_seconds": first,
     }
     if meter.cuda:

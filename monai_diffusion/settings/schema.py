@@ -649,9 +649,20 @@ class DeviceSettings:
 
     use_cuda: bool = _f(True, "use a CUDA GPU when one is available (falls back to CPU)")
     gpu_id: int = _f(0, "CUDA device index", ge=0)
-    mixed_precision: Union[bool, Literal["fp16", "bf16"]] = _f(
-        False, "true | false | fp16 | bf16; true = bf16 on CPU and on GPUs with native bf16 (A100, H100, H200), fp16 "
-               "with loss scaling on older GPUs (see runtime.resolve_precision)"
+    mixed_precision: Union[bool, Literal["fp16", "bf16", "auto"]] = _f(
+        False, "true | false | fp16 | bf16 | auto; true = bf16 on CPU and on GPUs with native bf16 (A100, H100, H200), "
+               "fp16 with loss scaling on older GPUs (see runtime.resolve_precision); auto = bf16 on a CPU with "
+               "avx512_bf16 or AMX, else fp32 (docs/performance.md), printed and recorded in config.yaml"
+    )
+    channels_last: Union[bool, Literal["auto"]] = _f(
+        "auto", "networks and their inputs in channels_last_3d (2D: channels_last) memory format for training, "
+                "validation and sampling: the same numbers up to float rounding; auto = on where it was measured "
+                "faster (docs/performance.md), printed and recorded in config.yaml"
+    )
+    compile: Union[bool, Literal["auto"]] = _f(
+        "auto", "torch.compile the trained network (autoencoder, UNet) for the training step; checkpoints are "
+                "unchanged, and a failure to compile falls back to eager with one warning; auto = on where it was "
+                "measured faster (docs/performance.md), printed and recorded in config.yaml"
     )
     memory_check: bool = _f(
         True, "before a stage trains, estimate one step's memory (fake tensors, no allocation) and stop with the "
