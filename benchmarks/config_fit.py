@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=None, help="YAML files (default: the shipped configs)")
     parser.add_argument("--tag", default=None, help="suffix of the result files")
     parser.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
+    parser.add_argument("--data", default=None, help="a folder with train/ and val/ volumes to use instead of phantoms "
+                        "written at each config's size")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per command")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="an override for every command")
     args = parser.parse_args()
@@ -122,7 +124,7 @@ def main() -> None:
         size = data_cfg.get("voxel_size")
         dims = int((raw.get("autoencoder") or raw.get("diffusion") or {}).get("spatial_dims", 3))
         size = [size] * dims if isinstance(size, int) else list(size)
-        data = data_for(size, dims, work)
+        data = Path(args.data) if args.data else data_for(size, dims, work)
         run_dir = work / config.stem
         sets = ["data.synthetic={enabled: false}", "data.datalist=null", f"data.train_data_dir={data / 'train'}",
                 f"data.val_data_dir={data / 'val'}", "data.num_workers=0", "data.cache_dir=null",
@@ -131,6 +133,9 @@ def main() -> None:
                 f"diffusion.checkpoints.autoencoder_path={run_dir / 'ae' / 'best_model.pt'}",
                 "autoencoder.logging.log_dir=null", "diffusion.logging.log_dir=null", *args.sets]
         pixel = (raw.get("diffusion") or {}).get("space") == "pixel"
+        if pixel:  # no autoencoder
+            sets = [x for x in sets if not x.startswith("diffusion.checkpoints.autoencoder_path=")] + [
+                "diffusion.checkpoints.autoencoder_path=null"]
         steps = [("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], [])] if pixel else [
             ("stage 1 --fast-dev-run", "train_autoencoder.py", ["--fast-dev-run"], []),
             ("stage 1, one step (checkpoint)", "train_autoencoder.py", [],
