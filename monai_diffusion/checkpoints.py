@@ -95,15 +95,25 @@ def write_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_tensors_file(path: str | Path) -> Any:
+def read_tensors_file(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, so that opening a file someone
     sent you never runs code. Every failure is a one-line :class:`RunError` naming the file; a file that holds
     pickled objects is refused before any of them is built, with the command that converts an older checkpoint of
-    this project (for files you trust)."""
+    this project (for files you trust).
+
+    ``mmap``: map the file instead of reading it (``torch.load(mmap=True)``), so that only the tensors used are paged
+    in: sampling from a stage-2 checkpoint then never holds its optimizer states in memory. A file of the old,
+    non-zip format is read whole."""
     import pickle
 
     path = Path(path)
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower() and "weights_only" not in str(exc).lower():
@@ -119,7 +129,7 @@ def read_tensors_file(path: str | Path) -> Any:
         raise RunError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first}") from None
 
 
-def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, expected_stage: str | None = None, mmap: bool = False) -> dict[str, Any]:
     """Open a checkpoint written by this project; every problem is a one-line :class:`RunError` naming the path.
 
     The file is read with ``weights_only=True`` (:func:`read_tensors_file`): nothing in it can run code. Checks the
@@ -130,7 +140,7 @@ def load_checkpoint(path: str | Path, expected_stage: str | None = None) -> dict
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    ckpt = read_tensors_file(path)
+    ckpt = read_tensors_file(path, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(
             f"{path} is not a monai-diffusion checkpoint (no '{CHECKPOINT_FORMAT}' marker); expected a "

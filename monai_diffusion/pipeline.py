@@ -53,8 +53,9 @@ def load_diffusion(
     path: str | Path, use_ema: bool = True, use_flash_attention: bool = False
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
     """UNet (EMA weights when present and wanted) and stage-1 network (AutoencoderKL or VQVAE) of a stage-2
-    checkpoint, from the checkpoint alone; the stage-1 network is None for a pixel-space checkpoint."""
-    ckpt = load_checkpoint(path, expected_stage="diffusion")
+    checkpoint, from the checkpoint alone; the stage-1 network is None for a pixel-space checkpoint. The file is
+    memory-mapped: the optimizer states it holds for resuming are never read."""
+    ckpt = load_checkpoint(path, expected_stage="diffusion", mmap=True)
     unet, autoencoder = networks_from_checkpoint(ckpt, path, use_ema, use_flash_attention)
     return unet, autoencoder, ckpt
 

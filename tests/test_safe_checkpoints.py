@@ -140,3 +140,15 @@ def test_writer_refuses_objects(tmp_path):
     assert not (tmp_path / "x.pt").exists()
     assert unsafe_entries({"a": [1, 2.0, "x", None, (True,)], "t": torch.zeros(1)}) == []
     assert unsafe_entries({"rng": {"numpy": np.random.get_state()}}) == ["rng.numpy[1] (numpy.ndarray)"]
+
+
+def test_mapped_reading_gives_the_same_tensors_and_reads_the_old_file_format(tmp_path):
+    from monai_diffusion.checkpoints import read_tensors_file
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"step": 3, "name": "x"}}
+    new, old = tmp_path / "new.pt", tmp_path / "old.pt"
+    torch.save(state, new)
+    torch.save(state, old, _use_new_zipfile_serialization=False)  # mmap cannot map this format: read whole
+    for path in (new, old):
+        got = read_tensors_file(path, mmap=True)
+        assert torch.equal(got["w"], state["w"]) and got["meta"] == state["meta"]
