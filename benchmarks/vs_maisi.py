@@ -95,7 +95,7 @@ EXACT_BOUND = 1e-4
 
 # sizes and budgets per mode: part 1 input, part 2 data and budget, part 3 output sizes
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(step_size=[32, 32, 32], steps=3, warmup=1, step_width="shipped",
+    "cpu": dict(step_size=[32, 64, 32], steps=3, warmup=1, step_width="shipped",
                 data_size=[32, 48, 32], num_train=16, num_val=16, train_width="reduced", batch=2, lr=1e-3,
                 budget_s=75.0, clock="cpu", c2st_epochs=30, decode_sizes=[64], decode_width="shipped"),
     "full": dict(step_size=[128, 128, 128], steps=3, warmup=1, step_width="shipped",
@@ -387,6 +387,13 @@ def worker(jobs: list[dict[str, Any]]) -> None:
         except Exception as exc:  # noqa: BLE001 - an out-of-memory or a kernel error is this row's result
             row = {"error": _error(exc)}
         print("VS-ROW " + json.dumps({"key": job["key"], **row}), flush=True)
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ====================================================================================================== main side
@@ -410,6 +417,20 @@ def run_jobs(jobs: list[dict[str, Any]], timeout: float | None) -> list[dict[str
         why = f"killed at its timeout ({timeout:.0f} s)"
     rows = {r["key"]: r for r in (json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("VS-ROW "))}
     return [rows.get(j["key"], {"key": j["key"], "error": why}) for j in jobs]
+
+
+def groups(jobs: list[dict[str, Any]], dry: bool, device: str) -> list[list[dict[str, Any]]]:
+    """Processes to run: the dry run one for all; on CUDA one per model (the allocator's peak is reset before each
+    measurement, so measurements can share a process); on a CPU one per measurement (its resident memory cannot be
+    given back reliably)."""
+    if dry:
+        return [jobs]
+    if device.startswith("cuda"):
+        out: dict[str, list[dict[str, Any]]] = {}
+        for j in jobs:
+            out.setdefault(f"{j['model']} {j.get('size')}", []).append(j)
+        return list(out.values())
+    return [[j] for j in jobs]
 
 
 class Bench:
@@ -445,6 +466,12 @@ class Bench:
         left = self.deadline - time.perf_counter()
         return None if left < 5 else (min(left, cap) if cap else left)
 
+    def models(self, default: list[str]) -> list[str]:
+        """``--models`` (in the default's order, MAISI always first), else ``default``."""
+        if not self.args.models:
+            return default
+        return ["maisi"] + [m for m in MODELS if m in self.args.models and m != "maisi"]
+
     def part(self, key: int) -> dict[str, Any]:
         if self.args.budget_min:
             todo = [p for p in self.args.parts if p >= key]
@@ -473,8 +500,9 @@ class Bench:
                           "warmup": c["warmup"], "losses": "L1 + 1e-6 x KL, Adam 1e-4"}
         jobs = [{"job": "step", "key": f"{m} {prec}", "model": m, "precision": prec, "size": c["step_size"],
                  "width": c["step_width"], "steps": c["steps"], "warmup": c["warmup"], "device": self.device,
-                 "dry": self.dry} for m in (DRY_STEP_MODELS if self.dry else STEP_MODELS) for prec in PRECISIONS]
-        for group in ([jobs] if self.dry else [[j] for j in jobs]):
+                 "dry": self.dry}
+                for m in self.models(DRY_STEP_MODELS if self.dry else STEP_MODELS) for prec in PRECISIONS]
+        for group in groups(jobs, self.dry, self.device):
             t = self.timeout(1800)
             rows = run_jobs(group, t) if t else [{"key": j["key"], "error": "skipped: time share spent"}
                                                  for j in group]
@@ -501,7 +529,7 @@ class Bench:
                           "losses": "L1 + 1e-6 x KL, Adam, fp32, the same seeds and batch order for every model"}
         data_job = {"job": "data", "key": "data", "kind": kind, "size": c["data_size"], "num_train": c["num_train"],
                     "num_val": c["num_val"], "path": str(data)}
-        models = DRY_TRAIN_MODELS if self.dry else TRAIN_MODELS
+        models = self.models(DRY_TRAIN_MODELS if self.dry else TRAIN_MODELS)
         train_jobs = [{"job": "train", "key": f"{m}", "model": m, "width": c["train_width"], "data": str(data),
                        "batch": c["batch"], "lr": c["lr"], "budget_s": c["budget_s"], "clock": c["clock"],
                        "c2st_epochs": c["c2st_epochs"], "device": self.device, "dry": self.dry} for m in models]
@@ -543,7 +571,7 @@ class Bench:
                     jobs.append({"job": "decode", "key": f"{model} {mode} {size}^3", "model": model, "mode": mode,
                                  "size": [size] * 3, "width": c["decode_width"], "ref": str(ref),
                                  "device": self.device, "dry": self.dry})
-        for group in ([jobs] if self.dry else [[j] for j in jobs]):
+        for group in groups(jobs, self.dry, self.device):
             t = self.timeout(3600)
             rows = run_jobs(group, t) if t else [{"key": j["key"], "error": "skipped: time share spent"}
                                                  for j in group]
@@ -720,9 +748,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     p.add_argument("--full", action="store_true", help="the GPU sizes: 128^3 steps, shipped widths, 256^3 and 512^3 "
                    "decodes (the default with --device cuda)")
-    p.add_argument("--size", type=int, nargs=3, help="part 1's input size (default 32^3 on CPU, 128^3 --full)")
+    p.add_argument("--size", type=int, nargs=3, help="part 1's input size (default 32 64 32 on CPU, 128^3 --full)")
     p.add_argument("--decode-sizes", type=int, nargs="+", help="part 3's output sizes, multiples of 4 (default 64 "
                    "on CPU, 256 512 --full)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="parts 1 and 2: these models (MAISI is always "
+                   "measured: it is the reference)")
     p.add_argument("--budget-s", type=float, help="part 2's training time per model (default 75 CPU-s on CPU)")
     p.add_argument("--budget-min", type=float, help="total minutes: each part gets a share and a measurement that "
                    "runs past its part's share is killed (its row says so); default: no limit")
@@ -734,11 +764,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.worker is None:
         if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
             p.error(f"--device must be cpu or cuda, got {args.device!r}")
+        # MAISI splits the second spatial axis in num_splits pieces, each of at least 3 voxels, at every level of
+        # its decoder (the latent's included) and down to its 4x level in the encoder
+        pieces = 3 * MAISI_ARGS["num_splits"]
         for n in args.decode_sizes or []:
-            if n < 16 or n % 4:
-                p.error(f"--decode-sizes: {n} is not a multiple of 4 of at least 16 (MAISI and ours are 4x)")
-        if args.size and any(n % 16 for n in args.size):
-            p.error(f"--size {args.size}: every axis must be a multiple of 16 (the 16x model)")
+            if n % 4 or n * MAISI_SW_FRACTION / 4 < pieces:
+                p.error(f"--decode-sizes: {n} must be a multiple of 4 with a sliding window of at least {pieces} "
+                        f"latent voxels (MAISI's {MAISI_ARGS['num_splits']} splits): at least "
+                        f"{math.ceil(pieces * 4 / MAISI_SW_FRACTION)}")
+        if args.size and (any(n % 16 for n in args.size) or args.size[1] < 4 * pieces):
+            p.error(f"--size {args.size}: every axis must be a multiple of 16 (the 16x model), the second at least "
+                    f"{4 * pieces} (MAISI splits it in {MAISI_ARGS['num_splits']} at its 4x level)")
         if args.dry_run and not args.out:
             p.error("--dry-run writes only to --out STEM; give one")
     return args
