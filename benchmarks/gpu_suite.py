@@ -19,13 +19,18 @@ Parts, in this order (cheap and decisive first):
    by finishing the step and saving); ``evaluate`` with 32 samples in 30 steps, and its picture grid.
 5. **Sampling time** per volume at 256x256x64 (8x latent) from part 1's stage-2 checkpoint: DDPM-1000, DDIM-50,
    rectified flow 30.
+6. **Side by side with MAISI**: ``benchmarks/vs_maisi.py`` within its share (about 2 of the 9 minutes): one training
+   step at 128^3 of MAISI's VAE and of the fork (8x, 8x with MAISI's latent size, the 8x recipe), a short
+   reconstruction race on the brain data, and the 512^3 decode of one latent by MAISI's sliding window and by exact
+   tiles, with each one's deviation from the whole decode; its own files (``vs_maisi_cuda.{json,md,png}``) are
+   written beside the suite's.
 
 Every measurement runs in a subprocess with a timeout taken from its part's share of what is left of the budget
 (``--budget-min``, default 9); a part that fails or runs out of time records the error and the suite moves on.
 Results are rewritten after every measurement, so a kill at any moment leaves what was measured so far:
 ``benchmarks/results/gpu_<gpu name>.{json,md}`` (plus the picture grid), and with ``--out DIR`` the same files,
-the picture and the log in ``DIR`` (at most four files). ``--dry-run`` runs every part's code on the CPU at tiny
-sizes (one or two configurations per part) in about a minute and writes only to ``--out``.
+the picture and the log in ``DIR`` (plus part 6's three ``vs_maisi_cuda`` files). ``--dry-run`` runs every part's
+code on the CPU at tiny sizes (one or two configurations per part) in about a minute and writes only to ``--out``.
 
     python benchmarks/gpu_suite.py --out /tmp/gpu_out               # on the GPU machine (see benchmarks/README.md)
     python benchmarks/gpu_suite.py --dry-run --out /tmp/gpu_dry     # anywhere: the same code paths on the CPU
@@ -50,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import _common
+from vs_maisi import MAISI_ARGS
 
 REPO = _common.REPO_ROOT
 CONFIGS = REPO / "monai_diffusion" / "config"
@@ -84,17 +90,14 @@ TITLES = {
     3: "512^3 decode from an 8x latent",
     4: "Quality at a realistic size (brain 96x112x96, 8x)",
     5: "Sampling time per volume at 256x256x64",
+    6: "Side by side with MAISI (vs_maisi.py at GPU size)",
 }
 # share of the time left that each part gets when it starts (relative to the parts still to come)
-SHARES = {1: 0.25, 2: 0.15, 3: 0.12, 4: 0.35, 5: 0.13}
+SHARES = {1: 0.25, 2: 0.15, 3: 0.12, 4: 0.35, 5: 0.13, 6: 0.28}  # 6: about 2 of the 9 minutes
 MIN_ITEM_S = 5.0  # an item with less time than this left in its part is skipped, not started
 SEED_A100 = {"4x": (8.2, 1.0), "8x": (3.1, 1.4), "16x": (1.5, 2.1)}  # seed 002: GB with AMP, speed vs 4x
 MAISI_512 = {"gb": 22.8, "seconds": 30.0}  # MAISI's published 512^3 decode on an A100
-MAISI_ARGS = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=(64, 128, 256),
-                  num_res_blocks=(2, 2, 2), norm_num_groups=32, norm_eps=1e-6,
-                  attention_levels=(False, False, False), with_encoder_nonlocal_attn=False,
-                  with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False,
-                  norm_float16=True, num_splits=4, dim_split=1)
+# MAISI's VAE as it ships (MAISI_ARGS) lives in vs_maisi.py, the side-by-side benchmark that part 6 runs.
 # norm_float16 (GroupNorm output in fp16) only works inside fp16 autocast, as MAISI infers on a GPU; the training-step
 # rows (fp32, bf16) and the CPU dry run use the same network with it off. MAISI's split convolutions are very slow on
 # a CPU (one training step at 16 x 64 x 16 took two minutes on the shared 2-core machine), so the dry run builds the
@@ -660,7 +663,56 @@ def part5(s: Suite) -> None:
     s.end_part(entry, t0)
 
 
-PARTS = {1: part1, 2: part2, 3: part3, 4: part4, 5: part5}
+# ======================================================================================== part 6: vs MAISI
+VS_MAISI_MODELS = ["maisi", "8x", "8x-lat32", "recipe"]  # part 6's models in vs_maisi's parts 1 and 2
+
+
+def part6(s: Suite) -> None:
+    """``vs_maisi.py`` in a subprocess within this part's share: parts 1 and 3 at GPU size (training steps at 128^3,
+    the 512^3 decode), part 2 short; its rows become this part's items, its files go beside the suite's."""
+    entry = s.begin_part(6)
+    t0 = time.perf_counter()
+    t = s.timeout()
+    folder = s.work / "vs_maisi"
+    stem = folder / ("vs_maisi_dryrun_cpu" if s.dry else "vs_maisi_cuda")
+    if t is None:
+        s.add(entry, s.skipped("vs_maisi"))
+        s.end_part(entry, t0)
+        return
+    cmd = [sys.executable, str(REPO / "benchmarks" / "vs_maisi.py"), "--out", str(stem), "--work", str(folder)]
+    if s.dry:
+        cmd += ["--dry-run"]
+    else:
+        # vs_maisi kills each measurement at its share of its own budget; 20 s are left for its last writes
+        cmd += ["--device", "cuda", "--budget-min", f"{max(0.5, (t - 20) / 60):.2f}", "--models", *VS_MAISI_MODELS,
+                "--decode-sizes", "512", "--budget-s", "3"]
+    run = run_process(cmd, t, s.log)
+    js = stem.with_suffix(".json")
+    if not js.is_file():
+        s.add(entry, {"name": "vs_maisi", "error": f"exit code {run['rc']}: {tail(run['output'])}"})
+        s.end_part(entry, t0)
+        return
+    sub = json.loads(js.read_text())
+    for part in sub["parts"].values():
+        for r in part["rows"]:
+            r.pop("map", None)  # the deviation maps stay in vs_maisi's own JSON and picture
+    entry["summary"]["vs_maisi"] = sub
+    for key, part in sub["parts"].items():
+        for r in part["rows"]:
+            s.add(entry, {**{k: v for k, v in r.items() if k != "key"}, "name": f"vs_maisi {key}: {r['key']}"})
+    if run["rc"] != 0 or run["timed_out"]:
+        s.add(entry, {"name": "vs_maisi", "error": f"exit code {run['rc']}"
+                      f"{' (killed at its share)' if run['timed_out'] else ''}: {tail(run['output'])}"})
+    if not s.dry:  # the dry run writes only the suite's files to --out
+        for folder_out in s.targets:
+            for suffix in (".json", ".md", ".png"):
+                src = stem.with_suffix(suffix)
+                if src.is_file():
+                    (folder_out / src.name).write_bytes(src.read_bytes())
+    s.end_part(entry, t0)
+
+
+PARTS = {1: part1, 2: part2, 3: part3, 4: part4, 5: part5, 6: part6}
 
 
 # ================================================================================================ Markdown
@@ -744,6 +796,14 @@ def render(report: dict[str, Any]) -> str:
                     for i in p["items"] if not i.get("error")]
             lines += [f"Latent {p['summary'].get('latent')}, one volume at a time, decoded; median of the repeats.",
                       "", _common.markdown_table(["sampler", "steps", "s / volume", "peak MiB"], rows), ""]
+        elif key == "6" and p["summary"].get("vs_maisi"):
+            import vs_maisi
+
+            sub = vs_maisi.render(p["summary"]["vs_maisi"]).splitlines()
+            start = next((n + 1 for n, ln in enumerate(sub) if ln.startswith("Command:")), 0)
+            lines += ["`benchmarks/vs_maisi.py`'s tables (its own files: `vs_maisi_cuda.{json,md,png}`):", ""]
+            end = next((n for n, ln in enumerate(sub) if ln == "## Errors"), len(sub))  # the suite lists errors
+            lines += [("#" + ln) if ln.startswith("## ") else ln for ln in sub[start:end]] + [""]
         if errors:
             lines += ["Errors:", ""] + [f"- {i['name']}: {str(i['error'])[:600]}" for i in errors] + [""]
     return "\n".join(lines)
@@ -1019,7 +1079,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=9.0, help="total minutes for all parts (default 9)")
     p.add_argument("--out", help="folder for the results, the picture and the log (the dry run writes only here)")
     p.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU at tiny sizes")
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=[1, 2, 3, 4, 5, 6])
     p.add_argument("--work", help="folder for data, runs and checkpoints (default: a new temporary folder)")
     p.add_argument("--worker", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     return p.parse_args(argv)

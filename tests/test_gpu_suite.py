@@ -23,7 +23,7 @@ def test_dry_run_reports_a_result_for_every_part(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_dryrun_cpu.json").read_text())
-    assert sorted(report["parts"]) == ["1", "2", "3", "4", "5"]
+    assert sorted(report["parts"]) == ["1", "2", "3", "4", "5", "6"]
     for key, part in report["parts"].items():
         errors = [f"{i['name']}: {i['error']}" for i in part["items"] if i.get("error")]
         assert part["status"] == "ok" and part["items"] and not errors, (key, errors)
@@ -41,6 +41,8 @@ def test_dry_run_reports_a_result_for_every_part(tmp_path):
     assert 0 <= quality["evaluation"]["samples_vs_recon"]["c2st_accuracy"] <= 1
     stage1 = next(i for i in report["parts"]["4"]["items"] if i["name"].startswith("stage1"))
     assert stage1["stopped_by_sigterm"] and stage1["global_step"] >= 1  # stopped by the suite, saved by the app
+    vs = {i["name"]: i for i in report["parts"]["6"]["items"]}  # vs_maisi.py's dry run, its rows as items
+    assert vs["vs_maisi 3: ours tiles 32^3"]["exact"] and vs["vs_maisi 1: maisi fp32"]["memory_ratio"] == 1.0
     # the files: JSON, Markdown, log and the picture grid in --out; nothing in benchmarks/results
     assert sorted(p.name for p in out.iterdir()) == ["gpu_dryrun_cpu.json", "gpu_dryrun_cpu.log",
                                                      "gpu_dryrun_cpu.md", "gpu_dryrun_cpu_quality.png"]
