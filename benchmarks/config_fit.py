@@ -112,12 +112,21 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="a folder with train/ and val/ volumes to use instead of phantoms "
                         "written at each config's size")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per command")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results file's other configs; the configs run now replace their own rows")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="an override for every command")
     args = parser.parse_args()
     configs = [Path(c) for c in args.configs] if args.configs else [CONFIGS / c for c in SHIPPED]
     work = Path(args.work or tempfile.mkdtemp(prefix="config_fit_"))
     stem = RESULTS_DIR / f"config_fit_cpu{'_' + args.tag if args.tag else ''}"
     report: dict[str, Any] = {"machine": machine_info("cpu"), "results": []}
+    if args.append and stem.with_suffix(".json").is_file():
+        import json
+
+        names = {c.name for c in configs}
+        old = json.loads(stem.with_suffix(".json").read_text())
+        report["results"] = [e for e in old["results"] if Path(e["config"]).name not in names]
+        report["earlier_machine"] = old.get("earlier_machine", old["machine"])
     for config in configs:
         raw = yaml.safe_load(config.read_text())
         data_cfg = raw.get("data") or {}
@@ -187,6 +196,8 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join([
         "# Does each config run here, or stop before training with the memory message?", "",
         machine_line(report["machine"]), "",
+        *([f"Rows of configs not rerun then: {machine_line(report['earlier_machine'])}", ""]
+          if report.get("earlier_machine") else []),
         markdown_table(["config", "size", "command", "result", "seconds", "peak RSS (MiB)", "s/step",
                         "what it said"], rows), ""])
 
