@@ -677,10 +677,14 @@ def render(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:
     """Part 1's ratios, part 2's PSNR and C2ST, part 3's deviation maps, in one PNG (None without results)."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no picture (pip install matplotlib); the tables are complete")
+        return None
     import numpy as np
 
     parts = report["parts"]

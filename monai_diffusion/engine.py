@@ -516,7 +516,9 @@ def stage_tensor_bytes(stage: Stage, batch: Any = None) -> int:
     """Bytes of everything a stage holds before a step: its networks (trained and frozen), optimizer states and
     the batch's tensors."""
     modules = {id(m): m for m in stage.modules.values()}
-    modules.update({id(v): v for v in vars(stage).values() if isinstance(v, nn.Module)})
+    # MONAI's RFlowScheduler is an nn.Module that never runs nn.Module.__init__ (no parameters, and no
+    # ``_parameters`` to ask): only initialised modules hold tensors worth counting
+    modules.update({id(v): v for v in vars(stage).values() if isinstance(v, nn.Module) and "_parameters" in vars(v)})
     tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
     return tensor_bytes(modules.values(), stage.optimizers.values(), tensors)
 

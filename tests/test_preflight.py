@@ -112,3 +112,17 @@ def test_stage2_check_runs_on_the_latent_unet(tmp_path, monkeypatch, capsys):
     line = error_line(capsys, train_diffusion_main(cli_args(QUICKSTART, tiny_overrides(tmp_path))))
     assert "diffusion training step (batch 2, fp32) needs about" in line and "--set diffusion." in line
     assert not (tmp_path / "dm").exists()
+
+
+def test_stage2_check_with_rectified_flow(tmp_path, monkeypatch, capsys):
+    # MONAI's RFlowScheduler is an nn.Module without nn.Module's own state: the estimate must still be made
+    _limit(monkeypatch, 64 * 1024)
+    assert train_autoencoder_main(cli_args(QUICKSTART, tiny_overrides(tmp_path))) == 0
+    rflow = tiny_overrides(tmp_path, "diffusion.scheduler.type=rflow")
+    _limit(monkeypatch, 100)
+    line = error_line(capsys, train_diffusion_main(cli_args(QUICKSTART, rflow)))
+    assert "diffusion training step (batch 2, fp32) needs about" in line
+    _limit(monkeypatch, 64 * 1024)
+    assert train_diffusion_main(cli_args(QUICKSTART, rflow, "--fast-dev-run")) == 0
+    out = capsys.readouterr().out
+    assert "GiB estimated for one diffusion training step" in out and "training step failed" not in out

@@ -3,6 +3,7 @@ tiled decode's bound is enforced (a decode that exceeds it is an error row)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -50,7 +51,10 @@ def test_dry_run_report(tmp_path):
     md = stem.with_suffix(".md").read_text()
     for heading in ("## 1. Training cost", "## 2. Reconstruction", "## 3. Large-volume decode", "Machine:"):
         assert heading in md
-    assert stem.with_suffix(".png").stat().st_size > 10_000
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert stem.with_suffix(".png").stat().st_size > 10_000
+    else:  # the README's install has no matplotlib: the tables stand alone and the run says why there is no picture
+        assert not stem.with_suffix(".png").exists() and "matplotlib is not installed" in proc.stdout
 
 
 def test_tiled_decode_beyond_its_bound_is_an_error_row(tmp_path):
