@@ -43,7 +43,7 @@ from .checkpoints import (
 )
 from .errors import ConfigError, NonFiniteLoss, OutOfMemory, RunError
 from .fileio import atomic_write_text
-from .memory import PeakMeter, is_out_of_memory, process_peak_mib, tensor_bytes, use_clean_malloc
+from .memory import PeakMeter, is_out_of_memory, process_peak_mib, stage_modules, tensor_bytes, use_clean_malloc
 from .models import architecture
 from .runtime import (
     Runtime,
@@ -515,12 +515,8 @@ def init_weights(stage: Stage, path: str | Path, runtime: Runtime) -> None:
 def stage_tensor_bytes(stage: Stage, batch: Any = None) -> int:
     """Bytes of everything a stage holds before a step: its networks (trained and frozen), optimizer states and
     the batch's tensors."""
-    modules = {id(m): m for m in stage.modules.values()}
-    # MONAI's RFlowScheduler is an nn.Module that never runs nn.Module.__init__ (no parameters, and no
-    # ``_parameters`` to ask): only initialised modules hold tensors worth counting
-    modules.update({id(v): v for v in vars(stage).values() if isinstance(v, nn.Module) and "_parameters" in vars(v)})
     tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
-    return tensor_bytes(modules.values(), stage.optimizers.values(), tensors)
+    return tensor_bytes(stage_modules(stage), stage.optimizers.values(), tensors)
 
 
 def run_loop(

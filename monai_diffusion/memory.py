@@ -76,6 +76,16 @@ def _maxrss_kib() -> int:
     return r // 1024 if sys.platform == "darwin" else r
 
 
+def stage_modules(stage: Any) -> list[torch.nn.Module]:
+    """The networks a stage holds: its trained ``modules`` and every other module attribute (a frozen autoencoder,
+    a loss network), each once. MONAI's ``RFlowScheduler`` is an ``nn.Module`` that never runs
+    ``nn.Module.__init__`` (it holds no tensors, and asking for its parameters raises): modules without that state
+    are left out."""
+    found = {id(m): m for m in stage.modules.values()}
+    found.update({id(v): v for v in vars(stage).values() if isinstance(v, torch.nn.Module)})
+    return [m for m in found.values() if "_parameters" in vars(m)]
+
+
 def tensor_bytes(modules: Iterable[Any] = (), optimizers: Iterable[Any] = (), tensors: Iterable[Any] = ()) -> int:
     """Bytes of the parameters and buffers of ``modules``, the tensor states of ``optimizers``, and ``tensors``
     (each tensor counted once, also when shared)."""

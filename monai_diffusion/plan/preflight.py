@@ -23,7 +23,7 @@ import torch
 
 from ..engine import make_scalers, train_step
 from ..errors import ConfigError, OutOfMemory
-from ..memory import MIB, available_bytes, estimate_peak_bytes, with_margin
+from ..memory import MIB, available_bytes, estimate_peak_bytes, stage_modules, with_margin
 from ..runtime import Runtime, resolve_precision
 from ..settings import Settings
 
@@ -35,10 +35,8 @@ _SECTIONS = {"autoencoder": "autoencoder.training", "diffusion": "diffusion.trai
 def step_tensors(stage: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
     """Every tensor a stage holds between steps: parameters, buffers and gradients of its networks (and of the
     stage's other modules, such as a frozen autoencoder or a loss network), optimizer states, and the batch."""
-    modules = {id(m): m for m in stage.modules.values()}
-    modules.update({id(v): v for v in vars(stage).values() if isinstance(v, torch.nn.Module)})
     out: list[torch.Tensor] = []
-    for module in modules.values():
+    for module in stage_modules(stage):
         for tensor in [*module.parameters(), *module.buffers()]:
             out.append(tensor)
             if tensor.grad is not None:
