@@ -72,10 +72,15 @@ VARIANTS: dict[str, list[str]] = {
     "factors[2]": ["autoencoder.downsample_factors=[2]", "autoencoder.num_channels=[8, 16]",
                    "autoencoder.attention_levels=[false, false]"],
     "wide": ["autoencoder.num_channels=[16, 32, 32]"],
+    "noattn": ["autoencoder.with_encoder_nonlocal_attn=false", "autoencoder.with_decoder_nonlocal_attn=false"],
+    "fg10": ["autoencoder.training.loss.reconstruction_loss_type=weighted",
+             "autoencoder.training.loss.weighted.threshold=0.5", "autoencoder.training.loss.weighted.foreground_weight=10"],
 }
 NOTES = {
     "factors[2]": "16^3 latent: stage 2's UNet sees 8x more latent voxels",
     "latent8": "stage 2 gets 8 latent channels",
+    "fg10": "L1 weighted 10x where the phantom is above 0.5: the rim and the bright blobs",
+    "noattn": "no attention block in the autoencoder's middle (MONAI's default has one at each end of the latent)",
 }
 DRY = ["data.voxel_size=[16, 16, 16]", "data.synthetic.num_train=8", "data.synthetic.num_val=2"]
 

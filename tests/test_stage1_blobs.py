@@ -61,3 +61,24 @@ def test_blob_masks_depend_on_the_volume():
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
     with pytest.raises(ValueError, match="split"):
         phantom_blobs((32, 32, 32), split="test")
+
+
+def test_benchmark_dry_run(tmp_path):
+    """The benchmark's every code path at 16^3 with one-epoch runs (seconds): rows measured, files written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "GenerativeModels"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "results" / "stage1_blobs"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "stage1_blobs.py"), "--dry-run", "--variants", "adv0.01",
+           "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["baseline", "adv0.01"]
+    for r in result["rows"]:
+        assert r["steps"] > 0 and r["seconds"] > 0 and 0.0 <= r["c2st_recon_vs_real"] <= 1.0
+        assert r["blob_contrast_train"]["blobs"] > 0 and np.isfinite(r["blob_contrast_train"]["mean"])
+    assert set(result["probes"]) == {"baseline", "adv0.01"}
+    assert out.with_suffix(".png").is_file() and "| baseline | budget |" in out.with_suffix(".md").read_text()
+    # an existing run folder is not trained over without --reuse
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "--reuse" in again.stderr
