@@ -62,6 +62,7 @@ __all__ = [
     "default_spacing",
     "generate_volume",
     "make_synthetic_dataset",
+    "phantom_blobs",
 ]
 
 # Bump a kind's version when its output for the same inputs changes; recorded in the manifest.
@@ -127,8 +128,9 @@ def _soft_ellipsoid(coords: np.ndarray, center, radii, rot, sharpness: float) ->
     return 0.5 * (1.0 + np.tanh((1.0 - r) * (sharpness / 2.0)))
 
 
-def _phantom(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """A head-like phantom: a soft ellipsoid with a bright rim, bright and dark blobs, mild noise."""
+def _phantom_layers(shape: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, float]]]:
+    """The phantom and what it is made of: ``(image, head, blobs)``, ``blobs`` a list of ``(soft indicator, level)``
+    in drawing order (each blob replaces what is under it inside the head). :func:`_phantom` keeps the image."""
     n = len(shape)
     axes = [np.linspace(-1.0, 1.0, s, dtype=np.float32) if s > 1 else np.zeros(1, np.float32) for s in shape]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"))
@@ -139,14 +141,54 @@ def _phantom(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
     outer = _soft_ellipsoid(coords, center, radii * 1.1, rot, sharp)
     head = _soft_ellipsoid(coords, center, radii, rot, sharp)
     img = 0.85 * (outer - head) + rng.uniform(0.3, 0.4) * head
+    blobs = []
     for k in range(int(rng.integers(3, 7))):
         offset = rot @ (rng.uniform(-0.45, 0.45, size=n) * radii)
         b_radii = rng.uniform(0.12, 0.3, size=n) * radii
         level = rng.uniform(0.05, 0.15) if k == 0 else rng.uniform(0.55, 1.0)
         blob = _soft_ellipsoid(coords, center + offset, b_radii, _random_rotation(rng, n), sharp)
         img = img * (1.0 - blob * head) + level * blob * head
+        blobs.append((blob, float(level)))
     img = img + rng.normal(0.0, 0.02, size=img.shape) * (0.25 + outer)
-    return np.clip(img, 0.0, None).astype(np.float32)
+    return np.clip(img, 0.0, None).astype(np.float32), head, blobs
+
+
+def _phantom(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """A head-like phantom: a soft ellipsoid with a bright rim, bright and dark blobs, mild noise."""
+    return _phantom_layers(shape, rng)[0]
+
+
+def phantom_blobs(voxel_size: Sequence[int], seed: int = 0, split: str = "train", index: int = 0) -> dict[str, Any]:
+    """The blobs of one built-in phantom, for measuring whether a model keeps them.
+
+    The phantom is regenerated from the same random stream as :func:`generate_volume` ``("phantom", voxel_size,
+    seed=seed, split=split, index=index)``, so ``image`` is exactly that volume.
+
+    Args:
+        voxel_size: spatial shape, 2 or 3 ints.
+        seed: base random seed of the dataset (``data.synthetic.seed``).
+        split: ``"train"`` or ``"val"``.
+        index: index of the volume within the split.
+
+    Returns:
+        ``{"image": the phantom, "head": soft indicator of the head (the inside of the rim), "blobs": [...]}``; each
+        blob is ``{"weight": float32 array, "level": intensity, "dark": bool}`` in drawing order, where ``weight`` is
+        how much of each voxel shows this blob (its soft indicator times the head's, times ``1 - weight`` of every
+        blob drawn over it later), in [0, 1]. The first blob is the dark one (level 0.05-0.15), the others bright
+        (0.55-1.0).
+    """
+    shape = _check_shape(voxel_size)
+    if split not in _SPLIT_CODES:
+        raise DataError(f"split must be one of {list(_SPLIT_CODES)}, got {split!r}")
+    image, head, layers = _phantom_layers(shape, _rng("phantom", seed, split, index))
+    shown = [blob * head for blob, _ in layers]
+    blobs = []
+    for k, (_, level) in enumerate(layers):
+        weight = shown[k]
+        for later in shown[k + 1:]:
+            weight = weight * (1.0 - later)
+        blobs.append({"weight": weight.astype(np.float32), "level": level, "dark": k == 0})
+    return {"image": image, "head": head.astype(np.float32), "blobs": blobs}
 
 
 # ----------------------------------------------------------------------------------------------
