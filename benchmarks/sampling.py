@@ -107,7 +107,8 @@ def render(result: dict) -> str:
         lines.append(
             f"| {r['objective']} | {r['sampler']} | {r['nfe']} | {r['seed']} | "
             f"{r['samples_vs_recon.c2st_accuracy']:.3f} | {r['samples_vs_real.histogram_w1']:.4f} | "
-            f"{r['samples_vs_recon.histogram_w1']:.4f} | {r['samples_vs_real.mmd']:.4f} | {r['samples_vs_real.nn_ratio']:.3f} | "
+            f"{r['samples_vs_recon.histogram_w1']:.4f} | {r['samples_vs_real.mmd']:.4f} | "
+            f"{r['samples_vs_real.nn_ratio']:.3f} | "
             f"{r['samples_vs_real.ms_ssim_diversity']:.3f} | {100 * r['fraction_outside']:.2f}% | "
             f"{r['sampling_seconds']:.1f} |"
         )

@@ -63,7 +63,8 @@ def load_real(folder: Path) -> torch.Tensor:
     files = sorted(folder.glob("train_*.nii.gz"))
     if not files:
         raise SystemExit(f"error: --data {folder}: no train_*.nii.gz (the quickstart's synthetic_data folder)")
-    return torch.stack([torch.as_tensor(np.asarray(nib.load(str(f)).dataobj), dtype=torch.float32) for f in files])[:, None]
+    volumes = [torch.as_tensor(np.asarray(nib.load(str(f)).dataobj), dtype=torch.float32) for f in files]
+    return torch.stack(volumes)[:, None]
 
 
 def plot(sets: dict[str, torch.Tensor], path: Path) -> bool:
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     real = load_real(data)
     ae = str(work / "autoencoder" / "best_model.pt")
-    ddpm = DiffusionPipeline.from_checkpoints(diffusion=str(work / "diffusion_ddpm" / "best_model.pt"), autoencoder=ae)
-    rflow = DiffusionPipeline.from_checkpoints(diffusion=str(work / "diffusion_rflow" / "best_model.pt"), autoencoder=ae)
+    ddpm, rflow = (DiffusionPipeline.from_checkpoints(diffusion=str(work / f"diffusion_{kind}" / "best_model.pt"),
+                                                      autoencoder=ae) for kind in ("ddpm", "rflow"))
     n = real.shape[0]
     sets: dict[str, torch.Tensor] = {"real": real, "reconstructions": ddpm.decode(ddpm.encode(real)).float()}
     print("drawing DDPM-1000 samples ...", flush=True)
