@@ -122,6 +122,52 @@ def test_subpixel_output_gives_every_voxel_three_taps_per_axis():
     assert torch.all(interior == 2 * 27)
 
 
+@pytest.mark.parametrize("dims,factor", [(3, (4, 4, 2)), (3, (2, 1, 3)), (2, (4, 2)), (1, (3,))])
+def test_output_upsample_without_the_full_resolution_hidden_tensor_is_the_same_function(dims, factor):
+    """The interpolation output layer runs as a sub-pixel convolution at the low resolution: the same output and the
+    same gradients (input, weight, bias) as upsampling first and convolving, to double-precision rounding."""
+    torch.manual_seed(0)
+    layer = OutputUpsample(dims, in_channels=5, out_channels=2, use_convtranspose=False, scale_factor=factor).double()
+    x = torch.randn(2, 5, *(6, 5, 4)[:dims], dtype=torch.double, requires_grad=True)
+
+    def reference(inp):
+        return layer.conv(F.interpolate(inp, scale_factor=tuple(float(f) for f in factor), mode="nearest"))
+
+    expected = reference(x)
+    out = layer(x)
+    assert out.shape == expected.shape == (2, 2, *(n * f for n, f in zip((6, 5, 4), factor)))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    g = torch.randn_like(expected)
+    wanted = [x, layer.conv.conv.weight, layer.conv.conv.bias]
+    for a, b in zip(torch.autograd.grad((out * g).sum(), wanted), torch.autograd.grad((reference(x) * g).sum(), wanted)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_output_upsample_holds_no_tensor_larger_than_its_output():
+    """What makes the seed's remote config sample in 0.25 GiB instead of 5 GiB: with 8 channels in and 1 out at
+    factor 4, the old path built an 8-channel full-resolution tensor (8x the output); now nothing exceeds the output."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    layer = OutputUpsample(3, in_channels=8, out_channels=1, use_convtranspose=False, scale_factor=4)
+    x = torch.randn(1, 8, 12, 12, 12)
+    with torch.no_grad(), Record():
+        y = layer(x)
+    assert y.shape == (1, 1, 48, 48, 48)
+    assert max(sizes) == y.numel()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast: the weight sums stay in fp32
+        low = layer(x).float()
+    torch.testing.assert_close(low, y, rtol=0.05, atol=0.05)
+
+
 def test_average_pooling_downsample():
     layer = Downsample(3, 4, stride=(4, 2, 1), use_conv=False)
     assert sum(p.numel() for p in layer.parameters()) == 0

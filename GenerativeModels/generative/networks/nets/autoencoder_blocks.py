@@ -289,8 +289,13 @@ class OutputUpsample(Upsample):
     contributions per axis (no checkerboard from uneven overlap) and no full-resolution hidden activation is
     stored. It equals a kernel-3 convolution to ``out_channels * prod(f)`` channels followed by a pixel shuffle.
     Without it: nearest-neighbour upsampling followed by a kernel-3 convolution (as the legacy ``Upsample``), which
-    holds one full-resolution tensor with ``in_channels`` channels. On an axis with factor 1 both are a kernel-3,
-    padding-1 (transposed) convolution.
+    upsamples to full resolution and then convolves. That is how it is defined; it runs without the full-resolution
+    tensor of ``in_channels`` channels (4 GiB in fp32 for 32 channels at 512x512x128): per axis, output voxel
+    ``q f + r`` sees the upsampled voxels ``q f + r - 1 .. q f + r + 1``, which come from low-resolution voxels
+    ``q - 1 .. q + 1`` only, so each of the ``prod(f)`` phases ``r`` is a kernel-3 convolution of the low-resolution
+    input whose taps are sums of the original taps (:func:`subpixel_weight`), and a pixel shuffle interleaves the
+    phases. Same weights, same result up to float rounding, for training and inference alike; the largest tensor is
+    the output. On an axis with factor 1 both are a kernel-3, padding-1 (transposed) convolution.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -323,6 +328,52 @@ class OutputUpsample(Upsample):
             self.conv = Convolution(
                 spatial_dims, in_channels, out_channels, strides=1, kernel_size=3, padding=1, conv_only=True
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_convtranspose or all(s == 1 for s in self.scale_factor):
+            return self.conv(x)
+        return subpixel_conv(x, self.conv.conv, self.scale_factor)
+
+
+def subpixel_weight(weight: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    """The kernel-3 weight of "nearest-neighbour upsampling by ``factor``, then ``weight``'s kernel-3, padding-1
+    convolution" rewritten as one kernel-3 convolution at the low resolution with ``out_channels * prod(factor)``
+    outputs (phase-major within each output channel: ``o * prod(factor) + r_1 * f_2 * f_3 + r_2 * f_3 + r_3``).
+
+    Per axis, tap ``t`` (offset ``t - 1``) of phase ``r`` reads the upsampled voxel at offset ``r + t - 1`` from the
+    phase's block start, which is low-resolution offset ``floor((r + t - 1) / f)`` in ``{-1, 0, 1}``; the new tap
+    at that offset is the sum of the original taps that land on it.
+    """
+    dims = weight.dim() - 2
+    if weight.shape[2:] != (3,) * dims:
+        raise ValueError(f"subpixel_weight needs a kernel-3 convolution, got kernel {tuple(weight.shape[2:])}.")
+    maps = []
+    for f in factor:
+        m = weight.new_zeros(f, 3, 3)  # (phase, new tap, old tap)
+        for r in range(f):
+            for t in range(3):
+                m[r, (r + t - 1) // f + 1, t] = 1.0
+        maps.append(m)
+    old, phase, new = "tuv"[:dims], "abc"[:dims], "xyz"[:dims]
+    spec = f"oi{old}," + ",".join(f"{phase[a]}{new[a]}{old[a]}" for a in range(dims)) + f"->o{phase}i{new}"
+    w = torch.einsum(spec, weight, *maps)  # (out, r_1 .. r_d, in, k_1 .. k_d)
+    return w.reshape(weight.shape[0] * math.prod(factor), *weight.shape[1:])
+
+
+def subpixel_conv(x: torch.Tensor, conv: nn.Module, factor: Sequence[int]) -> torch.Tensor:
+    """``conv(nearest_upsample(x, factor))`` for a kernel-3, stride-1, padding-1 ``conv`` (``nn.Conv1d/2d/3d``),
+    computed at ``x``'s resolution (:func:`subpixel_weight`) and pixel-shuffled: no tensor larger than the output."""
+    dims = x.dim() - 2
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        exact = torch.promote_types(conv.weight.dtype, torch.float32)  # sums of taps in at least fp32
+        weight = subpixel_weight(conv.weight.to(exact), factor).to(conv.weight.dtype)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(math.prod(factor))
+    y = (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, weight, bias, padding=1)
+    b, spatial = y.shape[0], y.shape[2:]
+    y = y.reshape(b, conv.out_channels, *factor, *spatial)
+    # (b, o, r_1 .. r_d, n_1 .. n_d) -> (b, o, n_1, r_1, .., n_d, r_d)
+    order = [0, 1] + [i for axis in range(dims) for i in (2 + dims + axis, 2 + axis)]
+    return y.permute(order).reshape(b, conv.out_channels, *(n * f for n, f in zip(spatial, factor)))
 
 
 class AttentionBlock(nn.Module):
