@@ -148,14 +148,16 @@ def main() -> None:
         steps = [("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], [])] if pixel else [
             ("stage 1 --fast-dev-run", "train_autoencoder.py", ["--fast-dev-run"], []),
             ("stage 1, one step (checkpoint)", "train_autoencoder.py", [],
-             ["autoencoder.training.n_epochs=1", "autoencoder.training.val_interval=1",
+             ["autoencoder.training.fast_dev_run=false", "autoencoder.training.n_epochs=1",
+              "autoencoder.training.val_interval=1",
               "data.max_data_size_for_train=1", "autoencoder.training.gradient_accumulation_steps=1",
               "autoencoder.logging.visualize_interval=1000"]),
             ("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], []),
         ]
         steps += [
             ("stage 2, one step (checkpoint)", "train_diffusion.py", [],
-             ["diffusion.training.n_epochs=1", "diffusion.training.val_interval=1", "data.max_data_size_for_train=1",
+             ["diffusion.training.fast_dev_run=false", "diffusion.training.n_epochs=1",
+              "diffusion.training.val_interval=1", "data.max_data_size_for_train=1",
               "diffusion.training.gradient_accumulation_steps=1", "diffusion.training.num_samples_to_generate=0"]),
             ("sampling (1 volume, 2 DDIM steps)", "generate_samples.py", [],
              ["sampling.num_samples=1", "sampling.batch_size=1", "sampling.scheduler=ddim",

@@ -386,7 +386,8 @@ class AutoencoderKL(nn.Module):
             at the very input of the encoder and the very output of the decoder. The encoder's first convolution
             becomes a patchify convolution (kernel = stride = factor: every input voxel is used exactly once, none
             is skipped); the decoder's last convolution becomes its inverse (:class:`OutputUpsample`: a sub-pixel
-            transposed convolution with ``use_convtranspose``, else nearest interpolation + kernel-3 convolution).
+            transposed convolution with ``use_convtranspose``, else nearest interpolation + kernel-3 convolution,
+            computed at the low resolution without the interpolated tensor).
             The total factor per axis is ``initial_downsample_factor * prod(downsample_factors)``; the first level
             then works at ``1 / initial`` of the input size per axis (its activations shrink by the product).
         use_conv_downsample: if True (default), each level downsamples with a strided convolution; if False, with
