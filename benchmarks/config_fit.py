@@ -125,8 +125,7 @@ def main() -> None:
 
         names = {c.name for c in configs}
         old = json.loads(stem.with_suffix(".json").read_text())
-        report["results"] = [e for e in old["results"] if Path(e["config"]).name not in names]
-        report["earlier_machine"] = old.get("earlier_machine", old["machine"])
+        report["results"] = [e for e in stamped(old)["results"] if Path(e["config"]).name not in names]
     for config in configs:
         raw = yaml.safe_load(config.read_text())
         data_cfg = raw.get("data") or {}
@@ -171,7 +170,8 @@ def main() -> None:
             r = run(cmd, args.timeout)
             entry = {"config": str(config.relative_to(REPO_ROOT)) if config.is_relative_to(REPO_ROOT) else
                      config.name, "size": size, "step": name, **{k: v for k, v in r.items() if k != "output"},
-                     **summary(r["output"]), "output_tail": r["output"].strip().splitlines()[-6:]}
+                     **summary(r["output"]), "output_tail": r["output"].strip().splitlines()[-6:],
+                     "machine": report["machine"]}
             report["results"].append(entry)
             print(f"  exit {entry['exit_code']}, {entry['seconds']} s, peak RSS {entry['peak_rss_mib']} MiB; "
                   f"{entry.get('error') or entry.get('memory') or entry.get('traceback') or ''}", flush=True)
@@ -180,7 +180,22 @@ def main() -> None:
                 break  # the next step needs this one
 
 
+def stamped(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with every row carrying the machine (with its commit and date) it ran on; a row written before rows
+    carried it is given the file's ``machine``."""
+    report.pop("earlier_machine", None)
+    for e in report["results"]:
+        e.setdefault("machine", report["machine"])
+    return report
+
+
 def render(report: dict[str, Any]) -> str:
+    report = stamped(report)
+    machines: list[str] = []
+    for e in report["results"]:
+        line = machine_line(e["machine"])
+        if line not in machines:
+            machines.append(line)
     rows = []
     for e in report["results"]:
         if e["exit_code"] == 0:
@@ -194,13 +209,12 @@ def render(report: dict[str, Any]) -> str:
             verdict = f"failed (exit {e['exit_code']})"
         said = e.get("error") or e.get("memory") or e.get("traceback") or ""
         rows.append([Path(e["config"]).name, "x".join(map(str, e["size"])), e["step"], verdict, e["seconds"],
-                     f"{e['peak_rss_mib']:,}", e.get("s_per_step", ""), said.replace("|", "\\|")])
+                     f"{e['peak_rss_mib']:,}", e.get("s_per_step", ""),
+                     "ABCDEFGHIJ"[machines.index(machine_line(e["machine"]))], said.replace("|", "\\|")])
     return "\n".join([
         "# Does each config run here, or stop before training with the memory message?", "",
-        machine_line(report["machine"]), "",
-        *([f"Rows of configs not rerun then: {machine_line(report['earlier_machine'])}", ""]
-          if report.get("earlier_machine") else []),
-        markdown_table(["config", "size", "command", "result", "seconds", "peak RSS (MiB)", "s/step",
+        *[f"{'ABCDEFGHIJ'[i]}. {line}" for i, line in enumerate(machines)], "",
+        markdown_table(["config", "size", "command", "result", "seconds", "peak RSS (MiB)", "s/step", "machine",
                         "what it said"], rows), ""])
 
 
