@@ -144,24 +144,7 @@ def main() -> None:
         if pixel:  # no autoencoder
             sets = [x for x in sets if not x.startswith("diffusion.checkpoints.autoencoder_path=")] + [
                 "diffusion.checkpoints.autoencoder_path=null"]
-        steps = [("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], [])] if pixel else [
-            ("stage 1 --fast-dev-run", "train_autoencoder.py", ["--fast-dev-run"], []),
-            ("stage 1, one step (checkpoint)", "train_autoencoder.py", [],
-             ["autoencoder.training.fast_dev_run=false", "autoencoder.training.n_epochs=1",
-              "autoencoder.training.val_interval=1",
-              "data.max_data_size_for_train=1", "autoencoder.training.gradient_accumulation_steps=1",
-              "autoencoder.logging.visualize_interval=1000"]),
-            ("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], []),
-        ]
-        steps += [
-            ("stage 2, one step (checkpoint)", "train_diffusion.py", [],
-             ["diffusion.training.fast_dev_run=false", "diffusion.training.n_epochs=1",
-              "diffusion.training.val_interval=1", "data.max_data_size_for_train=1",
-              "diffusion.training.gradient_accumulation_steps=1", "diffusion.training.num_samples_to_generate=0"]),
-            ("sampling (1 volume, 2 DDIM steps)", "generate_samples.py", [],
-             ["sampling.num_samples=1", "sampling.batch_size=1", "sampling.scheduler=ddim",
-              "sampling.num_inference_steps=2", f"sampling.output_dir={run_dir / 'samples'}"]),
-        ]
+        steps = commands(pixel, run_dir)
         for name, script, flags, extra in steps:
             cmd = [sys.executable, str(SCRIPTS / script), "--config", str(config), *flags]
             for s in [*sets, *extra]:
@@ -178,6 +161,29 @@ def main() -> None:
             write_results(stem, report, render(report))
             if entry["exit_code"] != 0:
                 break  # the next step needs this one
+
+
+def commands(pixel: bool, run_dir: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """The commands run for one config, in order: (name, script, flags, extra --set overrides)."""
+    steps = [("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], [])] if pixel else [
+        ("stage 1 --fast-dev-run", "train_autoencoder.py", ["--fast-dev-run"], []),
+        ("stage 1, one step (checkpoint)", "train_autoencoder.py", [],
+         ["autoencoder.training.fast_dev_run=false", "autoencoder.training.n_epochs=1",
+          "autoencoder.training.val_interval=1",
+          "data.max_data_size_for_train=1", "autoencoder.training.gradient_accumulation_steps=1",
+          "autoencoder.logging.visualize_interval=1000"]),
+        ("stage 2 --fast-dev-run", "train_diffusion.py", ["--fast-dev-run"], []),
+    ]
+    steps += [
+        ("stage 2, one step (checkpoint)", "train_diffusion.py", [],
+         ["diffusion.training.fast_dev_run=false", "diffusion.training.n_epochs=1",
+          "diffusion.training.val_interval=1", "data.max_data_size_for_train=1",
+          "diffusion.training.gradient_accumulation_steps=1", "diffusion.training.num_samples_to_generate=0"]),
+        ("sampling (1 volume, 2 DDIM steps)", "generate_samples.py", [],
+         ["sampling.num_samples=1", "sampling.batch_size=1", "sampling.scheduler=ddim",
+          "sampling.num_inference_steps=2", f"sampling.output_dir={run_dir / 'samples'}"]),
+    ]
+    return steps
 
 
 def stamped(report: dict[str, Any]) -> dict[str, Any]:
