@@ -3,7 +3,11 @@ that runs before every training run (``plan.preflight.estimate_step``: one step 
 measurement of the same step (a fresh process, after a warm-up step, as ``--fast-dev-run`` measures), at the
 config's own size, precision and batch 1. Stages that do not fit this machine are estimated only.
 
-    python benchmarks/memory_estimate.py [--device cuda] [--configs quickstart.yaml ...] [--out STEM]
+    python benchmarks/memory_estimate.py [--device cuda] [--configs quickstart.yaml /abs/other.yaml ...]
+        [--set KEY=VALUE ...] [--out STEM]
+
+``--set`` overrides apply to every config (e.g. ``autoencoder.training.use_perceptual_loss=false`` for the seed
+system's configs, whose perceptual loss needs a weights file).
 
 Results: ``benchmarks/results/memory_estimate_<device>.{json,md}``.
 """
@@ -20,7 +24,7 @@ from monai_diffusion.memory import MIB, available_bytes
 from monai_diffusion.plan.measure import measure_stages
 from monai_diffusion.plan.preflight import estimate_step
 from monai_diffusion.runtime import resolve_precision
-from monai_diffusion.settings import load_settings
+from monai_diffusion.settings import ConfigError, load_settings
 
 CONFIGS = REPO_ROOT / "monai_diffusion" / "config"
 DEFAULT = ["examples/quickstart.yaml", "ldm_config.yaml", "examples/ldm_config_8x_downsample.yaml",
@@ -35,13 +39,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--configs", nargs="*", default=DEFAULT)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="an override for every config")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     free = available_bytes(device)[0]
     rows, report = [], {"machine": machine_info(args.device), "results": []}
     for name in args.configs:
-        s = load_settings(CONFIGS / name, overrides=_NO_DATA, check_paths=False, require_data=False)
+        try:
+            s = load_settings(CONFIGS / name, overrides=[*_NO_DATA, *args.sets], check_paths=False,
+                              require_data=False)
+        except ConfigError as exc:  # one config the settings refuse: say so, go on with the others
+            first = str(exc).splitlines()[0]
+            report["results"].append({"config": name, "error": str(exc)})
+            rows.append([name.split("/")[-1], "", "", "", "", f"refused by the settings: {first[:80]}", "", "", ""])
+            print(rows[-1], flush=True)
+            continue
         precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[
             resolve_precision(s.device.mixed_precision, device)]
         for stage in ("autoencoder", "diffusion"):

@@ -122,32 +122,44 @@ def test_estimate_of_a_known_step():
     assert torch.count_nonzero(w) == 0
 
 
-def test_cpu_convolution_scratch_counts_only_without_autograd():
-    """A CPU convolution from 32 channels to 1 holds oneDNN's blocked copies while it runs (measured: 776 MiB beyond
-    a 512 MiB fp32 input at 256x256x64, whose output is 16 MiB): the estimate of inference counts
-    max(blocked input, blocked output) + blocked output, the output's 1 channel padded to 16; a training forward
-    does not add it."""
+def test_cpu_convolution_scratch_follows_the_measured_onednn_copies():
+    """A CPU convolution holds oneDNN's blocked copies while it runs: measured 776 MiB beyond a 512 MiB fp32 input
+    (32 channels to 1 at 256x256x64, a 16 MiB output), and 1,064 MiB for a bf16 one-channel 512x512x128 patchify
+    convolution (the input padded to 16 channels). The estimate counts max(blocked input copy, blocked output) +
+    blocked output during every forward convolution; an fp32 input with fewer than 16 channels is read in place."""
     from monai_diffusion.memory import ONEDNN_CHANNEL_BLOCK, cpu_convolution_scratch
 
+    mib = 2**20
+    x, y = torch.empty(1, 32, 256, 256, 64), torch.empty(1, 1, 256, 256, 64)
+    assert (cpu_convolution_scratch(x, y) + y.nbytes) / mib == 512 + 16 * ONEDNN_CHANNEL_BLOCK  # measured 776
+    x = torch.empty(1, 1, 512, 512, 128, dtype=torch.bfloat16)
+    y = torch.empty(1, 32, 128, 128, 32, dtype=torch.bfloat16)
+    assert (cpu_convolution_scratch(x, y) + y.nbytes) / mib == 64 * ONEDNN_CHANNEL_BLOCK + 32  # measured 1,064
+    assert (cpu_convolution_scratch(x.float(), y.float()) + y.float().nbytes) / mib == 2 * 64  # measured 136
+    assert cpu_convolution_scratch(torch.empty(1, 32, 8, 8, 8), torch.empty(1, 32, 8, 8, 8)) > 0
+    assert cpu_convolution_scratch(torch.empty(32, 8), torch.empty(32, 8)) == 0  # not a convolution's shapes
+
+
+def test_estimate_counts_the_scratch_while_the_convolution_runs():
     conv = nn.Conv3d(32, 1, 3, padding=1)
     shape = (1, 32, 16, 16, 8)
     x_bytes = math.prod(shape) * 4
     y_bytes = x_bytes // 32
-    blocked_y = y_bytes * ONEDNN_CHANNEL_BLOCK
-    assert cpu_convolution_scratch(torch.empty(shape), torch.empty(1, 1, 16, 16, 8)) == x_bytes + blocked_y - y_bytes
-
-    def forward():
-        conv(torch.empty(shape))
+    from monai_diffusion.memory import ONEDNN_CHANNEL_BLOCK
 
     def no_grad_forward():
         with torch.no_grad():
             conv(torch.empty(shape))
 
+    def forward():
+        conv(torch.empty(shape))
+
     held = lambda: [*conv.parameters()]  # noqa: E731
     weights = sum(p.numel() * 4 for p in conv.parameters())
-    # the input is made inside the step: input + output live, plus the scratch without autograd
-    assert estimate_peak_bytes(forward, held) == weights + x_bytes + y_bytes
-    assert estimate_peak_bytes(no_grad_forward, held) == weights + x_bytes + x_bytes + blocked_y
+    # input and output live, plus, while the convolution runs, the input's copy and the output's padded copy
+    expected = weights + x_bytes + y_bytes + (x_bytes + y_bytes * ONEDNN_CHANNEL_BLOCK - y_bytes)
+    assert estimate_peak_bytes(no_grad_forward, held) == expected
+    assert estimate_peak_bytes(forward, held) == expected
 
 
 def test_available_bytes_cpu():

@@ -10,7 +10,7 @@ import yaml
 
 from monai_diffusion.cli import train_autoencoder_main, train_diffusion_main
 from monai_diffusion.errors import ConfigError
-from monai_diffusion.memory import MIB
+from monai_diffusion.memory import MARGIN, MIB
 from monai_diffusion.plan import preflight
 from monai_diffusion.settings import load_settings, settings_from_dict
 
@@ -35,7 +35,7 @@ def test_estimate_grows_with_the_batch(tmp_path):
     one = preflight.estimate_step(s, "autoencoder", preflight._device(s), 1)
     four = preflight.estimate_step(s, "autoencoder", preflight._device(s), 4)
     assert 0 < one["peak_mib"] < four["peak_mib"]
-    assert four["need_mib"] == pytest.approx(four["peak_mib"] * 1.10 + 256)
+    assert four["need_mib"] == pytest.approx(four["peak_mib"] * MARGIN["cpu"][0] + MARGIN["cpu"][1])
     assert one["precision"] == "fp32" and one["batch_size"] == 1
 
 

@@ -6,9 +6,11 @@ How the estimate is made: the stage is built from the settings exactly as ``plan
 losses and optimizers, random weights), and ``engine.train_step`` runs twice on PyTorch's fake tensors
 (``memory.estimate_peak_bytes``): shapes and dtypes flow through every operation, nothing is computed or allocated.
 The peak of live tensors in the second step (weights, gradients, optimizer states, activations, temporaries) is what
-``torch.cuda.max_memory_allocated`` would report. The need adds a margin for what tensors do not show: on the CPU
-10 % plus 256 MiB (allocator slack, oneDNN workspaces), on CUDA 15 % plus 512 MiB (the caching allocator's
-fragmentation, cuDNN workspaces). ``device.memory_check: false`` turns the check off.
+``torch.cuda.max_memory_allocated`` would report; on the CPU each forward convolution also counts oneDNN's blocked
+copies while it runs (``memory.cpu_convolution_scratch``). The need adds a margin for what that does not show
+(``memory.MARGIN``): on the CPU 20 % plus 256 MiB (oneDNN's copies in the backward pass, allocator slack), on CUDA
+15 % plus 512 MiB (the caching allocator's fragmentation, cuDNN workspaces). ``device.memory_check: false`` turns
+the check off.
 """
 
 from __future__ import annotations
