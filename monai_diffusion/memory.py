@@ -300,7 +300,7 @@ def estimate_peak_bytes(step: Any, held: Any) -> int:
 
 
 # what an estimate of live tensors leaves out, by device type: (factor, MiB added): on the CPU allocator slack and
-# oneDNN's copies in the backward pass (the configs' measured training peaks were 0.96-1.13x the estimate,
+# oneDNN's copies in the backward pass (the configs' measured training steps were 0.98-1.25x the estimate,
 # docs/memory_check.md), on CUDA the caching allocator's fragmentation and cuDNN workspaces
 MARGIN = {"cpu": (1.20, 256.0), "cuda": (1.15, 512.0)}
 
